@@ -1,0 +1,106 @@
+"""Backend registry and the automatic choice.
+
+Each backend lives in its own module, imported lazily so that a missing
+dependency (numba, triton, the compiled extension) only disables that backend.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+from .base import Backend, LayerSizes
+
+log = logging.getLogger("lstm_fast")
+
+# name -> (module, class). Importing the module must not import heavy deps;
+# is_available() does that.
+_SPECS = {
+    "reference": ("lstm_fast.backends.reference", "ReferenceBackend"),
+    "numba": ("lstm_fast.backends.numba_cpu", "NumbaBackend"),
+    "cpp": ("lstm_fast.backends.compiled", "CppBackend"),
+    "cuda": ("lstm_fast.backends.compiled", "CudaBackend"),
+    "triton": ("lstm_fast.backends.triton_gpu", "TritonBackend"),
+}
+BACKEND_NAMES = tuple(_SPECS)
+
+# Automatic choice: the first backend in this order that is available and
+# supports the call. CPU order from `python -m bench` on the 2-core AMD EPYC
+# build machine (bench/reports/); GPU order is the designed one until a GPU
+# report ranks it (bench/reports/ names the GPU when it does).
+AUTO_ORDER = {
+    "cpu": ("numba", "cpp", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+_instances: dict[str, Backend] = {}
+_load_errors: dict[str, str] = {}
+_logged_choices: set = set()
+
+
+class _Unloadable(Backend):
+    def __init__(self, name, reason):
+        self.name, self.reason = name, reason
+
+    def is_available(self):
+        return False, self.reason
+
+    def supports(self, device, dtype, sizes):
+        return False, self.reason
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _SPECS:
+        raise ValueError(f"unknown lstm_fast backend {name!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
+    if name not in _instances:
+        module, cls = _SPECS[name]
+        try:
+            _instances[name] = getattr(importlib.import_module(module), cls)()
+        except Exception as exc:  # a broken optional backend must not break the package
+            _instances[name] = _Unloadable(name, f"failed to load {module}: {type(exc).__name__}: {exc}")
+    return _instances[name]
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """Every backend with (available, reason)."""
+    return {name: get_backend(name).is_available() for name in BACKEND_NAMES}
+
+
+def default_backend_name() -> str:
+    return os.environ.get("LSTM_FAST_BACKEND", "auto") or "auto"
+
+
+def select_backend(name: str | None, device: torch.device, dtype: torch.dtype, sizes: LayerSizes) -> Backend:
+    """Resolve a backend name ('auto', None or a registry name) for one call.
+
+    A named backend that cannot serve the call raises with its reason; there
+    is no silent substitution.
+    """
+    name = name or default_backend_name()
+    if name != "auto":
+        backend = get_backend(name)
+        ok, why = backend.is_available()
+        if not ok:
+            raise RuntimeError(f"lstm_fast backend '{name}' is not available: {why}")
+        ok, why = backend.supports(device, dtype, sizes)
+        if not ok:
+            raise RuntimeError(f"lstm_fast backend '{name}' does not support this call: {why}")
+        return backend
+    reasons = []
+    for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        backend = get_backend(candidate)
+        ok, why = backend.is_available()
+        if ok:
+            ok, why = backend.supports(device, dtype, sizes)
+        if ok:
+            key = (candidate, device.type, dtype)
+            if key not in _logged_choices:
+                _logged_choices.add(key)
+                log.debug("lstm_fast: backend %s chosen for %s %s", candidate, device.type, dtype)
+            return backend
+        reasons.append(f"{candidate}: {why}")
+    # The reference backend supports every floating dtype on every device, so
+    # this is reached only for non-floating input.
+    raise RuntimeError("no lstm_fast backend supports this call (" + "; ".join(reasons) + ")")

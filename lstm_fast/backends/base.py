@@ -1,0 +1,102 @@
+"""The contract every backend implements.
+
+Shapes (one layer, one direction):
+    T  sequence length          B  batch size (rows of the padded batch)
+    H  hidden size              P  recurrent state size (proj_size if > 0 else H)
+
+    gx           [T, B, 4H]  input projection x @ W_ih^T + b_ih + b_hh, gate order i, f, g, o
+    h0           [B, P]      initial hidden state
+    c0           [B, H]      initial cell state
+    w_hh         [4H, P]     recurrent weight
+    w_hr         [P, H]      projection weight, or None
+    batch_sizes  [T] int64 CPU tensor or None. When given (packed input) it is
+                 non-increasing and row b is active at step t iff b < batch_sizes[t];
+                 inactive rows keep their state and get y = 0. Never combined with
+                 reverse=True (the module flips packed sequences itself).
+    reverse      process t = T-1 .. 0 instead of 0 .. T-1
+
+forward returns (y [T, B, P], h_n [B, P], c_n [B, H], saved) where saved is a
+tuple of tensors the backend's backward needs (empty when need_grad is False).
+
+backward(saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse)
+returns (d_gx [T, B, 4H], d_h0, d_c0, d_w_hh, d_w_hr or None). The weight
+gradients are GEMMs over all T after the time loop (see weight_grads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    T: int
+    B: int
+    H: int
+    P: int
+    packed: bool = False
+    reverse: bool = False
+
+    @property
+    def has_proj(self) -> bool:
+        # nn.LSTM requires proj_size < hidden_size, so P == H means no projection.
+        return self.P != self.H
+
+
+class Backend:
+    """Base class; subclasses override everything but the helpers."""
+
+    name = "?"
+
+    def is_available(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    def supports(self, device: torch.device, dtype: torch.dtype, sizes: LayerSizes) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        raise NotImplementedError
+
+    def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<lstm_fast backend {self.name}>"
+
+
+def step_order(T: int, reverse: bool) -> range:
+    """Time indices in processing order."""
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def active_rows(batch_sizes, t: int, B: int) -> int:
+    return B if batch_sizes is None else int(batch_sizes[t])
+
+
+def previous_hidden(y: torch.Tensor, h0: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """[T, B, P]: the hidden state each step read (h_{t-1} in processing order).
+
+    Rows inactive at a step get garbage-free but irrelevant values (their gate
+    gradients are zero). With batch_sizes the active set only shrinks in
+    processing order, so an active row's previous state is always y of the
+    previous step.
+    """
+    if reverse:
+        return torch.cat([y[1:], h0.unsqueeze(0).to(y.dtype)], 0)
+    return torch.cat([h0.unsqueeze(0).to(y.dtype), y[:-1]], 0)
+
+
+def weight_grads(d_gates, hprev, d_r=None, h_pre=None):
+    """Recurrent weight gradients as single GEMMs over all T*B rows.
+
+    d_gates [T, B, 4H] (pre-activation gate gradients), hprev [T, B, P]
+    d_r [T, B, P] gradient reaching each projected output, h_pre [T, B, H]
+    Returns d_w_hh [4H, P], d_w_hr [P, H] or None.
+    """
+    G = d_gates.shape[-1]
+    d_w_hh = d_gates.reshape(-1, G).t().mm(hprev.reshape(-1, hprev.shape[-1]).to(d_gates.dtype))
+    d_w_hr = None
+    if d_r is not None:
+        d_w_hr = d_r.reshape(-1, d_r.shape[-1]).t().mm(h_pre.reshape(-1, h_pre.shape[-1]).to(d_r.dtype))
+    return d_w_hh, d_w_hr
