@@ -1,0 +1,15 @@
+"""lstm_fast: a drop-in torch.nn.LSTM whose recurrence runs on fused kernels.
+
+    import lstm_fast
+    lstm = lstm_fast.LSTM(256, 256, batch_first=True)   # same arguments as torch.nn.LSTM
+    y, (h, c) = lstm(x)
+
+Backends: see lstm_fast.available_backends().
+"""
+from .backends import BACKEND_NAMES, available_backends
+from .function import LSTMRecurrence, lstm_layer, lstm_recurrence
+from .nn import LSTM, LSTMCell
+
+__all__ = ["LSTM", "LSTMCell", "lstm_layer", "lstm_recurrence", "LSTMRecurrence",
+           "available_backends", "BACKEND_NAMES"]
+__version__ = "0.1.0"

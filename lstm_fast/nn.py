@@ -1,0 +1,257 @@
+"""nn.LSTM / nn.LSTMCell drop-ins whose recurrence runs on lstm_fast backends.
+
+The modules subclass torch's own, so parameters, their names, shapes,
+initialisation, state_dict, repr and isinstance checks are nn.LSTM's exactly;
+only forward changes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .backends import BACKEND_NAMES
+from .function import input_projection, lstm_recurrence
+
+
+def _check_backend_name(backend):
+    if backend is not None and backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown lstm_fast backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
+
+
+def _add_forget_bias(module, forget_bias, bias_names):
+    if forget_bias == 0:
+        return
+    if not module.bias:
+        raise ValueError("forget_bias needs bias=True")
+    H = module.hidden_size
+    with torch.no_grad():
+        for name in bias_names:
+            getattr(module, name)[H:2 * H] += forget_bias
+
+
+def _reverse_padded(x, lengths):
+    """Reverse each sequence of a padded [T, B, *] batch within its own length; padding stays put."""
+    T = x.shape[0]
+    t = torch.arange(T, device=x.device).unsqueeze(1)
+    L = lengths.to(x.device).unsqueeze(0)
+    idx = torch.where(t < L, L - 1 - t, t)  # [T, B]
+    return x.gather(0, idx.unsqueeze(-1).expand_as(x))
+
+
+class LSTM(nn.LSTM):
+    """torch.nn.LSTM with fused kernels. Same constructor, plus:
+
+    backend: 'auto' (default: LSTM_FAST_BACKEND or automatic choice) or a name
+        from lstm_fast.available_backends(); a named backend that cannot serve
+        a call raises instead of falling back.
+    forget_bias: added to the forget-gate slice of bias_ih at initialisation.
+    """
+
+    def __init__(self, *args, backend: str | None = None, forget_bias: float = 0.0, **kwargs):
+        _check_backend_name(backend)
+        self.backend = backend
+        self.forget_bias = float(forget_bias)
+        super().__init__(*args, **kwargs)
+        if self.forget_bias and not self.bias:
+            raise ValueError("forget_bias needs bias=True")
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "forget_bias", 0.0):
+            names = [n for n in self._flat_weights_names if n.startswith("bias_ih")]
+            _add_forget_bias(self, self.forget_bias, names)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.backend not in (None, "auto"):
+            s += f", backend={self.backend!r}"
+        return s
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTM, backend: str | None = None) -> "LSTM":
+        """An lstm_fast.LSTM with the same configuration, device, dtype and weights."""
+        p = next(module.parameters())
+        new = cls(module.input_size, module.hidden_size, module.num_layers, bias=module.bias,
+                  batch_first=module.batch_first, dropout=module.dropout, bidirectional=module.bidirectional,
+                  proj_size=module.proj_size, device=p.device, dtype=p.dtype, backend=backend)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+
+    def to_torch(self) -> nn.LSTM:
+        p = next(self.parameters())
+        new = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
+                      batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
+                      proj_size=self.proj_size, device=p.device, dtype=p.dtype)
+        new.load_state_dict(self.state_dict())
+        new.train(self.training)
+        return new
+
+    def _layer_weights(self, layer, direction):
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        get = lambda n: getattr(self, n + suffix)  # noqa: E731
+        b_ih = get("bias_ih") if self.bias else None
+        b_hh = get("bias_hh") if self.bias else None
+        w_hr = get("weight_hr") if self.proj_size > 0 else None
+        return get("weight_ih"), get("weight_hh"), b_ih, b_hh, w_hr
+
+    def forward(self, input, hx=None):
+        orig_input = input
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        batch_sizes = None
+        is_batched = True
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(batch_dim)
+            sorted_indices = unsorted_indices = None
+
+        if hx is None:
+            zeros = lambda size: torch.zeros(self.num_layers * num_directions, max_batch_size, size,  # noqa: E731
+                                             dtype=input.dtype, device=input.device)
+            hx = (zeros(real_hidden_size), zeros(self.hidden_size))
+        elif batch_sizes is None:
+            want = 3 if is_batched else 2
+            if hx[0].dim() != want or hx[1].dim() != want:
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            if not is_batched:
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        self.check_forward_args(input, hx, batch_sizes)
+        _check_state_placement(input, hx)
+        hx = self.permute_hidden(hx, sorted_indices)
+
+        if batch_sizes is not None:
+            # Padded, time-major, sorted by decreasing length (PackedSequence's order).
+            x = torch.nn.utils.rnn.pad_packed_sequence(PackedSequence(input, batch_sizes))[0]
+            lengths = _lengths_from_batch_sizes(batch_sizes)
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input
+            lengths = None
+
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
+                k = layer * num_directions + direction
+                gx = input_projection(x, w_ih, b_ih, b_hh)
+                flip = direction == 1 and batch_sizes is not None
+                if flip:
+                    gx = _reverse_padded(gx, lengths)
+                y, h, c = lstm_recurrence(gx, hx[0][k], hx[1][k], w_hh, w_hr, batch_sizes=batch_sizes,
+                                          reverse=direction == 1 and not flip, backend=self.backend)
+                if flip:
+                    y = _reverse_padded(y, lengths)
+                outputs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            x = outputs[0] if num_directions == 1 else torch.cat(outputs, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = torch.nn.functional.dropout(x, self.dropout, training=True)
+        hidden = (torch.stack(h_n), torch.stack(c_n))
+
+        if batch_sizes is not None:
+            data = torch.nn.utils.rnn.pack_padded_sequence(x, lengths).data
+            return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), \
+                self.permute_hidden(hidden, unsorted_indices)
+        output = x.transpose(0, 1) if self.batch_first else x
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
+        return output, hidden
+
+
+def _lengths_from_batch_sizes(batch_sizes):
+    # length of sorted sequence b = number of steps whose batch size exceeds b
+    B = int(batch_sizes[0])
+    return (batch_sizes.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0)
+
+
+def _check_state_placement(input, hx):
+    """nn.LSTM leaves these to its C++ kernels; give the same kind of clear error up front."""
+    for name, state in zip(("hx", "cx"), hx):
+        if state.device != input.device:
+            raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                               f"{input.device} and hidden tensor at {state.device}")
+        if state.dtype != input.dtype:
+            raise RuntimeError(f"lstm_fast: {name} dtype ({state.dtype}) does not match input dtype ({input.dtype})")
+
+
+class LSTMCell(nn.LSTMCell):
+    """torch.nn.LSTMCell with the fused step; same constructor plus backend= and forget_bias=."""
+
+    def __init__(self, *args, backend: str | None = None, forget_bias: float = 0.0, **kwargs):
+        _check_backend_name(backend)
+        self.backend = backend
+        self.forget_bias = float(forget_bias)
+        super().__init__(*args, **kwargs)
+        if self.forget_bias and not self.bias:
+            raise ValueError("forget_bias needs bias=True")
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "forget_bias", 0.0):
+            _add_forget_bias(self, self.forget_bias, ["bias_ih"])
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTMCell, backend: str | None = None) -> "LSTMCell":
+        p = module.weight_ih
+        new = cls(module.input_size, module.hidden_size, bias=module.bias, device=p.device, dtype=p.dtype,
+                  backend=backend)
+        new.load_state_dict(module.state_dict())
+        return new
+
+    def to_torch(self) -> nn.LSTMCell:
+        p = self.weight_ih
+        new = nn.LSTMCell(self.input_size, self.hidden_size, bias=self.bias, device=p.device, dtype=p.dtype)
+        new.load_state_dict(self.state_dict())
+        return new
+
+    def forward(self, input, hx=None):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        _check_cell_args(self, input, hx)
+        gx = input_projection(input, self.weight_ih, self.bias_ih, self.bias_hh).unsqueeze(0)
+        _, h, c = lstm_recurrence(gx, hx[0], hx[1], self.weight_hh, backend=self.backend)
+        if not is_batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c
+
+
+def _check_cell_args(cell, input, hx):
+    """The checks torch's lstm_cell kernel makes, with its messages."""
+    if input.size(1) != cell.input_size:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {cell.input_size}")
+    for i, state in enumerate(hx):
+        if input.size(0) != state.size(0):
+            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {state.size(0)}")
+        if state.size(1) != cell.hidden_size:
+            raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {state.size(1)}, "
+                               f"expected {cell.hidden_size}")
+    _check_state_placement(input, hx)
+    if input.dtype != cell.weight_ih.dtype:
+        raise RuntimeError(f"lstm_fast: input dtype ({input.dtype}) does not match weight dtype "
+                           f"({cell.weight_ih.dtype})")
