@@ -1,0 +1,146 @@
+"""lstm_fast.LSTM against torch.nn.LSTM with copied weights, for every backend.
+
+Outputs, h_n, c_n and the gradient of every input and parameter, with random
+upstream gradients on the output and on both final states. Backends that are
+unavailable here, or that refuse a case, are skipped with their reason.
+"""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+from helpers import BACKEND_NAMES, check_against, device_of_tests, from_torch, require
+
+DEVICE = device_of_tests()
+DTYPES = [torch.float64, torch.float32]
+
+# (id, constructor kwargs, T, B)
+CONFIGS = [
+    ("plain", dict(input_size=5, hidden_size=7), 4, 3),
+    ("batch_first", dict(input_size=5, hidden_size=7, batch_first=True), 4, 3),
+    ("stacked_bidir", dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True), 3, 2),
+    ("proj", dict(input_size=5, hidden_size=8, proj_size=3), 4, 3),
+    ("proj_stacked_bidir_bf", dict(input_size=5, hidden_size=6, proj_size=2, num_layers=2,
+                                   bidirectional=True, batch_first=True), 3, 2),
+    ("no_bias", dict(input_size=5, hidden_size=7, bias=False), 3, 2),
+    ("T1", dict(input_size=5, hidden_size=7), 1, 3),
+    ("B1", dict(input_size=5, hidden_size=7), 4, 1),
+    ("H1", dict(input_size=3, hidden_size=1), 4, 2),
+    ("H33", dict(input_size=4, hidden_size=33), 3, 2),
+    ("dropout_eval", dict(input_size=3, hidden_size=5, num_layers=3, dropout=0.5), 3, 2),
+]
+
+
+def _sizes(kwargs):
+    L = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    return L, kwargs.get("proj_size") or kwargs["hidden_size"], kwargs["hidden_size"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "no_hx"])
+@pytest.mark.parametrize("name,kwargs,T,B", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_batched(backend, name, kwargs, T, B, dtype, with_state):
+    L, P, H = _sizes(kwargs)
+    require(backend, DEVICE, dtype, T=T, B=B, H=H, P=P)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(**kwargs, device=DEVICE, dtype=dtype).eval()
+    ours = from_torch(ref, backend).eval()
+
+    def build():
+        shape = (B, T, kwargs["input_size"]) if kwargs.get("batch_first") else (T, B, kwargs["input_size"])
+        leaves = {"input": torch.randn(shape, device=DEVICE, dtype=dtype, requires_grad=True)}
+        hx = None
+        if with_state:
+            leaves["h0"] = torch.randn(L, B, P, device=DEVICE, dtype=dtype, requires_grad=True)
+            leaves["c0"] = torch.randn(L, B, H, device=DEVICE, dtype=dtype, requires_grad=True)
+            hx = (leaves["h0"], leaves["c0"])
+        return leaves["input"], hx, leaves
+
+    check_against(ref, ours, build, dtype, f"{backend}/{name}")
+
+
+UNBATCHED = [c for c in CONFIGS if c[0] in ("plain", "batch_first", "proj_stacked_bidir_bf")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,kwargs,T,B", UNBATCHED, ids=[c[0] for c in UNBATCHED])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_unbatched(backend, name, kwargs, T, B, dtype):
+    L, P, H = _sizes(kwargs)
+    require(backend, DEVICE, dtype, T=T, B=1, H=H, P=P)
+    torch.manual_seed(1)
+    ref = torch.nn.LSTM(**kwargs, device=DEVICE, dtype=dtype)
+    ours = from_torch(ref, backend)
+
+    def build():
+        leaves = {"input": torch.randn(T, kwargs["input_size"], device=DEVICE, dtype=dtype, requires_grad=True),
+                  "h0": torch.randn(L, P, device=DEVICE, dtype=dtype, requires_grad=True),
+                  "c0": torch.randn(L, H, device=DEVICE, dtype=dtype, requires_grad=True)}
+        return leaves["input"], (leaves["h0"], leaves["c0"]), leaves
+
+    check_against(ref, ours, build, dtype, f"{backend}/unbatched/{name}")
+
+
+PACKED = [
+    ("plain", dict(input_size=5, hidden_size=7)),
+    ("proj_stacked_bidir", dict(input_size=4, hidden_size=6, proj_size=3, num_layers=2, bidirectional=True)),
+    ("bidir_batch_first", dict(input_size=4, hidden_size=5, bidirectional=True, batch_first=True)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_state", [True, False], ids=["hx", "no_hx"])
+@pytest.mark.parametrize("name,kwargs", PACKED, ids=[c[0] for c in PACKED])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_packed(backend, name, kwargs, dtype, with_state):
+    L, P, H = _sizes(kwargs)
+    lengths = [3, 5, 1, 5, 2]  # unsorted, with ties and a length-1 sequence
+    require(backend, DEVICE, dtype, T=max(lengths), B=len(lengths), H=H, P=P, packed=True)
+    torch.manual_seed(2)
+    ref = torch.nn.LSTM(**kwargs, device=DEVICE, dtype=dtype)
+    ours = from_torch(ref, backend)
+
+    def build():
+        leaves = {f"seq{i}": torch.randn(n, kwargs["input_size"], device=DEVICE, dtype=dtype, requires_grad=True)
+                  for i, n in enumerate(lengths)}
+        packed = pack_sequence(list(leaves.values()), enforce_sorted=False)
+        hx = None
+        if with_state:
+            leaves["h0"] = torch.randn(L, len(lengths), P, device=DEVICE, dtype=dtype, requires_grad=True)
+            leaves["c0"] = torch.randn(L, len(lengths), H, device=DEVICE, dtype=dtype, requires_grad=True)
+            hx = (leaves["h0"], leaves["c0"])
+        return packed, hx, leaves
+
+    check_against(ref, ours, build, dtype, f"{backend}/packed/{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_lstm_cell(backend, dtype):
+    import lstm_fast
+
+    require(backend, DEVICE, dtype, T=1, B=3, H=6)
+    torch.manual_seed(3)
+    ref = torch.nn.LSTMCell(4, 6, device=DEVICE, dtype=dtype)
+    ours = lstm_fast.LSTMCell.from_torch(ref, backend=backend)
+    x = torch.randn(3, 4, device=DEVICE, dtype=dtype)
+    h0, c0 = torch.randn(3, 6, device=DEVICE, dtype=dtype), torch.randn(3, 6, device=DEVICE, dtype=dtype)
+    class AsLSTM(torch.nn.Module):
+        """Presents a cell as (output, (h, c)) so check_against can compare it."""
+
+        def __init__(self, cell):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, inp, hx):
+            h, c = self.cell(inp, hx)
+            return h * 1.0, (h, c)
+
+    def build():
+        leaves = {"input": x.clone().requires_grad_(), "h0": h0.clone().requires_grad_(),
+                  "c0": c0.clone().requires_grad_()}
+        return leaves["input"], (leaves["h0"], leaves["c0"]), leaves
+
+    check_against(AsLSTM(ref), AsLSTM(ours), build, dtype, f"{backend}/cell")
+    # unbatched cell, no state
+    torch.testing.assert_close(ours(x[0]), ref(x[0]))
