@@ -119,7 +119,9 @@ class LSTM(nn.LSTM):
             zeros = lambda size: torch.zeros(self.num_layers * num_directions, max_batch_size, size,  # noqa: E731
                                              dtype=input.dtype, device=input.device)
             hx = (zeros(real_hidden_size), zeros(self.hidden_size))
-        elif batch_sizes is None:
+        else:
+            # nn.LSTM skips this check for packed input and fails inside its kernels;
+            # packed input is batched, so it gets the batched message here.
             want = 3 if is_batched else 2
             if hx[0].dim() != want or hx[1].dim() != want:
                 kind = "batched 3-D" if is_batched else "unbatched 2-D"
@@ -127,9 +129,13 @@ class LSTM(nn.LSTM):
                                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
             if not is_batched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        if batch_sizes is not None:
+            # nn.LSTM's order for packed input: permute to sorted order, then check
+            hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(input, hx, batch_sizes)
         _check_state_placement(input, hx)
-        hx = self.permute_hidden(hx, sorted_indices)
+        if batch_sizes is None:
+            hx = self.permute_hidden(hx, sorted_indices)
 
         if batch_sizes is not None:
             # Padded, time-major, sorted by decreasing length (PackedSequence's order).

@@ -1,0 +1,123 @@
+"""Bad input gets the exception torch.nn.LSTM / LSTMCell raise: same type, same message."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+import lstm_fast
+
+I, H, T, B = 4, 5, 3, 2
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+# (id, constructor kwargs, forward args builder)
+FORWARD_CASES = [
+    ("input_size", {}, lambda: (_x(T, B, I + 1),)),
+    ("input_4d", {}, lambda: (_x(T, B, I, 1),)),
+    ("input_1d", {}, lambda: (_x(I),)),
+    ("h0_hidden_size", {}, lambda: (_x(T, B, I), (_x(1, B, H + 1), _x(1, B, H)))),
+    ("c0_hidden_size", {}, lambda: (_x(T, B, I), (_x(1, B, H), _x(1, B, H + 2)))),
+    ("h0_batch", {}, lambda: (_x(T, B, I), (_x(1, B + 1, H), _x(1, B, H)))),
+    ("c0_batch", {}, lambda: (_x(T, B, I), (_x(1, B, H), _x(1, B + 1, H)))),
+    ("h0_layers", {}, lambda: (_x(T, B, I), (_x(2, B, H), _x(1, B, H)))),
+    ("batched_2d_states", {}, lambda: (_x(T, B, I), (_x(B, H), _x(B, H)))),
+    ("unbatched_3d_states", {}, lambda: (_x(T, I), (_x(1, 1, H), _x(1, 1, H)))),
+    ("batch_first_batch", dict(batch_first=True), lambda: (_x(B, T, I), (_x(1, T, H), _x(1, T, H)))),
+    ("proj_h0_size", dict(proj_size=2), lambda: (_x(T, B, I), (_x(1, B, H), _x(1, B, H)))),
+    ("bidir_layers", dict(bidirectional=True), lambda: (_x(T, B, I), (_x(1, B, H), _x(1, B, H)))),
+    ("input_dtype", {}, lambda: (_x(T, B, I, dtype=torch.float64),)),
+]
+
+# For packed input nn.LSTM has no Python check and fails deep inside its
+# kernels ("mat1 and mat2 shapes cannot be multiplied ..."). We raise the same
+# message nn.LSTM gives for the equivalent padded input, and its type where
+# torch's accidental one differs (an IndexError for 2-D states).
+PACKED_CASES = [
+    ("packed_input_size", lambda: (pack_sequence([_x(3, I + 1), _x(2, I + 1)]),),
+     "input.size(-1) must be equal to input_size. Expected 4, got 5"),
+    ("packed_h0_batch", lambda: (pack_sequence([_x(3, I), _x(2, I)]), (_x(1, 3, H), _x(1, 3, H))),
+     "Expected hidden[0] size (1, 2, 5), got [1, 3, 5]"),
+    ("packed_h0_dims", lambda: (pack_sequence([_x(3, I), _x(2, I)]), (_x(2, H), _x(2, H))),
+     "For batched 3-D input, hx and cx should also be 3-D but got (2-D, 2-D) tensors"),
+]
+
+
+def _error_of(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("name,kwargs,args", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_forward_errors_match_nn_lstm(name, kwargs, args):
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, **kwargs)
+    ours = lstm_fast.LSTM.from_torch(ref)
+    expected = _error_of(lambda: ref(*args()))
+    assert _error_of(lambda: ours(*args())) == expected
+
+
+@pytest.mark.parametrize("name,args,message", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
+def test_packed_errors_are_clear(name, args, message):
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H)
+    ours = lstm_fast.LSTM.from_torch(ref)
+    _error_of(lambda: ref(*args()))  # torch fails too, only less clearly
+    assert _error_of(lambda: ours(*args())) == (RuntimeError, message)
+
+
+CTOR_CASES = [
+    ("hidden_zero", (I, 0), {}),
+    ("hidden_negative", (I, -1), {}),
+    ("hidden_float", (I, 5.0), {}),
+    ("layers_zero", (I, H, 0), {}),
+    ("dropout_high", (I, H), dict(dropout=1.5)),
+    ("dropout_bool", (I, H), dict(dropout=True)),
+    ("proj_negative", (I, H), dict(proj_size=-1)),
+    ("proj_too_big", (I, H), dict(proj_size=H)),
+    ("unknown_kwarg", (I, H), dict(nonsense=1)),
+]
+
+
+@pytest.mark.parametrize("name,args,kwargs", CTOR_CASES, ids=[c[0] for c in CTOR_CASES])
+def test_constructor_errors_match_nn_lstm(name, args, kwargs):
+    expected = _error_of(lambda: torch.nn.LSTM(*args, **kwargs))
+    got = _error_of(lambda: lstm_fast.LSTM(*args, **kwargs))
+    assert got == expected
+
+
+CELL_CASES = [
+    ("input_size", lambda: (_x(B, I + 1),)),
+    ("input_3d", lambda: (_x(1, B, I),)),
+    ("h0_3d", lambda: (_x(B, I), (_x(1, B, H), _x(B, H)))),
+    ("h0_batch", lambda: (_x(B, I), (_x(B + 1, H), _x(B, H)))),
+    ("c0_batch", lambda: (_x(B, I), (_x(B, H), _x(B + 1, H)))),
+    ("h0_hidden", lambda: (_x(B, I), (_x(B, H + 1), _x(B, H)))),
+    ("c0_hidden", lambda: (_x(B, I), (_x(B, H), _x(B, H + 1)))),
+]
+
+
+@pytest.mark.parametrize("name,args", CELL_CASES, ids=[c[0] for c in CELL_CASES])
+def test_cell_errors_match_nn_lstmcell(name, args):
+    torch.manual_seed(0)
+    ref = torch.nn.LSTMCell(I, H)
+    ours = lstm_fast.LSTMCell.from_torch(ref)
+    assert _error_of(lambda: ours(*args())) == _error_of(lambda: ref(*args()))
+
+
+def test_state_dtype_mismatch_is_clear():
+    ours = lstm_fast.LSTM(I, H)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ours(_x(T, B, I), (_x(1, B, H, dtype=torch.float64), _x(1, B, H)))
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown lstm_fast backend 'nope'"):
+        lstm_fast.LSTM(I, H, backend="nope")
+
+
+def test_forget_bias_needs_bias():
+    with pytest.raises(ValueError, match="forget_bias needs bias=True"):
+        lstm_fast.LSTM(I, H, bias=False, forget_bias=1.0)
