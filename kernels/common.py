@@ -1,0 +1,36 @@
+"""Helpers shared by the LSTM kernels: activations and the autotune policy.
+
+Under TRITON_INTERPRET=1 (CPU tensors, tests) triton.autotune with several
+configs crashes and benchmarking is meaningless, so every kernel gets exactly
+one fixed config there; on a GPU it gets its list of candidate configs.
+The variable is read here, at import, because triton.jit reads it when it
+decorates: both must agree.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def configs(gpu_configs, interpreter_config):
+    return [interpreter_config] if INTERPRETING else gpu_configs
+
+
+def bucket(n: int) -> int:
+    """Power-of-two bucket of the batch size: the autotune key, so a new B
+    reuses the tuned config of its bucket instead of re-benchmarking."""
+    return min(triton.next_power_of_2(max(int(n), 1)), 256)
+
+
+@triton.jit
+def sigmoid(x):
+    # exp overflows to inf for very negative x, giving exactly 0: no NaN.
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    # No tl.tanh in every triton version / the interpreter; absolute error ~1 ulp of 1.
+    return 2.0 * sigmoid(2.0 * x) - 1.0

@@ -1,0 +1,216 @@
+"""Whole-sequence LSTM kernels: one launch runs all T steps (small H, no projection).
+
+Dimension glossary
+    T   sequence length (runtime)
+    B   rows of the padded batch (runtime)
+    N   rows active at step t: batch_sizes[t] when PACKED, else B (runtime)
+    H   hidden size = recurrent state size (no projection here; compile time)
+    HP  H padded to a power of two >= 16 (tl.arange and tl.dot need it)
+    G   4H: gates i, f, g, o stacked in nn.LSTM's order
+Blocks
+    BLOCK_B  batch rows per program; the grid is cdiv(B, BLOCK_B) programs,
+             each independent for all T steps (no grid-wide synchronisation)
+
+Each program loads the four gate tiles of W_hh once, keeps them on chip, and
+carries h and c (forward) or dh and dc (backward) in registers from step to
+step, so a step costs no launch and no round trip of the state through
+memory. The weights take 4*HP*HP elements per program, which is what bounds H
+(SEQ_MAX_H in lstm_fast/backends/triton_gpu.py).
+
+Slot layout shared with the step kernels: y_ext / cells_ext have T+1 slots,
+h0 / c0 in slot 0 (slot T when REVERSE) and step t's result in slot t+1
+(slot t when REVERSE).
+"""
+import triton
+import triton.language as tl
+
+from .common import configs, sigmoid, tanh
+
+# Starting points, not yet measured on a GPU (autotune picks): BLOCK_B 16 is
+# the smallest tensor-core M and maximises programs (parallelism) at small B;
+# 32/64 amortise the per-program weight load at large B. 4 warps suffice for
+# HP <= 32; 8 warps spread the 4*HP*HP weight registers at HP = 64.
+# num_stages=2 lets the compiler prefetch gx[t+1], which does not depend on h.
+_SEQ_GPU = [
+    triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=2)
+    for bb, w in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8))
+]
+_SEQ_INTERP = triton.Config({"BLOCK_B": 16}, num_warps=4)
+
+
+def _prune(configs_, named_args, **kwargs):
+    b = {**named_args, **kwargs}["B_BUCKET"]
+    return [c for c in configs_ if c.kwargs["BLOCK_B"] <= max(16, b)] or configs_[:1]
+
+
+@triton.autotune(configs=configs(_SEQ_GPU, _SEQ_INTERP), key=["H", "B_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["T", "B"])
+def lstm_fwd_seq_kernel(
+    p_gx,     # [T, B, G] input projection with both biases, activation dtype
+    p_w_hh,   # [G, H] recurrent weight (nn.LSTM layout), activation dtype
+    p_y,      # [T+1, B, H] y_ext: h0 in its slot (read), y[t] written to its slot
+    p_cells,  # [T+1, B, H] fp32 cells_ext, c_t written to its slot (SAVE only)
+    p_bs,     # [T] int32 active rows per step (PACKED only)
+    p_c0,     # [B, H] initial cell state, any float dtype
+    p_hn,     # [B, H] out: h_n, activation dtype
+    p_cn,     # [B, H] out: c_n, fp32
+    p_gates,  # [T, B, G] fp32 out: activations i, f, g, o (SAVE only)
+    T, B,
+    H: tl.constexpr, HP: tl.constexpr, B_BUCKET: tl.constexpr,
+    REVERSE: tl.constexpr, PACKED: tl.constexpr, SAVE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    G: tl.constexpr = 4 * H
+    w_dtype = p_w_hh.dtype.element_ty
+    pid = tl.program_id(0)
+    o_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    o_j = tl.arange(0, HP)
+    m_b = o_b < B
+    m_j = o_j < H
+    m_bj = m_b[:, None] & m_j[None, :]
+    o_bj = o_b[:, None] * H + o_j[None, :]
+
+    # W^T per gate, [HP (k), HP (j)]: element (k, j) = w_hh[q*H + j, k]; padding is 0.
+    o_w = o_j[None, :] * H + o_j[:, None]
+    m_w = m_j[:, None] & m_j[None, :]
+    b_wi = tl.load(p_w_hh + o_w, mask=m_w, other=0.0)
+    b_wf = tl.load(p_w_hh + H * H + o_w, mask=m_w, other=0.0)
+    b_wg = tl.load(p_w_hh + 2 * H * H + o_w, mask=m_w, other=0.0)
+    b_wo = tl.load(p_w_hh + 3 * H * H + o_w, mask=m_w, other=0.0)
+
+    if REVERSE:
+        slot0 = T
+    else:
+        slot0 = 0
+    slab = B * H  # elements per slot, as int64 below
+    b_h = tl.load(p_y + tl.cast(slot0, tl.int64) * slab + o_bj, mask=m_bj, other=0.0).to(tl.float32)
+    b_c = tl.load(p_c0 + o_bj, mask=m_bj, other=0.0).to(tl.float32)
+    for s in range(T):
+        if REVERSE:
+            t = T - 1 - s
+            slot = t
+        else:
+            t = s
+            slot = t + 1
+        if PACKED:
+            n = tl.load(p_bs + t)
+        else:
+            n = B
+        m_act = o_b < n
+        m_a = m_act[:, None] & m_j[None, :]
+        o_gx = tl.cast(t, tl.int64) * B * G + o_b[:, None] * G + o_j[None, :]
+        b_hw = b_h.to(w_dtype)
+        acc_i = tl.dot(b_hw, b_wi, tl.load(p_gx + o_gx, mask=m_a, other=0.0).to(tl.float32),
+                       input_precision=DOT_PRECISION)
+        acc_f = tl.dot(b_hw, b_wf, tl.load(p_gx + o_gx + H, mask=m_a, other=0.0).to(tl.float32),
+                       input_precision=DOT_PRECISION)
+        acc_g = tl.dot(b_hw, b_wg, tl.load(p_gx + o_gx + 2 * H, mask=m_a, other=0.0).to(tl.float32),
+                       input_precision=DOT_PRECISION)
+        acc_o = tl.dot(b_hw, b_wo, tl.load(p_gx + o_gx + 3 * H, mask=m_a, other=0.0).to(tl.float32),
+                       input_precision=DOT_PRECISION)
+        b_i = sigmoid(acc_i)
+        b_f = sigmoid(acc_f)
+        b_g = tanh(acc_g)
+        b_o = sigmoid(acc_o)
+        b_c_new = b_f * b_c + b_i * b_g
+        b_h_new = b_o * tanh(b_c_new)
+        # Inactive (packed) rows keep their state; their y stays 0.
+        b_c = tl.where(m_act[:, None], b_c_new, b_c)
+        b_h = tl.where(m_act[:, None], b_h_new, b_h)
+        o_slot = tl.cast(slot, tl.int64) * slab + o_bj
+        tl.store(p_y + o_slot, b_h_new.to(p_y.dtype.element_ty), mask=m_a)
+        if SAVE:
+            tl.store(p_cells + o_slot, b_c_new, mask=m_a)
+            tl.store(p_gates + o_gx, b_i, mask=m_a)
+            tl.store(p_gates + o_gx + H, b_f, mask=m_a)
+            tl.store(p_gates + o_gx + 2 * H, b_g, mask=m_a)
+            tl.store(p_gates + o_gx + 3 * H, b_o, mask=m_a)
+    tl.store(p_hn + o_bj, b_h.to(p_hn.dtype.element_ty), mask=m_bj)
+    tl.store(p_cn + o_bj, b_c, mask=m_bj)
+
+
+@triton.autotune(configs=configs(_SEQ_GPU, _SEQ_INTERP), key=["H", "B_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["T", "B"])
+def lstm_bwd_seq_kernel(
+    p_gates,   # [T, B, G] fp32 saved activations i, f, g, o
+    p_cells,   # [T+1, B, H] fp32 cells_ext (c0 in its slot)
+    p_w_hh,    # [G, H] recurrent weight, activation dtype
+    p_gy,      # [T, B, H] gradient of y, activation dtype
+    p_dhn,     # [B, H] fp32 gradient of h_n
+    p_dcn,     # [B, H] fp32 gradient of c_n
+    p_bs,      # [T] int32 active rows per step (PACKED only)
+    p_dgates,  # [T, B, G] fp32 out: gate pre-activation gradients (rows never active untouched)
+    p_dh0,     # [B, H] fp32 out
+    p_dc0,     # [B, H] fp32 out
+    T, B,
+    H: tl.constexpr, HP: tl.constexpr, B_BUCKET: tl.constexpr,
+    REVERSE: tl.constexpr, PACKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    G: tl.constexpr = 4 * H
+    w_dtype = p_w_hh.dtype.element_ty
+    pid = tl.program_id(0)
+    o_b = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    o_j = tl.arange(0, HP)
+    m_b = o_b < B
+    m_j = o_j < H
+    m_bj = m_b[:, None] & m_j[None, :]
+    o_bj = o_b[:, None] * H + o_j[None, :]
+
+    # W_hh per gate as stored, [HP (k: unit of the gate), HP (p)]: dh_{t-1} = sum_q dz_q @ W_q.
+    o_w = o_j[:, None] * H + o_j[None, :]
+    m_w = m_j[:, None] & m_j[None, :]
+    b_wi = tl.load(p_w_hh + o_w, mask=m_w, other=0.0)
+    b_wf = tl.load(p_w_hh + H * H + o_w, mask=m_w, other=0.0)
+    b_wg = tl.load(p_w_hh + 2 * H * H + o_w, mask=m_w, other=0.0)
+    b_wo = tl.load(p_w_hh + 3 * H * H + o_w, mask=m_w, other=0.0)
+
+    slab = B * H
+    b_dh = tl.load(p_dhn + o_bj, mask=m_bj, other=0.0)
+    b_dc = tl.load(p_dcn + o_bj, mask=m_bj, other=0.0)
+    for r in range(T):  # processing order run backwards
+        if REVERSE:
+            t = r
+            slot = t
+            slot_prev = t + 1
+        else:
+            t = T - 1 - r
+            slot = t + 1
+            slot_prev = t
+        if PACKED:
+            n = tl.load(p_bs + t)
+        else:
+            n = B
+        m_act = o_b < n
+        m_a = m_act[:, None] & m_j[None, :]
+        o_g = tl.cast(t, tl.int64) * B * G + o_b[:, None] * G + o_j[None, :]
+        b_i = tl.load(p_gates + o_g, mask=m_a, other=0.0)
+        b_f = tl.load(p_gates + o_g + H, mask=m_a, other=0.0)
+        b_g = tl.load(p_gates + o_g + 2 * H, mask=m_a, other=0.0)
+        b_o = tl.load(p_gates + o_g + 3 * H, mask=m_a, other=0.0)
+        b_cc = tl.load(p_cells + tl.cast(slot, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
+        b_cp = tl.load(p_cells + tl.cast(slot_prev, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
+        b_dht = b_dh + tl.load(p_gy + tl.cast(t, tl.int64) * slab + o_bj, mask=m_a, other=0.0).to(tl.float32)
+
+        b_tc = tanh(b_cc)
+        b_dcell = b_dc + b_dht * b_o * (1.0 - b_tc * b_tc)
+        b_dzi = b_dcell * b_g * b_i * (1.0 - b_i)
+        b_dzf = b_dcell * b_cp * b_f * (1.0 - b_f)
+        b_dzg = b_dcell * b_i * (1.0 - b_g * b_g)
+        b_dzo = b_dht * b_tc * b_o * (1.0 - b_o)
+        tl.store(p_dgates + o_g, b_dzi, mask=m_a)
+        tl.store(p_dgates + o_g + H, b_dzf, mask=m_a)
+        tl.store(p_dgates + o_g + 2 * H, b_dzg, mask=m_a)
+        tl.store(p_dgates + o_g + 3 * H, b_dzo, mask=m_a)
+
+        b_dh_new = tl.dot(b_dzi.to(w_dtype), b_wi, input_precision=DOT_PRECISION)
+        b_dh_new = tl.dot(b_dzf.to(w_dtype), b_wf, b_dh_new, input_precision=DOT_PRECISION)
+        b_dh_new = tl.dot(b_dzg.to(w_dtype), b_wg, b_dh_new, input_precision=DOT_PRECISION)
+        b_dh_new = tl.dot(b_dzo.to(w_dtype), b_wo, b_dh_new, input_precision=DOT_PRECISION)
+        # Rows not yet active (packed) keep the gradient of their final state.
+        b_dh = tl.where(m_act[:, None], b_dh_new, b_dh)
+        b_dc = tl.where(m_act[:, None], b_dcell * b_f, b_dc)
+    tl.store(p_dh0 + o_bj, b_dh, mask=m_bj)
+    tl.store(p_dc0 + o_bj, b_dc, mask=m_bj)

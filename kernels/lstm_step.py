@@ -1,0 +1,213 @@
+"""Fused LSTM step kernels: one launch per time step, any hidden size.
+
+Dimension glossary
+    T   sequence length (runtime)
+    B   rows of the padded batch (runtime); sets the row stride of every [.., B, ..] buffer
+    N   rows active at this step (runtime, N <= B); packed sequences shrink it,
+        rows >= N are neither read nor written
+    H   hidden size (compile time)
+    P   recurrent state size: proj_size if > 0 else H (compile time)
+    G   4H: gates i, f, g, o stacked in nn.LSTM's order
+    S   slots of a state buffer; the launcher decides which slot a step reads
+        and writes, so the same kernel serves the saving (T+1 slots) and the
+        inference (2 ping-pong slots) layouts
+Blocks
+    BLOCK_B  batch rows per program
+    BLOCK_H  hidden units per program (forward; each for all 4 gates)
+    BLOCK_P  columns of dh_{t-1} per program (backward)
+    BLOCK_K  chunk of the reduction dim (P forward, H backward); >= 16, the
+             smallest tl.dot K on the GPU
+
+All buffers are contiguous. Offsets inside a slot use int64 rows so T*B*G may
+exceed 2^31; weight offsets are int32 (the launcher checks G*P < 2^31).
+Every kernel is idempotent (reads and writes disjoint buffers), so autotune
+may run it repeatedly.
+"""
+import triton
+import triton.language as tl
+
+from .common import INTERPRETING, bucket, configs, sigmoid, tanh  # noqa: F401 (re-exported)
+
+# Forward configs: starting points, not yet measured on a GPU (autotune picks).
+# BLOCK_B 16 is the smallest M of a tensor-core tile; larger only pays at large B.
+# BLOCK_H 32..128: at small B the grid is only H/BLOCK_H programs per batch
+# tile, so small BLOCK_H spreads one step over more of the 132 SMs; larger
+# BLOCK_H reuses each loaded h tile for more gates. BLOCK_K 32/64 keeps the four
+# W^T tiles of a stage (4*BLOCK_K*BLOCK_H elements) within shared memory for 3
+# stages in fp32. 4 warps for tiles up to 64x64 per gate, 8 for the widest.
+_FWD_GPU = [
+    triton.Config({"BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+    for bb in (16, 32, 64)
+    for bh, bk, w in ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8))
+]
+# Interpreter: one config; 32 keeps H=33 in the tests multi-block and masked.
+_FWD_INTERP = triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4)
+
+# Backward: same reasoning with BLOCK_P columns of dh_{t-1}; the gate
+# derivatives of a K chunk are recomputed by every column program (cheap
+# elementwise work next to the 4*BLOCK_K*BLOCK_P-wide matmul they feed).
+_BWD_GPU = [
+    triton.Config({"BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+    for bb in (16, 32, 64)
+    for bp, bk, w in ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8))
+]
+_BWD_INTERP = triton.Config({"BLOCK_B": 16, "BLOCK_P": 32, "BLOCK_K": 32}, num_warps=4)
+
+
+def _prune(configs_, named_args, **kwargs):
+    """Drop configs whose tiles are mostly padding for this call's sizes."""
+    args = {**named_args, **kwargs}  # constexprs arrive as keyword arguments
+    b = args["B_BUCKET"]
+    cols = args["H"] if "BLOCK_H" in configs_[0].kwargs else args["P"]
+    width = max(32, triton.next_power_of_2(cols))
+    keep = [c for c in configs_
+            if c.kwargs["BLOCK_B"] <= max(16, b)
+            and c.kwargs.get("BLOCK_H", c.kwargs.get("BLOCK_P")) <= width]
+    return keep or configs_[:1]
+
+
+@triton.autotune(configs=configs(_FWD_GPU, _FWD_INTERP), key=["H", "P", "B_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["B", "N", "t", "slot_h_in", "slot_h_out", "slot_c_in", "slot_c_out"])
+def lstm_fwd_step_kernel(
+    p_gx,     # [T, B, G] input projection with both biases, activation dtype
+    p_w_hh,   # [G, P] recurrent weight (nn.LSTM layout), activation dtype
+    p_h_in,   # [S, B, P] hidden states; slot_h_in holds h_{t-1}
+    p_h_out,  # [S', B, H] slot_h_out receives o*tanh(c_t) (h_t itself without projection)
+    p_c,      # [S'', B, H] fp32 cell states; reads slot_c_in, writes slot_c_out
+    p_gates,  # [T, B, G] fp32 activations i, f, g, o saved for backward (SAVE only)
+    B, N, t, slot_h_in, slot_h_out, slot_c_in, slot_c_out,
+    H: tl.constexpr, P: tl.constexpr, B_BUCKET: tl.constexpr,
+    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    G: tl.constexpr = 4 * H
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    o_j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_b = o_b < N
+    m_j = o_j < H
+    m_bj = m_b[:, None] & m_j[None, :]
+
+    # Gate pre-activations start from gx[t]; gate q of unit j is column q*H + j.
+    o_gx = t.to(tl.int64) * B * G + o_b[:, None] * G + o_j[None, :]
+    acc_i = tl.load(p_gx + o_gx, mask=m_bj, other=0.0).to(tl.float32)
+    acc_f = tl.load(p_gx + o_gx + H, mask=m_bj, other=0.0).to(tl.float32)
+    acc_g = tl.load(p_gx + o_gx + 2 * H, mask=m_bj, other=0.0).to(tl.float32)
+    acc_o = tl.load(p_gx + o_gx + 3 * H, mask=m_bj, other=0.0).to(tl.float32)
+
+    # + h_{t-1} @ W_hh^T, K = P in chunks; W^T[k, q*H + j] = w_hh[q*H + j, k].
+    p_h_prev = p_h_in + slot_h_in.to(tl.int64) * B * P
+    for k0 in range(0, P, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < P
+        b_h = tl.load(p_h_prev + o_b[:, None] * P + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+        o_w = o_j[None, :] * P + o_k[:, None]  # [BLOCK_K, BLOCK_H]
+        m_w = m_k[:, None] & m_j[None, :]
+        b_wi = tl.load(p_w_hh + o_w, mask=m_w, other=0.0)
+        b_wf = tl.load(p_w_hh + H * P + o_w, mask=m_w, other=0.0)
+        b_wg = tl.load(p_w_hh + 2 * H * P + o_w, mask=m_w, other=0.0)
+        b_wo = tl.load(p_w_hh + 3 * H * P + o_w, mask=m_w, other=0.0)
+        acc_i = tl.dot(b_h, b_wi, acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(b_h, b_wf, acc_f, input_precision=DOT_PRECISION)
+        acc_g = tl.dot(b_h, b_wg, acc_g, input_precision=DOT_PRECISION)
+        acc_o = tl.dot(b_h, b_wo, acc_o, input_precision=DOT_PRECISION)
+
+    b_i = sigmoid(acc_i)
+    b_f = sigmoid(acc_f)
+    b_g = tanh(acc_g)
+    b_o = sigmoid(acc_o)
+    o_bh = o_b[:, None] * H + o_j[None, :]
+    b_c_prev = tl.load(p_c + slot_c_in.to(tl.int64) * B * H + o_bh, mask=m_bj, other=0.0)
+    b_c = b_f * b_c_prev + b_i * b_g
+    b_hid = b_o * tanh(b_c)
+    tl.store(p_c + slot_c_out.to(tl.int64) * B * H + o_bh, b_c, mask=m_bj)
+    tl.store(p_h_out + slot_h_out.to(tl.int64) * B * H + o_bh,
+             b_hid.to(p_h_out.dtype.element_ty), mask=m_bj)
+    if SAVE:
+        p_g = p_gates + o_gx
+        tl.store(p_g, b_i, mask=m_bj)
+        tl.store(p_g + H, b_f, mask=m_bj)
+        tl.store(p_g + 2 * H, b_g, mask=m_bj)
+        tl.store(p_g + 3 * H, b_o, mask=m_bj)
+
+
+@triton.autotune(configs=configs(_BWD_GPU, _BWD_INTERP), key=["H", "P", "B_BUCKET"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["B", "N", "t", "slot_c", "slot_c_prev"])
+def lstm_bwd_step_kernel(
+    p_gates,    # [T, B, G] fp32 saved activations i, f, g, o
+    p_c,        # [S, B, H] fp32 saved cell states: slot_c = c_t, slot_c_prev = c_{t-1}
+    p_w_hh,     # [G, P] recurrent weight, activation dtype
+    p_dh,       # [B, H] fp32 gradient reaching h_t from later steps (already through W_hr with projection)
+    p_gy,       # [T, B, H] gradient of the output y, activation dtype (ADD_GY only)
+    p_dc,       # [B, H] fp32 gradient reaching c_t from later steps
+    p_dgates,   # [T, B, G] fp32 out: gradient of the gate pre-activations
+    p_dh_prev,  # [B, P] fp32 out: dh_{t-1} = d_gates @ W_hh
+    p_dc_prev,  # [B, H] fp32 out: dc_{t-1} = d_c * f
+    B, N, t, slot_c, slot_c_prev,
+    H: tl.constexpr, P: tl.constexpr, B_BUCKET: tl.constexpr,
+    ADD_GY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    G: tl.constexpr = 4 * H
+    pid_b = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    o_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    m_b = o_b < N
+    m_p = o_p < P
+    # Every column program needs the gate gradients of all 4H rows of W_hh, so
+    # each recomputes them; only the first one stores them (and dc_{t-1}).
+    is_writer = pid_p == 0
+    w_dtype = p_w_hh.dtype.element_ty
+
+    p_gates_t = p_gates + t.to(tl.int64) * B * G
+    p_dgates_t = p_dgates + t.to(tl.int64) * B * G
+    p_c_t = p_c + slot_c.to(tl.int64) * B * H
+    p_c_prev = p_c + slot_c_prev.to(tl.int64) * B * H
+    acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < H
+        m_bk = m_b[:, None] & m_k[None, :]
+        o_bk = o_b[:, None] * H + o_k[None, :]
+        o_g = o_b[:, None] * G + o_k[None, :]
+        b_i = tl.load(p_gates_t + o_g, mask=m_bk, other=0.0)
+        b_f = tl.load(p_gates_t + o_g + H, mask=m_bk, other=0.0)
+        b_g = tl.load(p_gates_t + o_g + 2 * H, mask=m_bk, other=0.0)
+        b_o = tl.load(p_gates_t + o_g + 3 * H, mask=m_bk, other=0.0)
+        b_c = tl.load(p_c_t + o_bk, mask=m_bk, other=0.0)
+        b_c_prev = tl.load(p_c_prev + o_bk, mask=m_bk, other=0.0)
+        b_dh = tl.load(p_dh + o_bk, mask=m_bk, other=0.0)
+        if ADD_GY:
+            b_dh += tl.load(p_gy + t.to(tl.int64) * B * H + o_bk, mask=m_bk, other=0.0).to(tl.float32)
+        b_dc = tl.load(p_dc + o_bk, mask=m_bk, other=0.0)
+
+        b_tc = tanh(b_c)
+        b_dcell = b_dc + b_dh * b_o * (1.0 - b_tc * b_tc)
+        b_dzi = b_dcell * b_g * b_i * (1.0 - b_i)
+        b_dzf = b_dcell * b_c_prev * b_f * (1.0 - b_f)
+        b_dzg = b_dcell * b_i * (1.0 - b_g * b_g)
+        b_dzo = b_dh * b_tc * b_o * (1.0 - b_o)
+        m_st = m_bk & is_writer
+        tl.store(p_dgates_t + o_g, b_dzi, mask=m_st)
+        tl.store(p_dgates_t + o_g + H, b_dzf, mask=m_st)
+        tl.store(p_dgates_t + o_g + 2 * H, b_dzg, mask=m_st)
+        tl.store(p_dgates_t + o_g + 3 * H, b_dzo, mask=m_st)
+        tl.store(p_dc_prev + o_bk, b_dcell * b_f, mask=m_st)
+
+        # dh_{t-1}[:, p] += sum over gates q of dz_q @ w_hh[q*H + k, p]
+        o_w = o_k[:, None] * P + o_p[None, :]  # [BLOCK_K, BLOCK_P]
+        m_w = m_k[:, None] & m_p[None, :]
+        acc = tl.dot(b_dzi.to(w_dtype), tl.load(p_w_hh + o_w, mask=m_w, other=0.0), acc,
+                     input_precision=DOT_PRECISION)
+        acc = tl.dot(b_dzf.to(w_dtype), tl.load(p_w_hh + H * P + o_w, mask=m_w, other=0.0), acc,
+                     input_precision=DOT_PRECISION)
+        acc = tl.dot(b_dzg.to(w_dtype), tl.load(p_w_hh + 2 * H * P + o_w, mask=m_w, other=0.0), acc,
+                     input_precision=DOT_PRECISION)
+        acc = tl.dot(b_dzo.to(w_dtype), tl.load(p_w_hh + 3 * H * P + o_w, mask=m_w, other=0.0), acc,
+                     input_precision=DOT_PRECISION)
+
+    tl.store(p_dh_prev + o_b[:, None] * P + o_p[None, :], acc, mask=m_b[:, None] & m_p[None, :])

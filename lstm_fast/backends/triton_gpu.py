@@ -1,0 +1,327 @@
+"""The `triton` backend: launchers for the fused kernels in kernels/ (lstm_fast.kernels).
+
+Two kernel paths, same saved tensors, same results:
+  step      one forward / backward launch per time step; any H, projections
+            (h_t = (o*tanh c_t) @ W_hr^T is a torch.mm per step).
+  sequence  one launch runs all T steps; each program keeps W_hh for its batch
+            tile on chip, so it needs small H (see SEQ_MAX_H) and no projection.
+`path` (attribute, or env LSTM_FAST_TRITON_PATH) = auto | step | sequence;
+auto takes sequence whenever it applies. A forced path that cannot serve a call
+makes supports() say no, with the reason.
+
+Precision. fp16/bf16: tensor-core dots on the stored dtype with fp32
+accumulation; gates, cell state and all gradients between steps stay fp32,
+cast on store. fp32: the recurrent dots run in `fp32_precision` =
+'ieee' | 'tf32' | 'tf32x3' (attribute, or env LSTM_FAST_TRITON_FP32_PRECISION);
+unset, it follows torch's own matmul switch (torch.backends.cuda.matmul.
+fp32_precision, else .allow_tf32), so the weight-gradient GEMMs (torch.mm) and
+the kernels use the same precision. The interpreter computes every dot in
+exact fp32 whatever is asked.
+
+Devices. CUDA tensors; with TRITON_INTERPRET=1 (set before triton is
+imported) CPU tensors only, through the Triton interpreter (tests).
+
+This module imports neither triton nor the kernels until first use.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .base import Backend, LayerSizes, weight_grads
+
+PATHS = ("auto", "step", "sequence")
+FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+# Sequence kernel limit: each program holds 4 tiles [HP, HP] of W_hh (HP =
+# max(16, next_pow2(H))) in registers for all T steps. HP = 64 is 16K elements:
+# 64 fp32 registers per thread at 8 warps, which leaves room for the h/c/gate
+# tiles within the 255-register limit; HP = 128 would need 256 for the weights
+# alone and spill. A starting point from this arithmetic, to be revisited
+# with a GPU measurement (the step kernels serve every H beyond it).
+SEQ_MAX_H = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load_kernels():
+    """lstm_fast.kernels (setup.py maps the top-level kernels/ onto it). In a
+    plain source checkout that mapping does not exist, so fall back to loading
+    <repo>/kernels under that name."""
+    try:
+        return importlib.import_module("lstm_fast.kernels")
+    except ImportError:
+        root = Path(__file__).resolve().parents[2] / "kernels"
+        init = root / "__init__.py"
+        if not init.exists():
+            raise
+        spec = importlib.util.spec_from_file_location(
+            "lstm_fast.kernels", init, submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["lstm_fast.kernels"] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception:
+            sys.modules.pop("lstm_fast.kernels", None)
+            raise
+        return module
+
+
+def _torch_fp32_precision() -> str:
+    """'tf32' or 'ieee' as torch's own cuBLAS switch says (new API first)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        new = getattr(matmul, "fp32_precision", None)  # torch >= 2.9
+        if new in ("tf32", "ieee"):
+            return new
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    except RuntimeError:  # torch refuses to answer after mixed legacy/new settings
+        return "ieee"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self):
+        self.path = os.environ.get("LSTM_FAST_TRITON_PATH", "auto") or "auto"
+        self.fp32_precision = os.environ.get("LSTM_FAST_TRITON_FP32_PRECISION") or None
+        self._k = None  # (lstm_step, lstm_sequence) modules once loaded
+
+    # ---------------------------------------------------------------- registry
+    def _kernels(self):
+        if self._k is None:
+            pkg = _load_kernels()
+            step = importlib.import_module(pkg.__name__ + ".lstm_step")
+            seq = importlib.import_module(pkg.__name__ + ".lstm_sequence")
+            self._k = (step, seq)
+        return self._k
+
+    def is_available(self):
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install
+            return False, f"triton is not importable: {type(exc).__name__}: {exc}"
+        try:
+            step, _ = self._kernels()
+        except Exception as exc:
+            return False, f"lstm_fast.kernels failed to load: {type(exc).__name__}: {exc}"
+        if step.INTERPRETING:
+            return True, "Triton interpreter (TRITON_INTERPRET=1), CPU tensors"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+
+    def _interp(self):
+        return self._kernels()[0].INTERPRETING if self._k is not None else _interpreting()
+
+    def _check_path(self):
+        if self.path not in PATHS:
+            raise ValueError(f"triton backend path {self.path!r}: choose one of {', '.join(PATHS)}")
+
+    def sequence_ok(self, sizes: LayerSizes) -> tuple[bool, str]:
+        if sizes.has_proj:
+            return False, "the sequence kernel has no projection (proj_size > 0)"
+        hp = max(16, 1 << max(sizes.H - 1, 0).bit_length())
+        if hp > SEQ_MAX_H:
+            return False, f"the sequence kernel holds W_hh on chip only for H <= {SEQ_MAX_H} (H={sizes.H})"
+        return True, "fits"
+
+    def use_sequence(self, sizes: LayerSizes) -> bool:
+        self._check_path()
+        return self.path != "step" and self.sequence_ok(sizes)[0]
+
+    def supports(self, device, dtype, sizes: LayerSizes):
+        self._check_path()
+        device = torch.device(device)
+        if self._interp():
+            if device.type != "cpu":
+                return False, "under TRITON_INTERPRET=1 the Triton kernels run on CPU tensors only"
+            if dtype == torch.bfloat16:
+                return False, "bfloat16 arithmetic is wrong in the Triton interpreter"
+        elif device.type != "cuda":
+            return False, f"Triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs CPU tensors)"
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return False, f"dtype {dtype} not supported (float32, float16, bfloat16)"
+        if 4 * sizes.H * sizes.P >= 2 ** 31:
+            return False, "W_hh has 2^31 elements or more (int32 weight offsets)"
+        if self.path == "sequence":
+            ok, why = self.sequence_ok(sizes)
+            if not ok:
+                return False, f"path 'sequence' forced: {why}"
+        if self.fp32_precision is not None and self.fp32_precision not in FP32_PRECISIONS:
+            return False, f"fp32_precision {self.fp32_precision!r}: choose one of {', '.join(FP32_PRECISIONS)}"
+        return True, "step kernels" + (" / sequence kernel" if self.use_sequence(sizes) else "")
+
+    def dot_precision(self, dtype) -> str:
+        if dtype != torch.float32:
+            return "ieee"  # 16-bit operands: the flag does not apply
+        choice = self.fp32_precision or _torch_fp32_precision()
+        if choice not in FP32_PRECISIONS:
+            raise ValueError(f"fp32_precision {choice!r}: choose one of {', '.join(FP32_PRECISIONS)}")
+        return choice
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        step_k, seq_k = self._kernels()
+        T, B, G = gx.shape
+        H, P = G // 4, h0.shape[1]
+        dtype, dev = gx.dtype, gx.device
+        w = w_hh.to(dtype).contiguous()
+        prec = self.dot_precision(dtype)
+        packed = batch_sizes is not None
+        sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
+        # y_ext[T+1]: h0 in slot h0_slot, y[t] in slot t+1 (t when reverse), so
+        # step t reads h_{t-1} from one slot of the same buffer. Packed rows
+        # that are inactive must read as y = 0 (and stay finite for backward).
+        alloc = torch.zeros if packed else torch.empty
+        y_ext = alloc(T + 1, B, P, dtype=dtype, device=dev)
+        h0_slot = T if reverse else 0
+        y_ext[h0_slot] = h0
+        y = y_ext[:T] if reverse else y_ext[1:]
+        gates = alloc(T, B, G, dtype=torch.float32, device=dev) if need_grad else None
+        cells = None
+        if need_grad:  # cells_ext: same slot layout as y_ext
+            cells = alloc(T + 1, B, H, dtype=torch.float32, device=dev)
+            cells[h0_slot] = c0
+        bs = batch_sizes.tolist() if packed else None
+        if T == 0:
+            return y, h0.clone(), c0.clone(), ((gates, cells, y_ext) if need_grad else ())
+
+        if self.use_sequence(sizes):
+            h_n = torch.empty(B, H, dtype=h0.dtype, device=dev)
+            c_n = torch.empty(B, H, dtype=torch.float32, device=dev)
+            bs_dev = (batch_sizes.to(device=dev, dtype=torch.int32) if packed
+                      else torch.empty(1, dtype=torch.int32, device=dev))
+            dummy = y_ext
+            seq_k.lstm_fwd_seq_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]),)](
+                gx, w, y_ext, cells if need_grad else dummy, bs_dev, c0,
+                h_n, c_n, gates if need_grad else dummy,
+                T, B, H=H, HP=max(16, _next_pow2(H)), B_BUCKET=step_k.bucket(B),
+                REVERSE=bool(reverse), PACKED=packed, SAVE=need_grad, DOT_PRECISION=prec)
+            saved = (gates, cells, y_ext) if need_grad else ()
+            return y, h_n, c_n.to(c0.dtype), saved
+
+        # Step path. Without saving, the cell state ping-pongs between 2 slots.
+        if not need_grad:
+            cells = torch.empty(2, B, H, dtype=torch.float32, device=dev)
+            cells[0] = c0
+        hpre = torch.empty(1, B, H, dtype=dtype, device=dev) if w_hr is not None else None
+        w_hr_t = w_hr.to(dtype).t() if w_hr is not None else None
+        gates_arg = gates if need_grad else cells
+        bb = step_k.bucket(B)
+        order = range(T - 1, -1, -1) if reverse else range(T)
+        for s, t in enumerate(order):
+            n = B if bs is None else bs[t]
+            if n == 0:
+                continue
+            h_in, h_out = (t + 1, t) if reverse else (t, t + 1)
+            c_in, c_out = (h_in, h_out) if need_grad else (s % 2, (s + 1) % 2)
+            step_k.lstm_fwd_step_kernel[lambda m: (triton_cdiv(n, m["BLOCK_B"]), triton_cdiv(H, m["BLOCK_H"]))](
+                gx, w, y_ext, y_ext if hpre is None else hpre, cells, gates_arg,
+                B, n, t, h_in, h_out if hpre is None else 0, c_in, c_out,
+                H=H, P=P, B_BUCKET=bb, SAVE=need_grad, DOT_PRECISION=prec)
+            if hpre is not None:
+                torch.mm(hpre[0, :n], w_hr_t, out=y_ext[h_out, :n])
+
+        # Final states: each row's last active step (all rows: the last step).
+        if packed:
+            lengths = _lengths(batch_sizes, B).to(dev)
+            rows = torch.arange(B, device=dev)
+            h_n = y_ext[lengths, rows]
+            c_slot = lengths if need_grad else lengths % 2
+            c_n = cells[c_slot, rows]
+        else:
+            last = 0 if reverse else T
+            h_n = y_ext[last].clone()
+            c_n = cells[last if need_grad else T % 2].clone()
+        saved = (gates, cells, y_ext) if need_grad else ()
+        return y, h_n.to(h0.dtype), c_n.to(c0.dtype), saved
+
+    # ---------------------------------------------------------------- backward
+    def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+        step_k, seq_k = self._kernels()
+        gates, cells, y_ext = saved
+        T, B, G = gates.shape
+        H, P = G // 4, h0.shape[1]
+        dtype, dev = grad_y.dtype, grad_y.device
+        w = w_hh.to(y_ext.dtype).contiguous()
+        prec = self.dot_precision(y_ext.dtype)
+        packed = batch_sizes is not None
+        sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
+        grad_y = grad_y.to(y_ext.dtype).contiguous()
+        d_gates = (torch.zeros if packed else torch.empty)(T, B, G, dtype=torch.float32, device=dev)
+        d_r_all = None
+
+        if self.use_sequence(sizes):
+            dh0 = torch.empty(B, H, dtype=torch.float32, device=dev)
+            dc0 = torch.empty(B, H, dtype=torch.float32, device=dev)
+            bs_dev = (batch_sizes.to(device=dev, dtype=torch.int32) if packed
+                      else torch.empty(1, dtype=torch.int32, device=dev))
+            if T > 0:
+                seq_k.lstm_bwd_seq_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]),)](
+                    gates, cells, w, grad_y, grad_hn.float().contiguous(), grad_cn.float().contiguous(),
+                    bs_dev, d_gates, dh0, dc0,
+                    T, B, H=H, HP=max(16, _next_pow2(H)), B_BUCKET=step_k.bucket(B),
+                    REVERSE=bool(reverse), PACKED=packed, DOT_PRECISION=prec)
+            else:
+                dh0, dc0 = grad_hn.float(), grad_cn.float()
+        else:
+            # Ping-pong gradient buffers. Rows inactive at a step were inactive
+            # at every later step too, so both copies still hold grad_hn/grad_cn.
+            dh = grad_hn.float().unsqueeze(0).repeat(2, 1, 1)
+            dc = grad_cn.float().unsqueeze(0).repeat(2, 1, 1)
+            if w_hr is not None:
+                d_r_all = torch.zeros(T, B, P, dtype=torch.float32, device=dev)
+                dh_proj = torch.empty(B, H, dtype=torch.float32, device=dev)
+                w_hr_f = w_hr.float()
+            bs = batch_sizes.tolist() if packed else None
+            bb = step_k.bucket(B)
+            order = list(range(T - 1, -1, -1) if reverse else range(T))
+            k = 0
+            for s in range(T - 1, -1, -1):
+                t = order[s]
+                n = B if bs is None else bs[t]
+                if n == 0:
+                    continue
+                c_t, c_prev = (t, t + 1) if reverse else (t + 1, t)
+                if w_hr is not None:
+                    torch.add(dh[k, :n], grad_y[t, :n], out=d_r_all[t, :n])
+                    torch.mm(d_r_all[t, :n], w_hr_f, out=dh_proj[:n])
+                    p_dh, add_gy = dh_proj, False
+                else:
+                    p_dh, add_gy = dh[k], True
+                step_k.lstm_bwd_step_kernel[lambda m: (triton_cdiv(n, m["BLOCK_B"]), triton_cdiv(P, m["BLOCK_P"]))](
+                    gates, cells, w, p_dh, grad_y, dc[k], d_gates, dh[1 - k], dc[1 - k],
+                    B, n, t, c_t, c_prev,
+                    H=H, P=P, B_BUCKET=bb, ADD_GY=add_gy, DOT_PRECISION=prec)
+                k = 1 - k
+            dh0, dc0 = dh[k], dc[k]
+
+        hprev = (y_ext[1:] if reverse else y_ext[:T]).float()
+        h_pre = None
+        if w_hr is not None:
+            c_all = cells[:T] if reverse else cells[1:]
+            h_pre = gates[..., 3 * H:] * torch.tanh(c_all)
+        d_w_hh, d_w_hr = weight_grads(d_gates, hprev, d_r_all, h_pre)
+        return (d_gates.to(dtype), dh0.to(h0.dtype), dc0.to(c0.dtype), d_w_hh.to(w_hh.dtype),
+                None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _lengths(batch_sizes, B):
+    """Per-row sequence length from packed batch_sizes [T] (CPU int64)."""
+    return (batch_sizes.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
