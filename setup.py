@@ -2,11 +2,15 @@
 
 The C++ (CPU) part is always built; the CUDA part whenever torch has CUDA and
 nvcc is found. A failed extension build is reported and skipped, never fatal:
-`lstm_fast.available_backends()` then says why `cpp`/`cuda` are missing.
+`lstm_fast.available_backends()` then says why `cpp`/`cuda` are missing, and
+lstm_fast/_ops.py can still JIT-build the same sources on first use.
+Compiler flags and the default CUDA arch list live in csrc/build_config.py,
+shared with that JIT build. The sources are also installed as package data
+(lstm_fast/_csrc) so a wheel built without the extension can JIT-build them.
 Set LSTM_FAST_NO_EXT=1 to skip the extension, LSTM_FAST_NO_CUDA=1 to build
 only the CPU part.
 """
-import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -16,27 +20,18 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def find_cuda_home():
-    """The toolkit root (bin/nvcc next to lib64/libcudart). Wrappers on PATH
-    (a script named nvcc that execs the real one) make torch's own guess,
-    dirname(dirname(which nvcc)), land on the wrong folder, so look for the
-    folder that really holds the runtime library."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for root in candidates:
-        if os.path.exists(os.path.join(root, "bin", "nvcc")) and glob.glob(os.path.join(root, "lib*", "libcudart*")):
-            return root
-    return None
+def load_build_config():
+    spec = importlib.util.spec_from_file_location("lstm_fast_build_config", os.path.join(ROOT, "csrc", "build_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def extension_modules():
     if os.environ.get("LSTM_FAST_NO_EXT") == "1":
         return [], {}
-    cuda_home = find_cuda_home()
+    cfg = load_build_config()
+    cuda_home = cfg.find_cuda_home()
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     try:
@@ -46,8 +41,11 @@ def extension_modules():
         print("lstm_fast: torch is not installed; building without the compiled extension", file=sys.stderr)
         return [], {}
 
-    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # Relative paths: setuptools wants them relative to setup.py.
+    csrc = "csrc"
+    cpp_sources = [os.path.relpath(p, ROOT) for p in cfg.sources(os.path.join(ROOT, csrc), with_cuda=False)]
+    cuda_sources = [os.path.relpath(p, ROOT) for p in cfg.sources(os.path.join(ROOT, csrc), with_cuda=True)
+                    if p.endswith(".cu")]
     if not cpp_sources:
         return [], {}
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -58,22 +56,18 @@ def extension_modules():
         except Exception:
             visible = False
         if not visible:
-            # No GPU to detect: build for Volta..Hopper so the wheel runs on any of them,
-            # Hopper (9.0, the H100) included.
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "7.0;8.0;8.6;9.0+PTX"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = cfg.DEFAULT_CUDA_ARCH_LIST
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
 
-    cxx_flags = ["-O3", "-std=c++17"]
-    if sys.platform.startswith("linux"):
-        cxx_flags += ["-fopenmp"]
-    extra = {"cxx": cxx_flags}
+    extra = {"cxx": cfg.cxx_flags()}
+    include_dirs = [os.path.join(ROOT, csrc)]
     if with_cuda:
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]
-        ext = cpp_extension.CUDAExtension(
-            "lstm_fast._C", cpp_sources + cuda_sources,
-            define_macros=[("LSTM_FAST_WITH_CUDA", "1")], extra_compile_args=extra)
+        extra["nvcc"] = cfg.nvcc_flags()
+        ext = cpp_extension.CUDAExtension("lstm_fast._C", cpp_sources + cuda_sources,
+                                          include_dirs=include_dirs, extra_compile_args=extra)
     else:
-        ext = cpp_extension.CppExtension("lstm_fast._C", cpp_sources, extra_compile_args=extra)
+        ext = cpp_extension.CppExtension("lstm_fast._C", cpp_sources,
+                                         include_dirs=include_dirs, extra_compile_args=extra)
 
     class TolerantBuildExt(cpp_extension.BuildExtension):
         """A failed extension build leaves a pure-Python package that still imports."""
@@ -91,8 +85,9 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["lstm_fast", "lstm_fast.backends", "lstm_fast.kernels"],
-    package_dir={"lstm_fast.kernels": "kernels"},
+    packages=["lstm_fast", "lstm_fast.backends", "lstm_fast.kernels", "lstm_fast._csrc"],
+    package_dir={"lstm_fast.kernels": "kernels", "lstm_fast._csrc": "csrc"},
+    package_data={"lstm_fast._csrc": ["*.h", "*.cpp", "*.py", "cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

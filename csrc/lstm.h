@@ -1,0 +1,82 @@
+// Shared declarations of the lstm_fast extension: one LSTM layer, one direction.
+//
+// Dimension glossary (same as lstm_fast/backends/base.py):
+//   T  sequence length       B  batch rows (padded batch)
+//   H  hidden size           P  recurrent state size (proj_size if > 0, else H)
+//   G = 4H gate columns, order i, f, g, o (torch.nn.LSTM's)
+//
+// Ops (schemas in lstm_ops.cpp, namespace lstm_fast):
+//   lstm_forward(gx, h0, c0, w_hh, w_hr?, batch_sizes?, reverse, need_grad)
+//       -> (y [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,G], cells [T,B,H])
+//   lstm_backward(grad_y, grad_hn, grad_cn, gates, cells, y, h0, c0, w_hh, w_hr?,
+//                 batch_sizes?, reverse)
+//       -> (d_gx [T,B,G], d_h0 [B,P], d_c0 [B,H], d_w_hh [G,P], d_w_hr [P,H] or [0])
+// gates (activated i,f,g,o) and cells (c_t) are what backward needs; they are
+// [0]-sized when need_grad is false. They are kept in the accumulation type
+// (float for half/bfloat16 input, else the input dtype). Every output is a
+// fresh tensor (no aliasing of inputs). Rows inactive at a step (packed input)
+// get y = 0, gates = 0, cells = 0, d_gx = 0.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace lstm_fast {
+
+using at::Tensor;
+using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// Sizes and per-step active rows of one call, validated once on the host.
+struct Plan {
+  int64_t T = 0, B = 0, H = 0, P = 0;
+  bool reverse = false;
+  bool packed = false;
+  // order[s]: time index processed at step s; active[s]: rows 0..active[s)-1
+  // take part in that step. active is non-increasing in s.
+  std::vector<int64_t> order, active;
+};
+
+// Checks shapes, dtypes and devices and reads batch_sizes (a CPU int64 tensor
+// [T], or none) into plan.active. gx gives only sizes [T,B,4H] and the device
+// (backward passes gates here); h0 [B,P], c0 [B,H], w_hh [4H,P] and w_hr
+// [P,H] (or none) share one dtype.
+Plan make_plan(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+               const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
+               bool reverse);
+
+// float for half/bfloat16, else t: the type of gates, cells and cell state.
+at::ScalarType acc_type(at::ScalarType t);
+// gx [T,B,4H] must have h0's dtype.
+void check_forward_inputs(const Tensor& gx, const Tensor& h0);
+// Shapes/dtypes of lstm_backward's inputs against the plan (see the schema above).
+void check_backward_inputs(const Plan& plan, const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn,
+                           const Tensor& gates, const Tensor& cells, const Tensor& y, const Tensor& h0);
+
+// h_n [B,P] from y [T,B,P] and h0 [B,P]: each row's output at its last active
+// step, h0 for rows never active. Returns a fresh tensor.
+Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan);
+
+// Weight gradients as GEMMs over all T*B rows, after the time loop:
+//   d_w_hh [G,P] = sum_t d_gates[t]^T @ hprev[t], hprev[t] = h_{t-1} (h0 at the
+//   first processed step, else y of the previous processed step);
+//   d_w_hr [P,H] = d_r^T @ h_pre (only when d_r is defined).
+// d_gates [T,B,G] and y [T,B,P] in the input dtype, h0 [B,P]; d_r [T,B,P] and
+// h_pre [T,B,H] in the input dtype or undefined. Inactive rows must hold zeros
+// in d_gates / d_r. Results are fresh tensors in the weights' dtype.
+std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0,
+                                        const Tensor& d_r, const Tensor& h_pre, const Plan& plan,
+                                        const Tensor& w_hh);
+
+Tensor5 lstm_forward_cpu(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                         const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
+                         bool reverse, bool need_grad);
+Tensor5 lstm_backward_cpu(const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn,
+                          const Tensor& gates, const Tensor& cells, const Tensor& y, const Tensor& h0,
+                          const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                          const std::optional<Tensor>& batch_sizes, bool reverse);
+
+}  // namespace lstm_fast

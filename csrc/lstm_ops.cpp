@@ -1,0 +1,157 @@
+// Op schemas of the lstm_fast namespace and the device-independent glue
+// (validation, final hidden state, weight gradients) shared by the CPU and
+// CUDA implementations. The fake (meta) implementations live in Python
+// (lstm_fast/_ops.py) so that torch.compile can trace the ops.
+#include <Python.h>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "lstm.h"
+
+namespace lstm_fast {
+
+Plan make_plan(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+               const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
+               bool reverse) {
+  TORCH_CHECK(gx.dim() == 3, "lstm_fast: gx must be [T, B, 4H], got ", gx.sizes());
+  Plan p;
+  p.T = gx.size(0);
+  p.B = gx.size(1);
+  TORCH_CHECK(gx.size(2) % 4 == 0 && gx.size(2) > 0, "lstm_fast: gx's last dim must be 4H > 0, got ",
+              gx.size(2));
+  p.H = gx.size(2) / 4;
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == p.B, "lstm_fast: h0 must be [B, P] with B=", p.B, ", got ",
+              h0.sizes());
+  p.P = h0.size(1);
+  TORCH_CHECK(c0.dim() == 2 && c0.size(0) == p.B && c0.size(1) == p.H, "lstm_fast: c0 must be [", p.B,
+              ", ", p.H, "], got ", c0.sizes());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * p.H && w_hh.size(1) == p.P,
+              "lstm_fast: w_hh must be [", 4 * p.H, ", ", p.P, "], got ", w_hh.sizes());
+  const bool proj = w_hr.has_value() && w_hr->defined();
+  if (proj) {
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) == p.P && w_hr->size(1) == p.H,
+                "lstm_fast: w_hr must be [", p.P, ", ", p.H, "], got ", w_hr->sizes());
+  } else {
+    TORCH_CHECK(p.P == p.H, "lstm_fast: h0 is [B, ", p.P, "] but there is no projection and H=", p.H);
+  }
+  for (const Tensor* t : {&c0, &w_hh}) {
+    TORCH_CHECK(t->scalar_type() == h0.scalar_type() && t->device() == gx.device(),
+                "lstm_fast: h0, c0 and the weights must share one dtype (", h0.scalar_type(),
+                ") and gx's device (", gx.device(), "), got ", t->scalar_type(), ", ", t->device());
+  }
+  TORCH_CHECK(h0.device() == gx.device(), "lstm_fast: h0 must be on gx's device");
+  if (proj) {
+    TORCH_CHECK(w_hr->scalar_type() == h0.scalar_type() && w_hr->device() == gx.device(),
+                "lstm_fast: w_hr must share h0's dtype and gx's device");
+  }
+  p.reverse = reverse;
+  p.order.resize(p.T);
+  for (int64_t s = 0; s < p.T; ++s) p.order[s] = reverse ? p.T - 1 - s : s;
+  p.active.assign(p.T, p.B);
+  p.packed = batch_sizes.has_value() && batch_sizes->defined();
+  if (p.packed) {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1 && bs.size(0) == p.T,
+                "lstm_fast: batch_sizes must be a CPU int64 tensor [T=", p.T, "], got ", bs.scalar_type(),
+                " ", bs.device(), " ", bs.sizes());
+    const Tensor bsc = bs.contiguous();
+    const int64_t* v = bsc.const_data_ptr<int64_t>();
+    for (int64_t s = 0; s < p.T; ++s) {
+      const int64_t n = v[p.order[s]];
+      TORCH_CHECK(n >= 0 && n <= p.B, "lstm_fast: batch_sizes values must lie in [0, B=", p.B, "], got ", n);
+      // An active row's previous state must be the previous step's output.
+      TORCH_CHECK(s == 0 || n <= p.active[s - 1],
+                  "lstm_fast: batch_sizes must be non-increasing in processing order");
+      p.active[s] = n;
+    }
+  }
+  return p;
+}
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+void check_forward_inputs(const Tensor& gx, const Tensor& h0) {
+  TORCH_CHECK(gx.scalar_type() == h0.scalar_type(), "lstm_fast: gx and h0 must share one dtype, got ",
+              gx.scalar_type(), " and ", h0.scalar_type());
+}
+
+void check_backward_inputs(const Plan& p, const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn,
+                           const Tensor& gates, const Tensor& cells, const Tensor& y, const Tensor& h0) {
+  const auto dt = h0.scalar_type(), acc = acc_type(dt);
+  auto check = [&](const Tensor& t, at::IntArrayRef sizes, at::ScalarType want, const char* name) {
+    TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == want && t.device() == h0.device(), "lstm_fast: ",
+                name, " must be ", sizes, " ", want, " on ", h0.device(), ", got ", t.sizes(), " ",
+                t.scalar_type(), " on ", t.device(),
+                " (gates/cells come from lstm_forward with need_grad=True)");
+  };
+  check(grad_y, {p.T, p.B, p.P}, dt, "grad_y");
+  check(grad_hn, {p.B, p.P}, dt, "grad_hn");
+  check(grad_cn, {p.B, p.H}, dt, "grad_cn");
+  check(gates, {p.T, p.B, 4 * p.H}, acc, "gates");
+  check(cells, {p.T, p.B, p.H}, acc, "cells");
+  check(y, {p.T, p.B, p.P}, dt, "y");
+}
+
+Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan) {
+  if (!plan.packed) {
+    return plan.T > 0 ? y.select(0, plan.order[plan.T - 1]).clone() : h0.clone();
+  }
+  Tensor h = h0.clone();
+  for (int64_t s = 0; s < plan.T; ++s) {
+    // Rows [lo, hi) are active for the last time at step s.
+    const int64_t hi = plan.active[s];
+    const int64_t lo = s + 1 < plan.T ? plan.active[s + 1] : 0;
+    if (hi > lo) h.narrow(0, lo, hi - lo).copy_(y.select(0, plan.order[s]).narrow(0, lo, hi - lo));
+  }
+  return h;
+}
+
+std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0,
+                                        const Tensor& d_r, const Tensor& h_pre, const Plan& plan,
+                                        const Tensor& w_hh) {
+  const int64_t G = 4 * plan.H, P = plan.P, T = plan.T;
+  Tensor d_w_hh, d_w_hr;
+  if (T == 0) {
+    d_w_hh = at::zeros({G, P}, w_hh.options());
+    if (d_r.defined()) d_w_hr = at::zeros({P, plan.H}, w_hh.options());
+    return {d_w_hh, d_w_hr};
+  }
+  // The first processed step read h0; every later step read y of the step
+  // before it, which is y shifted by one along T: two GEMMs, no copy of hprev.
+  d_w_hh = d_gates.select(0, plan.order[0]).t().mm(h0);
+  if (T > 1) {
+    const Tensor dg_rest = plan.reverse ? d_gates.narrow(0, 0, T - 1) : d_gates.narrow(0, 1, T - 1);
+    const Tensor y_prev = plan.reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
+    d_w_hh.addmm_(dg_rest.reshape({-1, G}).t(), y_prev.reshape({-1, P}));
+  }
+  if (d_r.defined()) {
+    d_w_hr = d_r.reshape({-1, P}).t().mm(h_pre.reshape({-1, plan.H}));
+  }
+  return {d_w_hh, d_w_hr};
+}
+
+}  // namespace lstm_fast
+
+TORCH_LIBRARY(lstm_fast, m) {
+  // Fake (meta) kernels are registered from this Python module.
+  m.set_python_module("lstm_fast._ops");
+  m.def(
+      "lstm_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
+      "bool reverse, bool need_grad) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  m.def(
+      "lstm_backward(Tensor grad_y, Tensor grad_hn, Tensor grad_cn, Tensor gates, Tensor cells, Tensor y, "
+      "Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) -> "
+      "(Tensor d_gx, Tensor d_h0, Tensor d_c0, Tensor d_w_hh, Tensor d_w_hr)");
+}
+
+// Lets `import lstm_fast._C` load the library (and so register the ops); the
+// module itself is empty. The JIT build loads the same code with
+// torch.ops.load_library instead.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,133 @@
+"""Loading of the compiled ops (torch.ops.lstm_fast.*) and their fake kernels.
+
+Order of attempts, on the first call of load():
+1. `lstm_fast._C`, built ahead of time by `pip install` (setup.py).
+2. A JIT build of the same sources with torch.utils.cpp_extension.load (ninja),
+   cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+   The sources are found in, first, LSTM_FAST_CSRC; then lstm_fast/_csrc (the
+   copy a wheel installs as package data); then ../csrc beside the package (a
+   source checkout or an editable install). LSTM_FAST_JIT=0 disables this step;
+   CUDA kernels are JIT-built only when a GPU is visible (or LSTM_FAST_JIT_CUDA=1).
+The first JIT build takes minutes (torch's headers are heavy); later ones hit the cache.
+
+Importing this module is cheap and never fails; nothing is built until load().
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+
+import torch
+
+log = logging.getLogger("lstm_fast")
+
+_lock = threading.Lock()
+_state: tuple[bool, str] | None = None
+_fakes_registered = False
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # gates, cells and the cell state stay in fp32 for half/bfloat16 input
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def csrc_dir() -> str | None:
+    """Folder holding the extension's sources and build_config.py, or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in (os.environ.get("LSTM_FAST_CSRC"), os.path.join(here, "_csrc"),
+                 os.path.join(os.path.dirname(here), "csrc")):
+        if path and os.path.isfile(os.path.join(path, "build_config.py")):
+            return path
+    return None
+
+
+def _build_config(root: str):
+    spec = importlib.util.spec_from_file_location("lstm_fast_build_config", os.path.join(root, "build_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _jit_build() -> str:
+    root = csrc_dir()
+    if root is None:
+        raise RuntimeError("no sources to build: set LSTM_FAST_CSRC to the csrc folder")
+    cfg = _build_config(root)
+    cuda_home = cfg.find_cuda_home()
+    if cuda_home and not os.environ.get("CUDA_HOME"):
+        # cpp_extension reads CUDA_HOME at import; its own guess can be wrong (see build_config)
+        os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils import cpp_extension
+    if cuda_home:
+        cpp_extension.CUDA_HOME = cuda_home  # in case it was imported before
+    with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+                 and (torch.cuda.is_available() or os.environ.get("LSTM_FAST_JIT_CUDA") == "1"))
+    if with_cuda and not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cfg.DEFAULT_CUDA_ARCH_LIST
+    sources = cfg.sources(root, with_cuda=with_cuda)
+    log.info("lstm_fast: JIT-building the extension from %s (cuda=%s); this takes minutes once", root, with_cuda)
+    cpp_extension.load(name="lstm_fast_jit_cuda" if with_cuda else "lstm_fast_jit_cpu", sources=sources,
+                       extra_cflags=cfg.cxx_flags(), extra_cuda_cflags=cfg.nvcc_flags() if with_cuda else None,
+                       extra_include_paths=[root], with_cuda=with_cuda, is_python_module=False, verbose=False)
+    return f"JIT-built from {root}" + (" with CUDA" if with_cuda else " (CPU only)")
+
+
+def load() -> tuple[bool, str]:
+    """Make torch.ops.lstm_fast.* available: (ok, how or why not). Cached."""
+    global _state
+    if _state is not None:
+        return _state
+    with _lock:
+        if _state is not None:
+            return _state
+        try:
+            from . import _C  # noqa: F401  (registers the ops)
+            how = "prebuilt lstm_fast._C"
+        except ImportError as exc:
+            if os.environ.get("LSTM_FAST_JIT", "1") == "0":
+                _state = (False, f"lstm_fast._C is not built ({exc}) and LSTM_FAST_JIT=0")
+                return _state
+            try:
+                how = _jit_build()
+            except Exception as jit_exc:  # noqa: BLE001 - reported through is_available()
+                _state = (False, f"lstm_fast._C is not built ({exc}) and the JIT build failed: "
+                                 f"{type(jit_exc).__name__}: {jit_exc}")
+                return _state
+        _register_fakes()
+        _state = (True, how)
+        return _state
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether the loaded library has kernels for 'cpu' or 'cuda'."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lstm_fast::lstm_forward", key)
+
+
+def _register_fakes() -> None:
+    """Shape-only kernels so torch.compile / FakeTensor can trace the ops."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
+
+    @torch.library.register_fake("lstm_fast::lstm_forward")
+    def _forward_fake(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        T, B, G = gx.shape
+        H, P = G // 4, h0.shape[1]
+        acc = _acc_dtype(gx.dtype)
+        y = gx.new_empty((T, B, P))
+        if need_grad:
+            gates, cells = gx.new_empty((T, B, G), dtype=acc), gx.new_empty((T, B, H), dtype=acc)
+        else:
+            gates, cells = gx.new_empty((0,), dtype=acc), gx.new_empty((0,), dtype=acc)
+        return y, h0.new_empty((B, P)), c0.new_empty((B, H)), gates, cells
+
+    @torch.library.register_fake("lstm_fast::lstm_backward")
+    def _backward_fake(grad_y, grad_hn, grad_cn, gates, cells, y, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+        T, B, G = gates.shape
+        d_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty((0,))
+        return (grad_y.new_empty((T, B, G)), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+                w_hh.new_empty(w_hh.shape), d_w_hr)

@@ -1,0 +1,62 @@
+"""The compiled extension's backends: `cpp` (C++ on CPU) and `cuda` (CUDA kernels).
+
+Both call the custom ops torch.ops.lstm_fast.lstm_forward / lstm_backward
+(csrc/lstm.h documents them). Importing this module loads nothing; the
+extension is loaded (or JIT-built, see lstm_fast/_ops.py) by is_available().
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ops
+from .base import Backend, LayerSizes
+
+
+class _CompiledBackend(Backend):
+    device_type = "?"
+    dtypes: tuple = ()
+
+    def is_available(self):
+        ok, how = _ops.load()
+        if not ok:
+            return False, how
+        if not _ops.has_kernel(self.device_type):
+            return False, f"the extension ({how}) was built without {self.device_type.upper()} kernels"
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            return False, "no CUDA device is visible"
+        return True, f"{how}"
+
+    def supports(self, device, dtype, sizes: LayerSizes):
+        if torch.device(device).type != self.device_type:
+            return False, f"runs on {self.device_type} tensors only, got {device}"
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return False, f"dtype {dtype} is not supported ({names})"
+        return True, "ok"
+
+    def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward(
+            gx, h0, c0, w_hh, w_hr, batch_sizes, bool(reverse), bool(need_grad))
+        return y, h_n, c_n, ((gates, cells, y) if need_grad else ())
+
+    def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+        gates, cells, y = saved
+        d_gx, d_h0, d_c0, d_w_hh, d_w_hr = torch.ops.lstm_fast.lstm_backward(
+            grad_y, grad_hn, grad_cn, gates, cells, y, h0, c0, w_hh, w_hr, batch_sizes, bool(reverse))
+        return d_gx, d_h0, d_c0, d_w_hh, (d_w_hr if w_hr is not None else None)
+
+
+class CppBackend(_CompiledBackend):
+    """C++ time loop on CPU: BLAS GEMM per step + fused vectorised pointwise pass."""
+
+    name = "cpp"
+    device_type = "cpu"
+    dtypes = (torch.float32, torch.float64)
+
+
+class CudaBackend(_CompiledBackend):
+    """Per step a cuBLAS GEMM then one fused kernel; fp32 accumulation and cell state."""
+
+    name = "cuda"
+    device_type = "cuda"
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -1,0 +1,272 @@
+"""The compiled extension's backends (`cpp`, `cuda`) against the reference backend.
+
+Every output (y, h_n, c_n) and every gradient (gx, h0, c0, w_hh, w_hr) with
+upstream gradients on y and on both final states; packed batch_sizes, reverse,
+projection and odd sizes; gradcheck in float64; opcheck of the custom ops
+(schema, fake kernels, torch.compile's AOT dispatch). CUDA tests run only
+where a GPU is visible and compare low precision against cuDNN's own error.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lstm_fast.backends import get_backend
+from lstm_fast.function import input_projection, lstm_recurrence
+
+CPP_OK, CPP_WHY = get_backend("cpp").is_available()
+CUDA_OK, CUDA_WHY = get_backend("cuda").is_available()
+needs_cpp = pytest.mark.skipif(not CPP_OK, reason=f"cpp backend unavailable: {CPP_WHY}")
+needs_cuda = pytest.mark.skipif(not CUDA_OK, reason=f"cuda backend unavailable: {CUDA_WHY}")
+
+# Same algorithm, different summation order (BLAS blocking vs torch ops):
+# float64 agrees to ~1e-15; float32 to a few ulp per step, accumulated over T.
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=2e-6)}
+
+# (T, B, H, P, packed, reverse)
+CASES = [
+    (6, 3, 8, 8, False, False),
+    (6, 3, 8, 8, False, True),
+    (7, 4, 8, 8, True, False),
+    (6, 3, 8, 5, False, False),   # projection
+    (6, 3, 8, 5, False, True),    # projection, reverse
+    (7, 4, 8, 5, True, False),    # projection, packed
+    (1, 3, 8, 8, False, False),   # T=1
+    (5, 1, 8, 8, False, False),   # B=1
+    (5, 3, 1, 1, False, False),   # H=1
+    (5, 5, 33, 33, True, False),  # H=33: vector tail
+    (5, 4, 33, 17, False, True),  # H=33 with projection
+]
+
+
+def batch_sizes_for(T, B, gen):
+    """Non-increasing, starts at B, ends >= 1, with at least one drop when possible."""
+    sizes = torch.randint(1, B + 1, (T,), generator=gen).sort(descending=True).values
+    sizes[0] = B
+    if T > 1 and B > 1:
+        sizes[-1] = 1
+    return sizes.to(torch.int64)
+
+
+def make_inputs(T, B, H, P, packed, dtype, device="cpu", seed=0, requires_grad=True):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+        return t.requires_grad_(requires_grad)
+
+    gx = rnd(T, B, 4 * H)
+    h0, c0 = rnd(B, P), rnd(B, H)
+    w_hh = rnd(4 * H, P, scale=P ** -0.5)
+    w_hr = rnd(P, H, scale=H ** -0.5) if P != H else None
+    bs = batch_sizes_for(T, B, gen) if packed else None
+    return gx, h0, c0, w_hh, w_hr, bs
+
+
+def run(backend, inputs, reverse, seed=1):
+    """Outputs and all gradients under random upstream gradients on y, h_n and c_n."""
+    gx, h0, c0, w_hh, w_hr, bs = inputs
+    y, h_n, c_n = lstm_recurrence(gx, h0, c0, w_hh, w_hr, batch_sizes=bs, reverse=reverse, backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    ups = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype).to(t.device) for t in (y, h_n, c_n)]
+    loss = sum((t * u).sum() for t, u in zip((y, h_n, c_n), ups))
+    leaves = [t for t in (gx, h0, c0, w_hh, w_hr) if t is not None]
+    grads = torch.autograd.grad(loss, leaves)
+    names = ["y", "h_n", "c_n"] + [f"d_{n}" for n, t in zip(("gx", "h0", "c0", "w_hh", "w_hr"),
+                                                           (gx, h0, c0, w_hh, w_hr)) if t is not None]
+    return dict(zip(names, [y, h_n, c_n, *grads]))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("T,B,H,P,packed,reverse", CASES)
+def test_cpp_matches_reference(T, B, H, P, packed, reverse, dtype):
+    inputs = make_inputs(T, B, H, P, packed, dtype)
+    ours, ref = run("cpp", inputs, reverse), run("reference", inputs, reverse)
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert ours[name].dtype == ref[name].dtype and ours[name].shape == ref[name].shape, name
+        torch.testing.assert_close(ours[name], ref[name], **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    if packed:  # padded rows of y are exactly zero, as in the reference
+        bs = inputs[5]
+        for t in range(T):
+            assert torch.count_nonzero(ours["y"][t, int(bs[t]):]).item() == 0
+
+
+@needs_cpp
+def test_cpp_inference_saves_nothing_and_matches():
+    inputs = make_inputs(9, 4, 16, 16, True, torch.float32, requires_grad=False)
+    gx, h0, c0, w_hh, w_hr, bs = inputs
+    with torch.no_grad():
+        ours = lstm_recurrence(gx, h0, c0, w_hh, w_hr, batch_sizes=bs, backend="cpp")
+        ref = lstm_recurrence(gx, h0, c0, w_hh, w_hr, batch_sizes=bs, backend="reference")
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    *_, gates, cells = torch.ops.lstm_fast.lstm_forward(gx, h0, c0, w_hh, None, bs, False, False)
+    assert gates.numel() == 0 and cells.numel() == 0
+
+
+@needs_cpp
+def test_cpp_empty_sequence():
+    gx, h0, c0, w_hh, w_hr, _ = make_inputs(0, 3, 4, 4, False, torch.float64)
+    out = run("cpp", (gx, h0, c0, w_hh, w_hr, None), False)
+    torch.testing.assert_close(out["h_n"], h0.detach())
+    torch.testing.assert_close(out["c_n"], c0.detach())
+    assert out["d_w_hh"].abs().max().item() == 0
+
+
+@needs_cpp
+@pytest.mark.parametrize("P,packed,reverse", [(4, False, False), (4, True, False), (3, False, True), (3, True, False)])
+def test_cpp_gradcheck(P, packed, reverse):
+    gx, h0, c0, w_hh, w_hr, bs = make_inputs(4, 3, 4, P, packed, torch.float64)
+    leaves = tuple(t for t in (gx, h0, c0, w_hh, w_hr) if t is not None)
+
+    def f(*args):
+        a = list(args) + [None] * (5 - len(args))
+        return lstm_recurrence(*a[:5], batch_sizes=bs, reverse=reverse, backend="cpp")
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+@needs_cpp
+def test_cpp_rejects_bad_input():
+    gx, h0, c0, w_hh, _, _ = make_inputs(3, 2, 4, 4, False, torch.float32, requires_grad=False)
+    with pytest.raises(RuntimeError, match="w_hh must be"):
+        torch.ops.lstm_fast.lstm_forward(gx, h0, c0, w_hh[:, :3], None, None, False, False)
+    with pytest.raises(RuntimeError, match="non-increasing"):
+        torch.ops.lstm_fast.lstm_forward(gx, h0, c0, w_hh, None, torch.tensor([1, 2, 2]), False, False)
+    with pytest.raises(RuntimeError, match="float32 and float64 only"):
+        torch.ops.lstm_fast.lstm_forward(gx.half(), h0.half(), c0.half(), w_hh.half(), None, None, False, False)
+
+
+def op_args(T, B, H, P, packed, reverse, dtype, device, need_grad):
+    gx, h0, c0, w_hh, w_hr, bs = make_inputs(T, B, H, P, packed, dtype, device, requires_grad=False)
+    fwd = (gx, h0, c0, w_hh, w_hr, bs, reverse, need_grad)
+    return fwd
+
+
+def check_ops(device, dtype):
+    for T, B, H, P, packed, reverse in [(4, 3, 8, 8, False, False), (5, 3, 8, 5, True, False),
+                                        (4, 2, 8, 5, False, True)]:
+        for need_grad in (False, True):
+            torch.library.opcheck(torch.ops.lstm_fast.lstm_forward.default,
+                                  op_args(T, B, H, P, packed, reverse, dtype, device, need_grad))
+        fwd = op_args(T, B, H, P, packed, reverse, dtype, device, True)
+        gx, h0, c0, w_hh, w_hr, bs, _, _ = fwd
+        y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward(*fwd)
+        bwd = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n), gates, cells, y, h0, c0, w_hh,
+               w_hr, bs, reverse)
+        torch.library.opcheck(torch.ops.lstm_fast.lstm_backward.default, bwd)
+
+
+@needs_cpp
+def test_cpp_opcheck():
+    check_ops("cpu", torch.float32)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+# Whole-layer errors against a float64 reference: ours must stay within 2x
+# cuDNN's own error in the same dtype (plus a few ulp, so a lucky cuDNN value
+# cannot fail the test).
+@pytest.fixture
+def no_tf32():
+    """fp32 GEMMs in full fp32 on both sides of a comparison."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+def layer_errors_vs_fp64(dtype, T, B, I, H, P):
+    """(ours, cudnn) max relative errors per quantity, whole layer incl. input projection."""
+    torch.manual_seed(0)
+    lstm64 = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).double()
+    x64 = torch.randn(T, B, I, dtype=torch.float64)
+    h064, c064 = torch.randn(1, B, P, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64)
+    ups = [torch.randn(T, B, P, dtype=torch.float64), torch.randn(1, B, P, dtype=torch.float64),
+           torch.randn(1, B, H, dtype=torch.float64)]
+    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"] + (["weight_hr_l0"] if P != H else [])
+
+    def ours(dev, dt):
+        p = {n: getattr(lstm64, n).detach().to(dev, dt).requires_grad_() for n in names}
+        x = x64.to(dev, dt).requires_grad_()
+        h0, c0 = h064[0].to(dev, dt).requires_grad_(), c064[0].to(dev, dt).requires_grad_()
+        gx = input_projection(x, p["weight_ih_l0"], p["bias_ih_l0"], p["bias_hh_l0"])
+        backend = "cuda" if dev == "cuda" else "reference"
+        y, h_n, c_n = lstm_recurrence(gx, h0, c0, p["weight_hh_l0"], p.get("weight_hr_l0"), backend=backend)
+        outs = [y, h_n.unsqueeze(0), c_n.unsqueeze(0)]
+        loss = sum((o * u.to(dev, dt)).sum() for o, u in zip(outs, ups))
+        grads = torch.autograd.grad(loss, [x, h0, c0] + [p[n] for n in names])
+        return [o.double().cpu() for o in outs] + [g.double().cpu() for g in grads]
+
+    def cudnn(dt):
+        m = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).to("cuda", dt)
+        m.load_state_dict({k: v.to(dt) for k, v in lstm64.state_dict().items()})
+        x = x64.to("cuda", dt).requires_grad_()
+        h0, c0 = h064.to("cuda", dt).requires_grad_(), c064.to("cuda", dt).requires_grad_()
+        y, (h_n, c_n) = m(x, (h0, c0))
+        outs = [y, h_n, c_n]
+        loss = sum((o * u.to("cuda", dt)).sum() for o, u in zip(outs, ups))
+        grads = torch.autograd.grad(loss, [x, h0, c0] + [getattr(m, n) for n in names])
+        grads = [grads[0], grads[1][0], grads[2][0], *grads[3:]]
+        return [o.double().cpu() for o in outs] + [g.double().cpu() for g in grads]
+
+    ref = ours("cpu", torch.float64)
+
+    def err(vals):
+        return [((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for a, r in zip(vals, ref)]
+
+    return err(ours("cuda", dtype)), err(cudnn(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("P", [64, 48], ids=["noproj", "proj"])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_error_within_2x_cudnn(dtype, P, no_tf32):
+    ours, cud = layer_errors_vs_fp64(dtype, T=20, B=8, I=32, H=64, P=P)
+    names = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_ih", "d_b_hh", "d_w_hr"]
+    for name, e_ours, e_cudnn in zip(names, ours, cud):
+        assert e_ours <= 2 * e_cudnn + 4 * ULP[dtype], f"{name}: ours {e_ours:.2e} vs cuDNN {e_cudnn:.2e}"
+
+
+@pytest.mark.parametrize("T,B,H,P,packed,reverse", CASES)
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fp64_matches_reference(T, B, H, P, packed, reverse):
+    inputs = make_inputs(T, B, H, P, packed, torch.float64, "cuda")
+    ours, ref = run("cuda", inputs, reverse), run("reference", inputs, reverse)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], **TOL[torch.float64], msg=lambda m: f"{name}: {m}")
+
+
+# Packed/reverse/projection in low precision against the float64 reference:
+# half has 11 significant bits, bfloat16 8; errors of a few units in the last
+# place per step, accumulated over T=7 steps and the GEMMs' rounding of inputs.
+LOWP_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=2e-2, atol=2e-2),
+            torch.bfloat16: dict(rtol=1e-1, atol=1e-1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("T,B,H,P,packed,reverse", [c for c in CASES if c[4] or c[5] or c[2] != c[3]])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_low_precision_packed_reverse_proj(T, B, H, P, packed, reverse, dtype, no_tf32):
+    inputs64 = make_inputs(T, B, H, P, packed, torch.float64, "cuda")
+    inputs = tuple(t.detach().to(dtype).requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                   else t for t in inputs64)
+    ours, ref = run("cuda", inputs, reverse), run("reference", inputs64, reverse)
+    for name in ref:
+        assert ours[name].dtype == dtype
+        torch.testing.assert_close(ours[name].double(), ref[name], **LOWP_TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_opcheck(dtype):
+    check_ops("cuda", dtype)
