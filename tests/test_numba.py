@@ -1,0 +1,139 @@
+"""Numba backend against the reference backend (the spec), case by case.
+
+Tolerances, relative to the largest magnitude of the reference tensor:
+- float64: 1e-10. Both sides are exact float64 math that differs only in summation
+  order (BLAS vs our loops); observed differences are ~1e-15.
+- float32: 1e-5. float32 rounding (eps 6e-8) accumulated over T steps and K-long dot
+  products, plus the rational tanh/sigmoid of the float32 kernels (max abs error
+  3.5e-7); observed differences are <= 5e-7.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lstm_fast.backends import get_backend
+from lstm_fast.backends.base import LayerSizes
+from lstm_fast.function import lstm_recurrence
+
+backend = get_backend("numba")
+ok, why = backend.is_available()
+pytestmark = pytest.mark.skipif(not ok, reason=f"numba backend unavailable: {why}")
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def make_inputs(T, B, H, P, dtype, packed=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+    gx = rnd(T, B, 4 * H)
+    h0, c0 = rnd(B, P), rnd(B, H)
+    w_hh = rnd(4 * H, P, scale=P ** -0.5)
+    w_hr = rnd(P, H, scale=H ** -0.5) if P != H else None
+    bs = None
+    if packed:
+        # non-increasing, first step full, last step partial: every row length differs
+        bs = torch.sort(torch.randint(1, B + 1, (T,), generator=g), descending=True).values
+        bs[0] = B
+        bs[-1] = min(bs[-1].item(), max(1, B // 3))
+    return gx, h0, c0, w_hh, w_hr, bs
+
+
+def run(name, inputs, reverse, seed=1):
+    gx, h0, c0, w_hh, w_hr, bs = inputs
+    y, hn, cn = lstm_recurrence(gx, h0, c0, w_hh, w_hr, batch_sizes=bs, reverse=reverse, backend=name)
+    g = torch.Generator().manual_seed(seed)
+    ups = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (y, hn, cn)]
+    loss = sum((t * u).sum() for t, u in zip((y, hn, cn), ups))
+    params = [t for t in (gx, h0, c0, w_hh, w_hr) if t is not None]
+    grads = torch.autograd.grad(loss, params)
+    return [y, hn, cn, *grads]
+
+
+NAMES = ["y", "h_n", "c_n", "d_gx", "d_h0", "d_c0", "d_w_hh", "d_w_hr"]
+
+CASES = [
+    # T, B, H, P, packed, reverse
+    (5, 3, 8, 8, False, False),     # own small-batch product
+    (5, 3, 8, 8, False, True),
+    (6, 12, 16, 16, False, False),  # BLAS product (B > 8)
+    (6, 12, 16, 16, False, True),
+    (9, 12, 16, 16, True, False),   # packed: steps on both sides of the BLAS threshold
+    (9, 12, 16, 5, True, False),    # packed + projection
+    (4, 10, 12, 7, False, True),    # projection, reverse
+    (3, 2, 6, 3, False, False),     # projection, small batch
+    (1, 4, 8, 8, False, False),     # T = 1
+    (6, 1, 8, 8, False, False),     # B = 1
+    (6, 3, 1, 1, False, True),      # H = 1
+    (5, 9, 33, 33, True, False),    # H = 33 (odd, not a multiple of the unroll)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("T,B,H,P,packed,reverse", CASES)
+def test_matches_reference(T, B, H, P, packed, reverse, dtype):
+    inputs = make_inputs(T, B, H, P, dtype, packed)
+    ours = run("numba", inputs, reverse)
+    ref = run("reference", inputs, reverse)
+    for name, a, b in zip(NAMES, ours, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        scale = b.abs().max().item() or 1.0
+        err = (a - b).abs().max().item() / scale
+        assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("proj,packed,reverse", [(False, False, False), (True, False, True), (True, True, False)])
+def test_gradcheck_float64(proj, packed, reverse):
+    gx, h0, c0, w_hh, w_hr, bs = make_inputs(4, 5, 3, 2 if proj else 3, torch.float64, packed, seed=3)
+
+    def f(gx, h0, c0, w_hh, *w_hr):
+        return lstm_recurrence(gx, h0, c0, w_hh, w_hr[0] if w_hr else None,
+                               batch_sizes=bs, reverse=reverse, backend="numba")
+
+    args = (gx, h0, c0, w_hh) + ((w_hr,) if proj else ())
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_inference_saves_nothing():
+    gx, h0, c0, w_hh, w_hr, _ = make_inputs(3, 4, 8, 8, torch.float32)
+    y, hn, cn, saved = backend.forward(gx.detach(), h0.detach(), c0.detach(), w_hh.detach(), None, None, False, False)
+    assert saved == ()
+    _, _, _, saved = backend.forward(gx.detach(), h0.detach(), c0.detach(), w_hh.detach(), None, None, False, True)
+    assert [tuple(s.shape) for s in saved] == [(3, 4, 32), (3, 4, 8), (3, 4, 8)]
+
+
+def test_supports():
+    sizes = LayerSizes(T=2, B=2, H=4, P=4)
+    assert backend.supports(torch.device("cpu"), torch.float32, sizes)[0]
+    assert backend.supports(torch.device("cpu"), torch.float64, sizes)[0]
+    for device, dtype in [("cuda", torch.float32), ("cpu", torch.float16), ("cpu", torch.bfloat16)]:
+        ok, why = backend.supports(torch.device(device), dtype, sizes)
+        assert not ok and why
+
+
+def test_threads_respected():
+    from lstm_fast.backends import numba_cpu as m
+
+    before = torch.get_num_threads()
+    inputs = make_inputs(5, 16, 16, 16, torch.float32)
+    blas_before = m._blas_threads[0]() if m._blas_threads else None
+    run("numba", inputs, False)
+    assert torch.get_num_threads() == before
+    if m._blas_threads:
+        assert m._blas_threads[0]() == blas_before  # OpenBLAS count restored after the loop
+    # no parallel=True anywhere: numba's thread pool must never have been started
+    import numba.np.ufunc.parallel as par
+    assert not par._is_initialized
+
+
+def test_import_is_cheap():
+    code = ("import sys, lstm_fast.backends.numba_cpu as m; "
+            "assert 'numba' not in sys.modules, 'numba imported at module import'")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
