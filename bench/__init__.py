@@ -1,0 +1,1 @@
+"""Benchmark suite of lstm_fast against torch.nn.LSTM: `python -m bench --help`, bench/README.md."""

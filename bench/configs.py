@@ -1,0 +1,180 @@
+"""The benchmark matrix: shapes, named sets, spec strings and FLOP counts.
+
+A Shape is one nn.LSTM configuration plus the input size (B, T). The matrix
+is Shape x dtype x mode; a Shape may restrict its modes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODES = ("inference", "training")
+# "tf32" is fp32 tensors with TF32 math allowed for both sides (GPU only);
+# "fp32" on a GPU means TF32 off for both sides.
+DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp64")
+
+
+@dataclass(frozen=True)
+class Shape:
+    T: int
+    B: int
+    I: int  # noqa: E741
+    H: int
+    L: int = 1
+    bidir: bool = False
+    proj: int = 0
+    modes: tuple = MODES
+    tags: tuple = field(default=(), compare=False)
+
+    @property
+    def name(self) -> str:
+        s = f"T{self.T} B{self.B} I{self.I} H{self.H}"
+        if self.L != 1:
+            s += f" L{self.L}"
+        if self.bidir:
+            s += " bi"
+        if self.proj:
+            s += f" P{self.proj}"
+        return s
+
+    @property
+    def family(self) -> str:
+        """The shape without its sizes I and H: points of one hidden-size sweep share it."""
+        return f"T{self.T} B{self.B} L{self.L}{' bi' if self.bidir else ''}{' proj' if self.proj else ''}"
+
+
+def S(T, B, H, I=None, L=1, bidir=False, proj=0, modes=MODES, tags=()):  # noqa: E741
+    return Shape(T=T, B=B, I=H if I is None else I, H=H, L=L, bidir=bidir, proj=proj,
+                 modes=tuple(modes), tags=tuple(tags))
+
+
+# The configurations the project's speed claims are made on (CPU).
+REFERENCE_CPU = [
+    S(100, 32, 256, tags=("reference",)),
+    S(200, 8, 128, modes=("training",), tags=("reference",)),
+    S(100, 1, 128, tags=("reference",)),
+]
+# Hidden-size sweep for the plot; T and B small enough for the 3-minute quick run on 2 cores.
+SWEEP_CPU = [S(50, 16, h, tags=("sweep",)) for h in (64, 128, 256, 512)]
+STACKED_CPU = [S(50, 16, 128, L=2, bidir=True)]
+EXTRA_CPU = [
+    S(100, 32, 1024, tags=("sweep-large",)),
+    S(100, 64, 256),
+    S(100, 32, 256, L=2),
+    S(100, 32, 512, proj=128),
+    S(400, 4, 64),
+]
+
+# GPU: the sweep at B=64 with H and I multiples of 128 also hits cuDNN's
+# persistent fp16 fast path (one layer, one direction, B multiple of 8 <= 128).
+SWEEP_GPU = [S(256, 64, h, tags=("sweep",)) for h in (128, 256, 512, 1024, 2048)]
+LATENCY_GPU = [S(1024, 1, 256), S(512, 8, 512)]
+THROUGHPUT_GPU = [S(128, 256, 1024)]
+STACKED_GPU = [S(256, 64, 512, L=4), S(256, 64, 512, L=2, bidir=True), S(256, 64, 1024, proj=256)]
+
+NAMED = {
+    "reference": REFERENCE_CPU,
+    "sweep": SWEEP_CPU,
+    "stacked": STACKED_CPU,
+    "extra": EXTRA_CPU,
+    "quick-cpu": REFERENCE_CPU + SWEEP_CPU + STACKED_CPU,
+    "full-cpu": REFERENCE_CPU + SWEEP_CPU + STACKED_CPU + EXTRA_CPU,
+    "sweep-gpu": SWEEP_GPU,
+    "quick-gpu": [SWEEP_GPU[1], SWEEP_GPU[3], LATENCY_GPU[0], STACKED_GPU[1]],
+    "full-gpu": SWEEP_GPU + LATENCY_GPU + THROUGHPUT_GPU + STACKED_GPU,
+    "tiny": [S(8, 4, 32), S(8, 4, 32, L=2, bidir=True)],  # smoke tests of the harness itself
+}
+
+
+def default_set(device: str, quick: bool) -> str:
+    return f"{'quick' if quick else 'full'}-{'gpu' if device == 'cuda' else 'cpu'}"
+
+
+def default_dtypes(device: str, quick: bool) -> list[str]:
+    if device == "cuda":
+        return ["fp32", "fp16"] if quick else ["tf32", "fp32", "fp16", "bf16"]
+    return ["fp32"]
+
+
+_KEYS = {"t": "T", "b": "B", "i": "I", "h": "H", "l": "L", "layers": "L", "num_layers": "L",
+         "bi": "bidir", "bidir": "bidir", "bidirectional": "bidir", "p": "proj", "proj": "proj",
+         "proj_size": "proj", "modes": "modes", "mode": "modes"}
+
+
+def parse_spec(spec: str) -> list[Shape]:
+    """'T=100,B=32,H=256[,I=..,L=2,bi=1,proj=64,modes=training]' items separated by ';'.
+
+    I defaults to H; modes is '+'-separated (training+inference).
+    """
+    shapes = []
+    for item in spec.split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        kw = {}
+        for part in item.split(","):
+            if "=" not in part:
+                raise ValueError(f"bad config item {part!r} in {item!r}: want key=value")
+            k, v = (s.strip() for s in part.split("=", 1))
+            key = _KEYS.get(k.lower())
+            if key is None:
+                raise ValueError(f"unknown config key {k!r}; known: {', '.join(sorted(set(_KEYS)))}")
+            if key == "modes":
+                modes = tuple(m for m in v.split("+") if m)
+                bad = [m for m in modes if m not in MODES]
+                if bad:
+                    raise ValueError(f"unknown mode(s) {bad}; choose from {MODES}")
+                kw[key] = modes
+            elif key == "bidir":
+                kw[key] = v.lower() in ("1", "true", "yes", "y")
+            else:
+                kw[key] = int(v)
+        missing = {"T", "B", "H"} - set(kw)
+        if missing:
+            raise ValueError(f"config {item!r} lacks {', '.join(sorted(missing))}")
+        shapes.append(S(**kw))
+    return shapes
+
+
+def resolve_configs(arg: str | None, device: str, quick: bool) -> list[Shape]:
+    """Named sets (joined by ',' or '+') and/or spec strings, separated by spaces."""
+    if not arg:
+        arg = default_set(device, quick)
+    shapes: list[Shape] = []
+    for token in arg.split():
+        if "=" in token:
+            shapes += parse_spec(token)
+            continue
+        for name in token.replace("+", ",").split(","):
+            if not name:
+                continue
+            if name not in NAMED:
+                raise ValueError(f"unknown config set {name!r}; named sets: {', '.join(NAMED)} "
+                                 f"(or a spec like 'T=100,B=32,H=256;T=50,B=1,H=128')")
+            shapes += NAMED[name]
+    seen, unique = set(), []
+    for s in shapes:
+        if s not in seen:
+            seen.add(s)
+            unique.append(s)
+    return unique
+
+
+def lstm_flops(shape: Shape, mode: str) -> float:
+    """Matmul FLOPs of one call of the whole module (input projections included).
+
+    Per layer-direction forward: 8*B*T*H*(I_l + P) for the input and recurrent
+    GEMMs (P = proj or H), plus 2*B*T*H*P for the projection; I_l is the
+    layer's input width (I, then P * directions). Training (forward +
+    backward) counts 3x forward: backward does two GEMMs per forward GEMM.
+    Elementwise gate math is not counted.
+    """
+    P = shape.proj or shape.H
+    D = 2 if shape.bidir else 1
+    total = 0
+    for layer in range(shape.L):
+        width = shape.I if layer == 0 else P * D
+        per = 8 * shape.B * shape.T * shape.H * (width + P)
+        if shape.proj:
+            per += 2 * shape.B * shape.T * shape.H * P
+        total += D * per
+    return float(total * (3 if mode == "training" else 1))
