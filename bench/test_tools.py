@@ -1,0 +1,112 @@
+"""Unit tests of the benchmark harness itself (fast): pytest bench --benchmark-skip."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bench import configs as cfg
+from bench import readme_perf
+from bench import report as rep
+
+
+def test_spec_parsing():
+    shapes = cfg.parse_spec("T=100,B=32,H=256,modes=training;t=5,b=1,h=64,i=32,L=2,bi=1,proj=16")
+    assert shapes[0] == cfg.S(100, 32, 256, modes=("training",))
+    assert shapes[1] == cfg.Shape(T=5, B=1, I=32, H=64, L=2, bidir=True, proj=16)
+    assert shapes[1].name == "T5 B1 I32 H64 L2 bi P16"
+    with pytest.raises(ValueError):
+        cfg.parse_spec("T=1,B=1")
+    with pytest.raises(ValueError):
+        cfg.parse_spec("T=1,B=1,H=4,foo=3")
+
+
+def test_named_sets_and_reference_configs():
+    quick = cfg.resolve_configs(None, "cpu", quick=True)
+    names = {(s.name, m) for s in quick for m in s.modes}
+    for want in [("T100 B32 I256 H256", "training"), ("T100 B32 I256 H256", "inference"),
+                 ("T200 B8 I128 H128", "training"), ("T100 B1 I128 H128", "inference")]:
+        assert want in names
+    both = cfg.resolve_configs("reference,sweep T=3,B=2,H=8", "cpu", quick=True)
+    assert len(both) == len(cfg.REFERENCE_CPU) + len(cfg.SWEEP_CPU) + 1
+    with pytest.raises(ValueError):
+        cfg.resolve_configs("nonsense", "cpu", quick=True)
+
+
+def test_flops():
+    s = cfg.S(100, 32, 256)
+    assert cfg.lstm_flops(s, "inference") == 8 * 32 * 100 * 256 * 512
+    assert cfg.lstm_flops(s, "training") == 3 * 8 * 32 * 100 * 256 * 512
+    # 2 layers, bidirectional, projection 16: layer 1 reads 2*16 features
+    s = cfg.Shape(T=5, B=2, I=8, H=32, L=2, bidir=True, proj=16)
+    l0 = 8 * 2 * 5 * 32 * (8 + 16) + 2 * 2 * 5 * 32 * 16
+    l1 = 8 * 2 * 5 * 32 * (32 + 16) + 2 * 2 * 5 * 32 * 16
+    assert cfg.lstm_flops(s, "inference") == 2 * (l0 + l1)
+
+
+def _row(backend, ms, spread, speedup=None, config="T1 B1 I1 H1"):
+    return {"config": config, "dtype": "fp32", "mode": "training", "backend": backend, "status": "ok",
+            "median_ms": ms, "min_ms": ms * (1 - spread), "max_ms": ms * (1 + spread), "speedup": speedup,
+            "H": 1, "family": "f", "tags": []}
+
+
+def _report(rows, machine="m"):
+    return {"machine": {"machine": machine, "timestamp": "t", "device": "cpu"}, "run": {"command": "x"},
+            "backends": {"numba": {"timed": True, "note": ""}}, "rows": rows}
+
+
+def test_compare_flags_only_changes_beyond_noise():
+    old = _report([_row("torch", 10, 0.02, 1.0), _row("numba", 5, 0.02, 2.0)])
+    same = _report([_row("torch", 12, 0.02, 1.0), _row("numba", 6.1, 0.02, 12 / 6.1)])
+    worse = _report([_row("torch", 10, 0.02, 1.0), _row("numba", 8, 0.02, 1.25)])
+    noisy = _report([_row("torch", 10, 0.5, 1.0), _row("numba", 8, 0.5, 1.25)])
+    assert rep.compare(old, same)[1] == 0
+    assert rep.compare(old, worse)[1] == 1
+    assert rep.compare(old, noisy)[1] == 0  # the spread says the change is noise
+
+
+def test_markdown_and_readme_section(tmp_path):
+    r = _report([_row("torch", 10, 0.1, 1.0), _row("numba", 5, 0.1, 2.0),
+                 dict(_row("numba", 5, 0.1), config="T2 B1 I1 H1", status="unsupported", reason="H too big")])
+    r["machine"].update(git={"commit": "abc", "dirty": False})
+    r["run"]["wall_s"] = 1.0
+    md = rep.markdown(r)
+    assert "2.00x" in md and "H too big" in md
+    d = tmp_path / "reports" / "cpu-test"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(r))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- perf:start -->\nold\n<!-- perf:end -->\ntail\n")
+    args = ["--readme", str(readme), "--reports", str(tmp_path / "reports")]
+    assert readme_perf.main(args + ["--check"]) == 1
+    assert readme_perf.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("tail\n") and "**2.00x**" in text
+    assert "reports/cpu-test/results.md" in text
+    assert readme_perf.main(args + ["--check"]) == 0
+
+
+def test_run_end_to_end_never_crashes_on_a_failing_backend(tmp_path, monkeypatch):
+    """A tiny real run; a backend that raises gets a row with the reason, the rest completes."""
+    from bench import cli, measure
+
+    real = measure.make_module
+
+    def flaky(name, base):
+        if name == "reference" and base.num_layers == 2:
+            raise NotImplementedError("reference refuses 2 layers (test)")
+        return real(name, base)
+    monkeypatch.setattr(measure, "make_module", flaky)
+    out = tmp_path / "out"
+    rc = cli.main(["--configs", "tiny", "--backends", "reference", "--repeats", "2", "--no-memory",
+                   "--no-progress", "--out", str(out)])
+    assert rc == 0
+    for f in ("results.json", "results.csv", "results.md"):
+        assert os.path.exists(out / f)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["backend"] for r in rows} == {"torch", "reference"}
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert bad and all(r["status"] == "unsupported" and r["L"] == 2 and r["backend"] == "reference" for r in bad)
+    good = [r for r in rows if r["status"] == "ok" and r["backend"] == "reference"]
+    assert good and all(r["speedup"] > 0 and r["max_rel_err"] < 1e-4 for r in good)
