@@ -59,23 +59,37 @@ def extension_modules():
             os.environ["TORCH_CUDA_ARCH_LIST"] = cfg.DEFAULT_CUDA_ARCH_LIST
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
 
-    extra = {"cxx": cfg.cxx_flags()}
     include_dirs = [os.path.join(ROOT, csrc)]
+
+    def cpu_extension():
+        return cpp_extension.CppExtension("lstm_fast._C", cpp_sources, include_dirs=include_dirs,
+                                          extra_compile_args={"cxx": cfg.cxx_flags()})
+
     if with_cuda:
-        extra["nvcc"] = cfg.nvcc_flags()
-        ext = cpp_extension.CUDAExtension("lstm_fast._C", cpp_sources + cuda_sources,
-                                          include_dirs=include_dirs, extra_compile_args=extra)
+        ext = cpp_extension.CUDAExtension("lstm_fast._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+                                          extra_compile_args={"cxx": cfg.cxx_flags(), "nvcc": cfg.nvcc_flags()})
     else:
-        ext = cpp_extension.CppExtension("lstm_fast._C", cpp_sources,
-                                         include_dirs=include_dirs, extra_compile_args=extra)
+        ext = cpu_extension()
 
     class TolerantBuildExt(cpp_extension.BuildExtension):
-        """A failed extension build leaves a pure-Python package that still imports."""
+        """A failed CUDA build falls back to the CPU-only extension; a failed CPU
+        build leaves a pure-Python package that still imports."""
 
         def run(self):
             try:
                 super().run()
+                return
             except Exception as exc:  # noqa: BLE001 - report and continue
+                if not with_cuda:
+                    print(f"lstm_fast: WARNING: compiled extension not built ({exc}); "
+                          "the cpp backend will be unavailable", file=sys.stderr)
+                    return
+                print(f"lstm_fast: WARNING: CUDA build failed ({exc}); building the CPU part only",
+                      file=sys.stderr)
+            self.extensions = [cpu_extension()]
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001
                 print(f"lstm_fast: WARNING: compiled extension not built ({exc}); "
                       "the cpp/cuda backends will be unavailable", file=sys.stderr)
 
