@@ -1,0 +1,308 @@
+"""The `triton` backend against the reference backend and cuDNN.
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter
+(TRITON_INTERPRET=1, set before triton is imported): float32 on small shapes,
+both kernel paths (step, sequence) forced in turn, forward and every gradient
+(gx, h0, c0, w_hh, w_hr), packed and reverse. The interpreter is slow, so T
+and H stay tiny.
+
+On a GPU (tests marked `gpu`): float32 (tf32 and ieee), float16 and bfloat16
+against a float64 reference, allowed twice cuDNN's own error in that dtype.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+from lstm_fast.backends import get_backend  # noqa: E402
+from lstm_fast.backends.base import LayerSizes  # noqa: E402
+from lstm_fast.function import lstm_layer, lstm_recurrence  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu") if INTERP else torch.device("cuda")
+TOL32 = dict(rtol=2e-5, atol=2e-5)  # fp32, T <= 5: independent orders of summation land ~1e-6 apart
+
+
+@pytest.fixture
+def triton_backend():
+    b = get_backend("triton")
+    ok, why = b.is_available()
+    if not ok:
+        pytest.skip(f"triton backend unavailable: {why}")
+    saved = (b.path, b.fp32_precision)
+    yield b
+    b.path, b.fp32_precision = saved
+
+
+def _inputs(T, B, H, P, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    leaves = {"gx": r(T, B, 4 * H), "h0": r(B, P), "c0": r(B, H), "w_hh": r(4 * H, P, scale=0.4)}
+    if P != H:
+        leaves["w_hr"] = r(P, H, scale=0.4)
+    return {k: v.requires_grad_() for k, v in leaves.items()}
+
+
+def _batch_sizes(T, B, seed):
+    """Non-increasing batch_sizes with the first row full length and varied lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
+    lengths[0] = T
+    return torch.tensor([sum(l > t for l in lengths) for t in range(T)], dtype=torch.int64)
+
+
+def _run(backend, leaves, batch_sizes, reverse, upstream_seed=1):
+    y, h, c = lstm_recurrence(leaves["gx"], leaves["h0"], leaves["c0"], leaves["w_hh"], leaves.get("w_hr"),
+                              batch_sizes=batch_sizes, reverse=reverse, backend=backend)
+    g = torch.Generator().manual_seed(upstream_seed)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t)).sum() for t in (y, h, c))
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return {"y": y, "h_n": h, "c_n": c, **{f"d_{k}": v for k, v in zip(leaves, grads)}}
+
+
+# (id, T, B, H, P, packed, reverse): B=1, T=1, H not a multiple of 16/32, packed, reverse.
+CASES = [
+    ("B1_H5", 3, 1, 5, 5, False, False),
+    ("T1_H16", 1, 3, 16, 16, False, False),
+    ("H33", 3, 2, 33, 33, False, False),
+    ("reverse_H16", 4, 3, 16, 16, False, True),
+    ("packed_H5", 5, 5, 5, 5, True, False),
+    ("packed_H33", 4, 4, 33, 33, True, False),
+    ("B17_H5", 2, 17, 5, 5, False, False),  # two batch tiles of 16
+]
+PROJ_CASES = [  # projection: step path only
+    ("proj_H9_P5", 3, 3, 9, 5, False, False),
+    ("proj_packed", 4, 4, 9, 5, True, False),
+    ("proj_reverse_B1", 3, 1, 33, 17, False, True),
+]
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+@pytest.mark.parametrize("path", ["step", "sequence"])
+@pytest.mark.parametrize("name,T,B,H,P,packed,reverse", CASES + PROJ_CASES, ids=[c[0] for c in CASES + PROJ_CASES])
+def test_interpreter_matches_reference(triton_backend, path, name, T, B, H, P, packed, reverse):
+    triton_backend.path = path
+    sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
+    ok, why = triton_backend.supports(DEVICE, torch.float32, sizes)
+    if P != H and path == "sequence":
+        assert not ok and "projection" in why
+        with pytest.raises(RuntimeError, match="projection"):
+            lstm_recurrence(*_inputs(T, B, H, P, torch.float32, DEVICE).values(), backend="triton")
+        return
+    assert ok, why
+    bs = _batch_sizes(T, B, seed=T * 100 + B) if packed else None
+    leaves = _inputs(T, B, H, P, torch.float32, DEVICE)
+    ref = _run("reference", leaves, bs, reverse)
+    ours = _run("triton", leaves, bs, reverse)
+    assert set(ours) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], **TOL32, msg=lambda m, k=k: f"{name}/{path} {k}: {m}")
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+@pytest.mark.parametrize("path", ["step", "sequence"])
+@pytest.mark.parametrize("packed,reverse", [(False, False), (True, False), (False, True)])
+def test_interpreter_inference(triton_backend, path, packed, reverse):
+    """No grad: nothing saved, the step path ping-pongs the cell state."""
+    triton_backend.path = path
+    T, B, H = 5, 4, 7
+    bs = _batch_sizes(T, B, seed=3) if packed else None
+    leaves = {k: v.detach() for k, v in _inputs(T, B, H, H, torch.float32, DEVICE).items()}
+    with torch.no_grad():
+        ref = lstm_recurrence(*leaves.values(), batch_sizes=bs, reverse=reverse, backend="reference")
+        ours = lstm_recurrence(*leaves.values(), batch_sizes=bs, reverse=reverse, backend="triton")
+    for name, a, b in zip(("y", "h_n", "c_n"), ours, ref):
+        torch.testing.assert_close(a, b, **TOL32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+def test_interpreter_module(triton_backend):
+    """lstm_fast.LSTM(backend='triton') runs here: 2 layers, bidirectional, one packed batch."""
+    import lstm_fast
+    from torch.nn.utils.rnn import pack_sequence
+
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True)
+    ours = lstm_fast.LSTM.from_torch(ref, backend="triton")
+    seqs = [torch.randn(n, 4) for n in (4, 3, 1)]
+    out_r, (h_r, c_r) = ref(pack_sequence(seqs))
+    out_o, (h_o, c_o) = ours(pack_sequence(seqs))
+    for a, b in ((out_o.data, out_r.data), (h_o, h_r), (c_o, c_r)):
+        torch.testing.assert_close(a, b, **TOL32)
+    g = torch.randn_like(out_r.data)
+    grads_r = torch.autograd.grad((out_r.data * g).sum() + h_r.sum() + c_r.sum(), list(ref.parameters()))
+    grads_o = torch.autograd.grad((out_o.data * g).sum() + h_o.sum() + c_o.sum(), list(ours.parameters()))
+    for (name, _), a, b in zip(ref.named_parameters(), grads_o, grads_r):
+        torch.testing.assert_close(a, b, **TOL32, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def test_dispatch_and_limits(triton_backend):
+    from lstm_fast.backends.triton_gpu import SEQ_MAX_H
+
+    b = triton_backend
+    small = LayerSizes(T=3, B=2, H=SEQ_MAX_H, P=SEQ_MAX_H)
+    big = LayerSizes(T=3, B=2, H=SEQ_MAX_H + 1, P=SEQ_MAX_H + 1)
+    proj = LayerSizes(T=3, B=2, H=8, P=4)
+    b.path = "auto"
+    assert b.use_sequence(small) and not b.use_sequence(big) and not b.use_sequence(proj)
+    assert b.supports(DEVICE, torch.float32, big)[0]
+    b.path = "step"
+    assert not b.use_sequence(small)
+    b.path = "sequence"
+    ok, why = b.supports(DEVICE, torch.float32, big)
+    assert not ok and f"H <= {SEQ_MAX_H}" in why
+    b.path = "auto"
+    assert not b.supports(DEVICE, torch.float64, small)[0]
+    other = torch.device("cuda") if INTERP else torch.device("cpu")
+    ok, why = b.supports(other, torch.float32, small)
+    assert not ok and why
+    b.path = "bogus"
+    with pytest.raises(ValueError, match="path"):
+        b.supports(DEVICE, torch.float32, small)
+
+
+def test_fp32_precision_choice(triton_backend):
+    b = triton_backend
+    for choice in ("ieee", "tf32", "tf32x3"):
+        b.fp32_precision = choice
+        assert b.dot_precision(torch.float32) == choice
+    assert b.dot_precision(torch.float16) == "ieee"  # 16-bit operands: flag does not apply
+    b.fp32_precision = None  # follow torch's switch
+    assert b.dot_precision(torch.float32) in ("ieee", "tf32")
+    b.fp32_precision = "fast"
+    ok, why = b.supports(DEVICE, torch.float32, LayerSizes(T=1, B=1, H=4, P=4))
+    assert not ok and "fp32_precision" in why
+
+
+# --------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not HAS_CUDA or INTERP, reason="needs a CUDA device (and TRITON_INTERPRET unset)")
+
+
+def _lstm_grads(fn, x, h0, c0, params, upstream):
+    """Outputs and gradients (x, h0, c0, each param) of one call, as float64."""
+    x, h0, c0 = (t.detach().requires_grad_() for t in (x, h0, c0))
+    params = [p.detach().requires_grad_() for p in params]
+    y, (h, c) = fn(x, h0, c0, params)
+    loss = sum((t.double() * u).sum() for t, u in zip((y, h, c), upstream))
+    grads = torch.autograd.grad(loss, [x, h0, c0] + params)
+    return [t.detach().double() for t in (y, h, c, *grads)]
+
+
+def _cudnn(x, h0, c0, params):
+    """torch.nn.LSTM's own kernel call (cuDNN on CUDA) for one layer, one direction."""
+    y, h, c = torch._VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), params, True, 1, 0.0, True, False, False)
+    return y, (h[0], c[0])
+
+
+def _ours(x, h0, c0, params):
+    w_ih, w_hh, b_ih, b_hh, *rest = params
+    return lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, rest[0] if rest else None, backend="triton")
+
+
+GPU_NAMES = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_ih", "d_b_hh", "d_w_hr"]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
+                                             (torch.float16, None), (torch.bfloat16, None)],
+                         ids=["fp32-ieee", "fp32-tf32", "fp16", "bf16"])
+@pytest.mark.parametrize("path,H,P", [("sequence", 64, 64), ("step", 64, 64), ("step", 256, 256),
+                                      ("step", 200, 200), ("step", 128, 48)],
+                         ids=["seq-H64", "step-H64", "step-H256", "step-H200", "step-proj"])
+def test_gpu_vs_cudnn_error(triton_backend, dtype, precision, path, H, P):
+    """Our distance from a float64 reference <= 2x cuDNN's in the same dtype and
+    TF32 setting, for every output and gradient (plus one ulp of the result's
+    scale, so an exactly-rounded cuDNN value does not demand the impossible)."""
+    triton_backend.path = path
+    triton_backend.fp32_precision = precision
+    T, B, I = 24, 10, 96
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dev)
+
+    k = H ** -0.5
+    params64 = [r(4 * H, I, scale=k), r(4 * H, P, scale=k), r(4 * H, scale=k), r(4 * H, scale=k)]
+    if P != H:
+        params64.append(r(P, H, scale=k))
+    x64, h064, c064 = r(T, B, I), r(B, P), r(B, H)
+    upstream = [r(T, B, P), r(B, P), r(B, H)]
+
+    legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    tf32 = precision == "tf32"
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        truth = _lstm_grads(_cudnn, x64, h064, c064, params64, upstream)
+        low = [t.to(dtype) for t in (x64, h064, c064)]
+        lowp = [p.to(dtype) for p in params64]
+        theirs = _lstm_grads(_cudnn, *low, lowp, upstream)
+        ours = _lstm_grads(_ours, *low, lowp, upstream)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy
+    eps = torch.finfo(dtype).eps
+    for name, t, a, b in zip(GPU_NAMES, truth, ours, theirs):
+        err_ours = (a - t).abs().max().item()
+        err_cudnn = (b - t).abs().max().item()
+        bound = 2 * err_cudnn + eps * t.abs().max().item()
+        assert err_ours <= bound, f"{name}: ours {err_ours:.3e} > 2 x cuDNN {err_cudnn:.3e} (+1 ulp)"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["step", "sequence"])
+@pytest.mark.parametrize("packed,reverse", [(False, False), (True, False), (False, True)])
+def test_gpu_fp32_ieee_matches_reference(triton_backend, path, packed, reverse):
+    """Same check as the interpreter tests, on the GPU with exact fp32 dots."""
+    triton_backend.path = path
+    triton_backend.fp32_precision = "ieee"
+    legacy = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        T, B, H = 7, 19, 33
+        bs = _batch_sizes(T, B, seed=11) if packed else None
+        leaves = _inputs(T, B, H, H, torch.float32, DEVICE)
+        ref = _run("reference", leaves, bs, reverse)
+        ours = _run("triton", leaves, bs, reverse)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = legacy
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], **TOL32, msg=lambda m, k=k: f"{path} {k}: {m}")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["step", "sequence"])
+def test_gpu_no_recompile_for_new_T_or_B(triton_backend, path):
+    """T and B are runtime values: new T and B (same power-of-two bucket of B)
+    reuse the compiled kernels."""
+    triton_backend.path = path
+    step_k, seq_k = triton_backend._kernels()
+    kernels = ([step_k.lstm_fwd_step_kernel, step_k.lstm_bwd_step_kernel] if path == "step"
+               else [seq_k.lstm_fwd_seq_kernel, seq_k.lstm_bwd_seq_kernel])
+
+    def n_compiled():
+        try:
+            return sum(len(c[0]) for k in kernels for c in k.fn.device_caches.values())
+        except AttributeError:
+            pytest.skip("this triton version keeps no device_caches to count")
+
+    def call(T, B):
+        leaves = _inputs(T, B, 32, 32, torch.float16, DEVICE)
+        _run("triton", leaves, None, False)
+
+    call(5, 9)
+    before = n_compiled()
+    call(11, 13)
+    call(3, 16)
+    torch.cuda.synchronize()
+    assert n_compiled() == before
