@@ -1,4 +1,4 @@
-"""Progress on stderr: tqdm when installed, else a plain counter (one line per step off a terminal)."""
+"""Progress on stderr: tqdm on a terminal when installed, else a plain counter (one line per step off a terminal)."""
 from __future__ import annotations
 
 import sys
@@ -10,7 +10,7 @@ class Progress:
         self.total, self.done, self.enabled = total, 0, enabled
         self.t0 = time.time()
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():  # off a terminal (CI logs) one plain line per step reads better
             try:
                 from tqdm import tqdm
                 self.bar = tqdm(total=total, file=sys.stderr, unit="cfg", dynamic_ncols=True,

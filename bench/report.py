@@ -156,6 +156,32 @@ def overview_md(report) -> str:
     return "\n".join(out)
 
 
+def summary_md(report) -> str:
+    """Per (mode, dtype) and backend: geometric-mean, min and max speedup, and what did not run."""
+    import math
+    rows = report["rows"]
+    out = ["| mode | dtype | backend | configs timed | geomean speedup | min | max | not run |",
+           "|---|---|---|---|---|---|---|---|"]
+    for mode, dtype in sections(rows):
+        sub = [r for r in rows if (r["mode"], r["dtype"]) == (mode, dtype) and r["backend"] != BASELINE]
+        for name in dict.fromkeys(r["backend"] for r in sub):
+            mine = [r for r in sub if r["backend"] == name]
+            sp = [r["speedup"] for r in mine if r["status"] == "ok" and r.get("speedup")]
+            bad = {}
+            for r in mine:
+                if r["status"] != "ok":
+                    bad[r["status"]] = bad.get(r["status"], 0) + 1
+            flagged = sum(1 for r in mine if r.get("err_flag"))
+            notrun = ", ".join(f"{v} {k}" for k, v in bad.items()) + (f"; {flagged} ⚠ check" if flagged else "")
+            if sp:
+                g = math.exp(sum(math.log(v) for v in sp) / len(sp))
+                out.append(f"| {mode} | {dtype} | {name} | {len(sp)} | {g:.2f}x | {min(sp):.2f}x | {max(sp):.2f}x "
+                           f"| {notrun} |")
+            else:
+                out.append(f"| {mode} | {dtype} | {name} | 0 | – | – | – | {notrun} |")
+    return "\n".join(out)
+
+
 NOTES_MD = """
 ## How these numbers are made
 - One process, one configuration at a time: the baseline and every backend get the same
@@ -175,7 +201,8 @@ NOTES_MD = """
 
 
 def markdown(report) -> str:
-    return "\n".join([header_md(report), detail_md(report), NOTES_MD, overview_md(report).lstrip("\n"), ""])
+    return "\n".join([header_md(report), "", "## Summary", "", summary_md(report), detail_md(report), NOTES_MD,
+                      overview_md(report).lstrip("\n"), ""])
 
 
 def plot(report, path) -> str | None:
