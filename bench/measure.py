@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .configs import Shape, lstm_flops
+from .configs import Shape, cudnn_persistent, lstm_flops
 from .machine import TORCH_DTYPES, tf32
 
 BASELINE = "torch"
@@ -154,7 +154,8 @@ def base_row(shape: Shape, dtype: str, mode: str, name: str) -> dict:
     return {"config": shape.name, "family": shape.family, "tags": list(shape.tags),
             "T": shape.T, "B": shape.B, "I": shape.I, "H": shape.H, "L": shape.L,
             "bidir": shape.bidir, "proj": shape.proj, "dtype": dtype, "mode": mode,
-            "backend": name, "status": "ok", "reason": "", "flops": lstm_flops(shape, mode)}
+            "backend": name, "status": "ok", "reason": "", "flops": lstm_flops(shape, mode),
+            "cudnn_persistent": cudnn_persistent(shape, dtype)}
 
 
 def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Options,

@@ -104,8 +104,13 @@ def header_md(report) -> str:
     return "\n".join(lines)
 
 
+def _config_cell(r, info):
+    # † marks the shapes where cuDNN may take its persistent fp16 kernel: the hardest baseline
+    return r["config"] + (" †" if info.get("device") == "cuda" and r.get("cudnn_persistent") else "")
+
+
 def detail_md(report) -> str:
-    rows = report["rows"]
+    rows, info = report["rows"], report["machine"]
     out = []
     for mode, dtype in sections(rows):
         out += ["", f"## {mode} · {dtype}", "",
@@ -115,13 +120,13 @@ def detail_md(report) -> str:
             if (r["mode"], r["dtype"]) != (mode, dtype):
                 continue
             if r["status"] != "ok":
-                out.append(f"| {r['config']} | {r['backend']} | {r['status']} | | | | | | {_short(r['reason'])} |")
+                out.append(f"| {_config_cell(r, info)} | {r['backend']} | {r['status']} | | | | | | {_short(r['reason'])} |")
                 continue
             check = ""
             if r.get("max_rel_err") is not None:
                 check = f"{r['max_rel_err']:.1e}" + (" ⚠ CHECK" if r.get("err_flag") else "")
             out.append(
-                f"| {r['config']} | {r['backend']} | {_ms(r['median_ms'])} [{_ms(r['min_ms'])}–{_ms(r['max_ms'])}]"
+                f"| {_config_cell(r, info)} | {r['backend']} | {_ms(r['median_ms'])} [{_ms(r['min_ms'])}–{_ms(r['max_ms'])}]"
                 f" | {_f(r.get('tokens_per_s'), '{:.3g}')} | {_f(r.get('gflops'), '{:.3g}')}"
                 f" | {_f(r.get('pct_peak'), '{:.1f}')} | {_f(r.get('speedup'), '{:.2f}x')}"
                 f" | {_f(r.get('peak_mem_mb'), '{:.3g}')} | {check} |")
@@ -194,6 +199,8 @@ NOTES_MD = """
 - Peak MB: GPU, torch.cuda.max_memory_allocated above the level before the call; CPU, the
   peak of torch's CPU allocator during one call (torch.profiler memory events), which does
   not see memory a backend allocates outside torch.
+- † (GPU): fp16, one layer and direction, H and I multiples of 128, B a multiple of 8 and
+  <= 128, H <= 1024: the shapes where cuDNN may use its fast persistent kernel.
 - check: largest difference of the output (and, in training, input and W_hh gradients)
   from the baseline, relative to the baseline's largest magnitude; ⚠ marks a value beyond
   a loose sanity bound (the test suite does the exact checks).
