@@ -7,7 +7,6 @@ import os
 import platform
 import subprocess
 import time
-import warnings
 
 import torch
 
@@ -51,28 +50,51 @@ def git_state(root: str) -> dict:
             "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
 
 
+def _new_tf32_api() -> bool:
+    # torch >= 2.9: per-backend fp32_precision. Reading a legacy allow_tf32 switch after
+    # setting the new one raises, so a run uses one API only.
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "rnn")
+
+
+_NEW_TF32_SWITCHES = (("cuda.matmul", lambda: torch.backends.cuda.matmul),
+                      ("cudnn.rnn", lambda: torch.backends.cudnn.rnn),
+                      ("cudnn.conv", lambda: torch.backends.cudnn.conv))
+
+
 def tf32_state() -> dict:
+    if _new_tf32_api():
+        state = {f"{name}.fp32_precision": get().fp32_precision for name, get in _NEW_TF32_SWITCHES}
+        state["fp32_precision"] = getattr(torch.backends, "fp32_precision", None)
+        return state
     return {"matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32}
 
 
 @contextlib.contextmanager
 def tf32(enabled: bool | None):
-    """TF32 on or off for both cuBLAS and cuDNN (None: leave as is)."""
+    """TF32 on or off for both cuBLAS and cuDNN's RNN (None: leave as is)."""
     if enabled is None:
         yield
         return
+    if _new_tf32_api():
+        # cudnn.rnn is what torch.nn.LSTM reads; conv is set alike because the
+        # operator-less cuDNN query refuses conv and rnn disagreeing.
+        old = [(get(), get().fp32_precision) for _, get in _NEW_TF32_SWITCHES]
+        for mod, _ in old:
+            mod.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            for mod, value in old:
+                mod.fp32_precision = value
+        return
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; the old switches still act
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def describe(device: str, root: str) -> dict:

@@ -177,6 +177,10 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
         else:
             base.eval()
 
+        if device == "cuda":
+            from .machine import tf32_state
+            for row in rows.values():
+                row["tf32_state"] = tf32_state()  # the switches this row ran under
         steps, est, reference = {}, {}, None
         for n in rows:
             try:
