@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         if not e["timed"]:
             print(f"  {n}: left out: {e['note']}", file=sys.stderr)
     for d in dtypes:
-        report["matmul_peak"][d] = machine.matmul_rate(device, d, args.quick)
+        report["matmul_peak"][d] = machine.matmul_rate(device, d)
 
     opts = Options(device, repeats=args.repeats, measure_memory=not args.no_memory, seed=args.seed)
     json_path = os.path.join(out, "results.json")

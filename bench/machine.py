@@ -150,7 +150,7 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def matmul_rate(device: str, dtype_name: str, quick: bool) -> dict:
+def matmul_rate(device: str, dtype_name: str) -> dict:
     """Best GFLOP/s of a large square matmul in this dtype: the machine's practical peak.
 
     Size: 2048 on CPU (about 0.2 s per product on 2 EPYC cores, large enough to
@@ -158,7 +158,7 @@ def matmul_rate(device: str, dtype_name: str, quick: bool) -> dict:
     The best of the repeats is the rate the hardware can give, the others are
     disturbed by neighbours.
     """
-    n = 8192 if device == "cuda" else (1024 if quick and usable_cores() <= 4 else 2048)
+    n = 8192 if device == "cuda" else 2048
     dtype = TORCH_DTYPES[dtype_name]
     reps = 10 if device == "cuda" else 3
     with tf32(dtype_name == "tf32" if device == "cuda" else None):

@@ -91,7 +91,15 @@ def header_md(report) -> str:
         f"- baseline: {baseline_label(info)}, same weights (`lstm_fast.LSTM.from_torch`), input projection "
         "included on both sides; times are the median of interleaved repeats [min–max]; training = "
         "forward + backward to the input and every weight",
-        f"- wall time of the run: {meta.get('wall_s', 0):.0f} s",
+        f"- wall time of the run: {meta.get('wall_s', 0):.0f} s"
+        + (f"; stopped early: {meta['stopped']}" if meta.get("stopped") else ""),
+    ]
+    load = [x[0] for x in (info.get("loadavg_start"), info.get("loadavg_end")) if x]
+    if info.get("device") == "cpu" and load and max(load) > (info.get("cpu_cores") or 1):
+        lines.append(f"- ⚠ the 1-minute load average ({max(load):.1f}) exceeded the {info.get('cpu_cores')} cores: "
+                     "other work shared the CPU; interleaving spreads it over all runners, but times are inflated "
+                     "and ratios noisier (see each row's min–max)")
+    lines += [
         "",
         "## Backends",
         "",
