@@ -130,8 +130,6 @@ def main(argv=None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
     if device == "cpu":
         # Every usable core for both sides; the backends read torch.get_num_threads().
         torch.set_num_threads(args.threads or machine.usable_cores())
@@ -159,6 +157,8 @@ def main(argv=None) -> int:
         print(f"{len(matrix)} configurations x {len(names) + 1} runners on {device}")
         return 0
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
     budget = args.budget if args.budget is not None else (QUICK_BUDGET_S[device] if args.quick else None)
     out = args.out or os.path.join(ROOT, "bench", "results",
                                    datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{device}")
