@@ -22,8 +22,9 @@ def configs(gpu_configs, interpreter_config):
 
 
 def bucket(n: int) -> int:
-    """Power-of-two bucket of the batch size: the autotune key, so a new B
-    reuses the tuned config of its bucket instead of re-benchmarking."""
+    """Power-of-two bucket of the batch size, passed as a runtime int that the
+    kernels ignore: it only keys autotune, so a new B reuses its bucket's tuned
+    config without benchmarking or compiling again."""
     return min(triton.next_power_of_2(max(int(n), 1)), 256)
 
 

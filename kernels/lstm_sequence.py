@@ -5,6 +5,7 @@ Dimension glossary
     B   rows of the padded batch (runtime)
     N   rows active at step t: batch_sizes[t] when PACKED, else B (runtime)
     H   hidden size = recurrent state size (no projection here; compile time)
+    B_BUCKET  power-of-two bucket of B: only the autotune key (runtime int)
     HP  H padded to a power of two >= 16 (tl.arange and tl.dot need it)
     G   4H: gates i, f, g, o stacked in nn.LSTM's order
 Blocks
@@ -15,7 +16,7 @@ Each program loads the four gate tiles of W_hh once, keeps them on chip, and
 carries h and c (forward) or dh and dc (backward) in registers from step to
 step, so a step costs no launch and no round trip of the state through
 memory. The weights take 4*HP*HP elements per program, which is what bounds H
-(SEQ_MAX_H in lstm_fast/backends/triton_gpu.py).
+(seq_max_h in lstm_fast/backends/triton_gpu.py: 64 for fp32, 128 for fp16/bf16).
 
 Slot layout shared with the step kernels: y_ext / cells_ext have T+1 slots,
 h0 / c0 in slot 0 (slot T when REVERSE) and step t's result in slot t+1
@@ -26,26 +27,44 @@ import triton.language as tl
 
 from .common import configs, sigmoid, tanh
 
-# Starting points, not yet measured on a GPU (autotune picks): BLOCK_B 16 is
-# the smallest tensor-core M and maximises programs (parallelism) at small B;
-# 32/64 amortise the per-program weight load at large B. 4 warps suffice for
-# HP <= 32; 8 warps spread the 4*HP*HP weight registers at HP = 64.
-# num_stages=2 lets the compiler prefetch gx[t+1], which does not depend on h.
+# Starting points: no GPU timing yet (autotune picks among them). What was
+# measured is ptxas's resource report for sm_90 (triton 3.8, cuobjdump
+# --dump-resource-usage) at the largest HP each dtype allows:
+#   fp32 HP=64:  BLOCK_B 16 / 8 warps fwd 226 regs no spill, bwd 104 regs,
+#                112 KB smem; 4 warps spills 808 B in fwd; BLOCK_B 64 needs
+#                256 KB smem in bwd (over the 227 KB an H100 block may use).
+#   fp16 HP=128: BLOCK_B 16 / 8 warps fwd 255 regs (32 B spill), 16 warps
+#                128 regs no spill (bf16 the same), bwd 184 KB smem;
+#                BLOCK_B 32 needs 240 KB in bwd.
+# Hence: BLOCK_B 16 (smallest tensor-core M, most programs at small B) with
+# 8 or 16 warps to spread the 4*HP*HP weight tile; 32/64 only where the smem
+# estimate in _prune fits. num_stages=2 lets the compiler prefetch gx[t+1],
+# which does not depend on h.
 _SEQ_GPU = [
     triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=2)
-    for bb, w in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8))
+    for bb, w in ((16, 4), (16, 8), (16, 16), (32, 4), (32, 8), (64, 8))
 ]
 _SEQ_INTERP = triton.Config({"BLOCK_B": 16}, num_warps=4)
+# Shared-memory estimate of the backward (the larger of the two): the weight
+# tiles plus ~14 [BLOCK_B, HP] staging tiles, fitted to the figures above
+# (exact for fp16 HP=128, 7-12% high for fp32 HP=64). 200 KB keeps a margin.
+_SMEM_BUDGET = 200 * 1024
 
 
 def _prune(configs_, named_args, **kwargs):
-    b = {**named_args, **kwargs}["B_BUCKET"]
-    return [c for c in configs_ if c.kwargs["BLOCK_B"] <= max(16, b)] or configs_[:1]
+    args = {**named_args, **kwargs}
+    b, hp = args["B_BUCKET"], args["HP"]
+    wb = args["p_w_hh"].element_size()
+    keep = [c for c in configs_
+            if c.kwargs["BLOCK_B"] <= max(16, b)
+            and 4 * hp * hp * wb + 14 * c.kwargs["BLOCK_B"] * hp * wb <= _SMEM_BUDGET
+            and (c.num_warps < 16 or hp >= 128)]
+    return keep or configs_[:1]
 
 
-@triton.autotune(configs=configs(_SEQ_GPU, _SEQ_INTERP), key=["H", "B_BUCKET"],
+@triton.autotune(configs=configs(_SEQ_GPU, _SEQ_INTERP), key=["H", "B_BUCKET", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["T", "B"])
+@triton.jit(do_not_specialize=["T", "B", "B_BUCKET"])
 def lstm_fwd_seq_kernel(
     p_gx,     # [T, B, G] input projection with both biases, activation dtype
     p_w_hh,   # [G, H] recurrent weight (nn.LSTM layout), activation dtype
@@ -57,7 +76,7 @@ def lstm_fwd_seq_kernel(
     p_cn,     # [B, H] out: c_n, fp32
     p_gates,  # [T, B, G] fp32 out: activations i, f, g, o (SAVE only)
     T, B,
-    H: tl.constexpr, HP: tl.constexpr, B_BUCKET: tl.constexpr,
+    B_BUCKET, H: tl.constexpr, HP: tl.constexpr,
     REVERSE: tl.constexpr, PACKED: tl.constexpr, SAVE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -83,7 +102,7 @@ def lstm_fwd_seq_kernel(
         slot0 = T
     else:
         slot0 = 0
-    slab = B * H  # elements per slot, as int64 below
+    slab = tl.cast(B, tl.int64) * H  # elements per slot
     b_h = tl.load(p_y + tl.cast(slot0, tl.int64) * slab + o_bj, mask=m_bj, other=0.0).to(tl.float32)
     b_c = tl.load(p_c0 + o_bj, mask=m_bj, other=0.0).to(tl.float32)
     for s in range(T):
@@ -130,9 +149,9 @@ def lstm_fwd_seq_kernel(
     tl.store(p_cn + o_bj, b_c, mask=m_bj)
 
 
-@triton.autotune(configs=configs(_SEQ_GPU, _SEQ_INTERP), key=["H", "B_BUCKET"],
+@triton.autotune(configs=configs(_SEQ_GPU, _SEQ_INTERP), key=["H", "B_BUCKET", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["T", "B"])
+@triton.jit(do_not_specialize=["T", "B", "B_BUCKET"])
 def lstm_bwd_seq_kernel(
     p_gates,   # [T, B, G] fp32 saved activations i, f, g, o
     p_cells,   # [T+1, B, H] fp32 cells_ext (c0 in its slot)
@@ -145,7 +164,7 @@ def lstm_bwd_seq_kernel(
     p_dh0,     # [B, H] fp32 out
     p_dc0,     # [B, H] fp32 out
     T, B,
-    H: tl.constexpr, HP: tl.constexpr, B_BUCKET: tl.constexpr,
+    B_BUCKET, H: tl.constexpr, HP: tl.constexpr,
     REVERSE: tl.constexpr, PACKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -167,7 +186,7 @@ def lstm_bwd_seq_kernel(
     b_wg = tl.load(p_w_hh + 2 * H * H + o_w, mask=m_w, other=0.0)
     b_wo = tl.load(p_w_hh + 3 * H * H + o_w, mask=m_w, other=0.0)
 
-    slab = B * H
+    slab = tl.cast(B, tl.int64) * H
     b_dh = tl.load(p_dhn + o_bj, mask=m_bj, other=0.0)
     b_dc = tl.load(p_dcn + o_bj, mask=m_bj, other=0.0)
     for r in range(T):  # processing order run backwards

@@ -8,6 +8,8 @@ Dimension glossary
     H   hidden size (compile time)
     P   recurrent state size: proj_size if > 0 else H (compile time)
     G   4H: gates i, f, g, o stacked in nn.LSTM's order
+    B_BUCKET  power-of-two bucket of B: only the autotune key (runtime int, unused
+        by the code, so a new B never recompiles)
     S   slots of a state buffer; the launcher decides which slot a step reads
         and writes, so the same kernel serves the saving (T+1 slots) and the
         inference (2 ping-pong slots) layouts
@@ -66,9 +68,9 @@ def _prune(configs_, named_args, **kwargs):
     return keep or configs_[:1]
 
 
-@triton.autotune(configs=configs(_FWD_GPU, _FWD_INTERP), key=["H", "P", "B_BUCKET"],
+@triton.autotune(configs=configs(_FWD_GPU, _FWD_INTERP), key=["H", "P", "B_BUCKET", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["B", "N", "t", "slot_h_in", "slot_h_out", "slot_c_in", "slot_c_out"])
+@triton.jit(do_not_specialize=["B", "N", "t", "B_BUCKET", "slot_h_in", "slot_h_out", "slot_c_in", "slot_c_out"])
 def lstm_fwd_step_kernel(
     p_gx,     # [T, B, G] input projection with both biases, activation dtype
     p_w_hh,   # [G, P] recurrent weight (nn.LSTM layout), activation dtype
@@ -77,7 +79,7 @@ def lstm_fwd_step_kernel(
     p_c,      # [S'', B, H] fp32 cell states; reads slot_c_in, writes slot_c_out
     p_gates,  # [T, B, G] fp32 activations i, f, g, o saved for backward (SAVE only)
     B, N, t, slot_h_in, slot_h_out, slot_c_in, slot_c_out,
-    H: tl.constexpr, P: tl.constexpr, B_BUCKET: tl.constexpr,
+    B_BUCKET, H: tl.constexpr, P: tl.constexpr,
     SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -133,9 +135,9 @@ def lstm_fwd_step_kernel(
         tl.store(p_g + 3 * H, b_o, mask=m_bj)
 
 
-@triton.autotune(configs=configs(_BWD_GPU, _BWD_INTERP), key=["H", "P", "B_BUCKET"],
+@triton.autotune(configs=configs(_BWD_GPU, _BWD_INTERP), key=["H", "P", "B_BUCKET", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["B", "N", "t", "slot_c", "slot_c_prev"])
+@triton.jit(do_not_specialize=["B", "N", "t", "B_BUCKET", "slot_c", "slot_c_prev"])
 def lstm_bwd_step_kernel(
     p_gates,    # [T, B, G] fp32 saved activations i, f, g, o
     p_c,        # [S, B, H] fp32 saved cell states: slot_c = c_t, slot_c_prev = c_{t-1}
@@ -147,7 +149,7 @@ def lstm_bwd_step_kernel(
     p_dh_prev,  # [B, P] fp32 out: dh_{t-1} = d_gates @ W_hh
     p_dc_prev,  # [B, H] fp32 out: dc_{t-1} = d_c * f
     B, N, t, slot_c, slot_c_prev,
-    H: tl.constexpr, P: tl.constexpr, B_BUCKET: tl.constexpr,
+    B_BUCKET, H: tl.constexpr, P: tl.constexpr,
     ADD_GY: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):

@@ -144,20 +144,24 @@ def test_interpreter_module(triton_backend):
 
 
 def test_dispatch_and_limits(triton_backend):
-    from lstm_fast.backends.triton_gpu import SEQ_MAX_H
+    from lstm_fast.backends.triton_gpu import seq_max_h
 
     b = triton_backend
-    small = LayerSizes(T=3, B=2, H=SEQ_MAX_H, P=SEQ_MAX_H)
-    big = LayerSizes(T=3, B=2, H=SEQ_MAX_H + 1, P=SEQ_MAX_H + 1)
+    f32 = torch.float32
+    limit = seq_max_h(f32)
+    assert limit == 64 and seq_max_h(torch.float16) == seq_max_h(torch.bfloat16) == 128
+    small = LayerSizes(T=3, B=2, H=limit, P=limit)
+    big = LayerSizes(T=3, B=2, H=limit + 1, P=limit + 1)
     proj = LayerSizes(T=3, B=2, H=8, P=4)
     b.path = "auto"
-    assert b.use_sequence(small) and not b.use_sequence(big) and not b.use_sequence(proj)
-    assert b.supports(DEVICE, torch.float32, big)[0]
+    assert b.use_sequence(small, f32) and not b.use_sequence(big, f32) and not b.use_sequence(proj, f32)
+    assert b.use_sequence(big, torch.float16)
+    assert b.supports(DEVICE, f32, big)[0]
     b.path = "step"
-    assert not b.use_sequence(small)
+    assert not b.use_sequence(small, f32)
     b.path = "sequence"
-    ok, why = b.supports(DEVICE, torch.float32, big)
-    assert not ok and f"H <= {SEQ_MAX_H}" in why
+    ok, why = b.supports(DEVICE, f32, big)
+    assert not ok and f"H <= {limit}" in why
     b.path = "auto"
     assert not b.supports(DEVICE, torch.float64, small)[0]
     other = torch.device("cuda") if INTERP else torch.device("cpu")
@@ -214,9 +218,9 @@ GPU_NAMES = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
                                              (torch.float16, None), (torch.bfloat16, None)],
                          ids=["fp32-ieee", "fp32-tf32", "fp16", "bf16"])
-@pytest.mark.parametrize("path,H,P", [("sequence", 64, 64), ("step", 64, 64), ("step", 256, 256),
-                                      ("step", 200, 200), ("step", 128, 48)],
-                         ids=["seq-H64", "step-H64", "step-H256", "step-H200", "step-proj"])
+@pytest.mark.parametrize("path,H,P", [("sequence", 64, 64), ("sequence", 128, 128), ("step", 64, 64),
+                                      ("step", 256, 256), ("step", 200, 200), ("step", 128, 48)],
+                         ids=["seq-H64", "seq-H128", "step-H64", "step-H256", "step-H200", "step-proj"])
 def test_gpu_vs_cudnn_error(triton_backend, dtype, precision, path, H, P):
     """Our distance from a float64 reference <= 2x cuDNN's in the same dtype and
     TF32 setting, for every output and gradient (plus one ulp of the result's
@@ -224,6 +228,9 @@ def test_gpu_vs_cudnn_error(triton_backend, dtype, precision, path, H, P):
     triton_backend.path = path
     triton_backend.fp32_precision = precision
     T, B, I = 24, 10, 96
+    ok, why = triton_backend.supports(torch.device("cuda"), dtype, LayerSizes(T=T, B=B, H=H, P=P))
+    if not ok:
+        pytest.skip(why)
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(5)
 

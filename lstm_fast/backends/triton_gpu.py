@@ -4,7 +4,8 @@ Two kernel paths, same saved tensors, same results:
   step      one forward / backward launch per time step; any H, projections
             (h_t = (o*tanh c_t) @ W_hr^T is a torch.mm per step).
   sequence  one launch runs all T steps; each program keeps W_hh for its batch
-            tile on chip, so it needs small H (see SEQ_MAX_H) and no projection.
+            tile on chip, so it needs small H (SEQ_MAX_H: 64 in fp32, 128 in
+            fp16/bf16) and no projection.
 `path` (attribute, or env LSTM_FAST_TRITON_PATH) = auto | step | sequence;
 auto takes sequence whenever it applies. A forced path that cannot serve a call
 makes supports() say no, with the reason.
@@ -25,6 +26,7 @@ This module imports neither triton nor the kernels until first use.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -39,12 +41,18 @@ PATHS = ("auto", "step", "sequence")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 # Sequence kernel limit: each program holds 4 tiles [HP, HP] of W_hh (HP =
-# max(16, next_pow2(H))) in registers for all T steps. HP = 64 is 16K elements:
-# 64 fp32 registers per thread at 8 warps, which leaves room for the h/c/gate
-# tiles within the 255-register limit; HP = 128 would need 256 for the weights
-# alone and spill. A starting point from this arithmetic, to be revisited
-# with a GPU measurement (the step kernels serve every H beyond it).
-SEQ_MAX_H = 64
+# max(16, next_pow2(H))) on chip for all T steps. ptxas's report for sm_90
+# (kernels/lstm_sequence.py) shows where that stops fitting: fp32 HP=64 fits
+# (226 registers, no spill, 112 KB smem) but HP=128 needs 270 KB of smem, over
+# the H100's 227 KB per block; 16-bit weights are half the bytes, and HP=128
+# fits (184 KB; no spill at 16 warps). No GPU timing yet: whether the sequence kernel
+# beats the step kernels all the way to these limits is for a GPU benchmark
+# to settle; the step kernels serve every H beyond them.
+SEQ_MAX_H = {torch.float32: 64, torch.float16: 128, torch.bfloat16: 128}
+
+
+def seq_max_h(dtype) -> int:
+    return SEQ_MAX_H.get(dtype, 64)
 
 
 def _interpreting() -> bool:
@@ -125,17 +133,17 @@ class TritonBackend(Backend):
         if self.path not in PATHS:
             raise ValueError(f"triton backend path {self.path!r}: choose one of {', '.join(PATHS)}")
 
-    def sequence_ok(self, sizes: LayerSizes) -> tuple[bool, str]:
+    def sequence_ok(self, sizes: LayerSizes, dtype) -> tuple[bool, str]:
         if sizes.has_proj:
             return False, "the sequence kernel has no projection (proj_size > 0)"
-        hp = max(16, 1 << max(sizes.H - 1, 0).bit_length())
-        if hp > SEQ_MAX_H:
-            return False, f"the sequence kernel holds W_hh on chip only for H <= {SEQ_MAX_H} (H={sizes.H})"
+        limit = seq_max_h(dtype)
+        if max(16, _next_pow2(sizes.H)) > limit:
+            return False, f"the sequence kernel holds W_hh on chip only for H <= {limit} in {dtype} (H={sizes.H})"
         return True, "fits"
 
-    def use_sequence(self, sizes: LayerSizes) -> bool:
+    def use_sequence(self, sizes: LayerSizes, dtype) -> bool:
         self._check_path()
-        return self.path != "step" and self.sequence_ok(sizes)[0]
+        return self.path != "step" and self.sequence_ok(sizes, dtype)[0]
 
     def supports(self, device, dtype, sizes: LayerSizes):
         self._check_path()
@@ -152,12 +160,12 @@ class TritonBackend(Backend):
         if 4 * sizes.H * sizes.P >= 2 ** 31:
             return False, "W_hh has 2^31 elements or more (int32 weight offsets)"
         if self.path == "sequence":
-            ok, why = self.sequence_ok(sizes)
+            ok, why = self.sequence_ok(sizes, dtype)
             if not ok:
                 return False, f"path 'sequence' forced: {why}"
         if self.fp32_precision is not None and self.fp32_precision not in FP32_PRECISIONS:
             return False, f"fp32_precision {self.fp32_precision!r}: choose one of {', '.join(FP32_PRECISIONS)}"
-        return True, "step kernels" + (" / sequence kernel" if self.use_sequence(sizes) else "")
+        return True, "step kernels" + (" / sequence kernel" if self.use_sequence(sizes, dtype) else "")
 
     def dot_precision(self, dtype) -> str:
         if dtype != torch.float32:
@@ -169,6 +177,10 @@ class TritonBackend(Backend):
 
     # ----------------------------------------------------------------- forward
     def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        with _on_device(gx.device):
+            return self._forward(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+
+    def _forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
         step_k, seq_k = self._kernels()
         T, B, G = gx.shape
         H, P = G // 4, h0.shape[1]
@@ -194,7 +206,7 @@ class TritonBackend(Backend):
         if T == 0:
             return y, h0.clone(), c0.clone(), ((gates, cells, y_ext) if need_grad else ())
 
-        if self.use_sequence(sizes):
+        if self.use_sequence(sizes, dtype):
             h_n = torch.empty(B, H, dtype=h0.dtype, device=dev)
             c_n = torch.empty(B, H, dtype=torch.float32, device=dev)
             bs_dev = (batch_sizes.to(device=dev, dtype=torch.int32) if packed
@@ -246,6 +258,10 @@ class TritonBackend(Backend):
 
     # ---------------------------------------------------------------- backward
     def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+        with _on_device(grad_y.device):
+            return self._backward(saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse)
+
+    def _backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
         step_k, seq_k = self._kernels()
         gates, cells, y_ext = saved
         T, B, G = gates.shape
@@ -259,7 +275,7 @@ class TritonBackend(Backend):
         d_gates = (torch.zeros if packed else torch.empty)(T, B, G, dtype=torch.float32, device=dev)
         d_r_all = None
 
-        if self.use_sequence(sizes):
+        if self.use_sequence(sizes, y_ext.dtype):
             dh0 = torch.empty(B, H, dtype=torch.float32, device=dev)
             dc0 = torch.empty(B, H, dtype=torch.float32, device=dev)
             bs_dev = (batch_sizes.to(device=dev, dtype=torch.int32) if packed
@@ -312,6 +328,11 @@ class TritonBackend(Backend):
         d_w_hh, d_w_hr = weight_grads(d_gates, hprev, d_r_all, h_pre)
         return (d_gates.to(dtype), dh0.to(h0.dtype), dc0.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                 None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
+
+
+def _on_device(device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _next_pow2(n: int) -> int:
