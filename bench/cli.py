@@ -120,6 +120,8 @@ def main(argv=None) -> int:
         return 0
 
     t_start = time.time()
+    import faulthandler
+    faulthandler.enable()  # a backend that crashes the process still names itself in the log
     import torch
 
     from . import configs as cfg
@@ -184,6 +186,7 @@ def main(argv=None) -> int:
         report["matmul_peak"][d] = machine.matmul_rate(device, d)
 
     opts = Options(device, repeats=args.repeats, measure_memory=not args.no_memory, seed=args.seed)
+    opts.tight = budget is not None
     json_path = os.path.join(out, "results.json")
 
     def on_term(signum, frame):
@@ -232,6 +235,19 @@ def main(argv=None) -> int:
         bar.close()
 
     machine.finish(info)
+    # The matmul rate again: a neighbour's burst at the start would otherwise
+    # make every % of it too high. The report keeps the better of the two.
+    for d in dtypes:
+        try:
+            again = machine.matmul_rate(device, d)
+        except KeyboardInterrupt:
+            break
+        first = report["matmul_peak"].get(d, {})
+        if again.get("gflops") and again["gflops"] > (first.get("gflops") or 0):
+            report["matmul_peak"][d] = again
+            for r in report["rows"]:
+                if r["dtype"] == d and r.get("gflops"):
+                    r["pct_peak"] = 100.0 * r["gflops"] / again["gflops"]
     report["run"]["stopped"] = stopped
     png = None if args.no_plot else rep.plot(report, os.path.join(out, "plot.png"))
     report["run"]["wall_s"] = time.time() - t_start

@@ -156,7 +156,7 @@ def matmul_rate(device: str, dtype_name: str) -> dict:
     Size: 2048 on CPU (about 0.2 s per product on 2 EPYC cores, large enough to
     reach the BLAS plateau), 8192 on GPU (H100 reaches its plateau well below).
     The best of the repeats is the rate the hardware can give, the others are
-    disturbed by neighbours.
+    disturbed by neighbours; the run measures it at start and end and keeps the best.
     """
     n = 8192 if device == "cuda" else 2048
     dtype = TORCH_DTYPES[dtype_name]

@@ -87,7 +87,7 @@ def header_md(report) -> str:
         f"- TF32 at start: {info.get('tf32')}; dtype `tf32` = fp32 tensors with TF32 on for both sides, "
         "`fp32` on GPU = TF32 off for both",
         f"- load average start → end: {info.get('loadavg_start')} → {info.get('loadavg_end')}",
-        f"- measured matmul rate (best of a square {sizes} product): {peaks or 'not measured'}",
+        f"- measured matmul rate (best of a square {sizes} product, at start and end): {peaks or 'not measured'}",
         f"- baseline: {baseline_label(info)}, same weights (`lstm_fast.LSTM.from_torch`), input projection "
         "included on both sides; times are the median of interleaved repeats [min–max]; training = "
         "forward + backward to the input and every weight",
