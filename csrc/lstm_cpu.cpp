@@ -35,6 +35,10 @@ void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's per-thread override of its thread count (0 = back to the global one;
+// the C entry point: the lower-case symbol is the Fortran one, taking int*);
+// returns the previous override. Weak: absent when torch's BLAS is not MKL.
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace lstm_fast {
@@ -150,9 +154,23 @@ void backward_row(const T* gates, const T* cell, const T* cprev, const T* dh, co
   }
 }
 
-// Rows per parallel chunk of the pointwise pass: below ~16K gate elements per
-// chunk the thread wake-up costs more than it saves (see bench notes in the
-// commit that set it).
+// The per-step GEMMs run on one thread: on the 2-core build machine (cores
+// shared with other work) 2 BLAS threads per step made whole training runs
+// 2-5x slower than 1 (T=100, B=32, H=256: 2816 vs ~500 ms), a barrier per step
+// waiting on a descheduled thread. The big GEMMs after the loop keep all threads.
+struct SingleThreadedBlas {
+  int prev = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  }
+};
+
+// Rows per parallel chunk of the pointwise pass: at least 16K gate elements.
+// Of the benchmark shapes only T=100,B=32,H=256 splits (2 chunks); split vs
+// serial differed by less than the noise of the shared 2-core machine there.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / (4 * H)); }
 
 // Forward time loop. Pointers (all contiguous, distinct unless noted):
@@ -165,6 +183,7 @@ template <typename T>
 void forward_loop(const Plan& p, const T* gx, const T* h0, T* c, const T* w_hh, const T* w_hr, T* y, T* gates,
                   T* cells, T* z, T* hpre) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
+  const SingleThreadedBlas blas_threads;
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = p.order[s], n = p.active[s];
     if (n == 0) break;  // active only shrinks
@@ -193,6 +212,7 @@ template <typename T>
 void backward_loop(const Plan& p, const T* grad_y, T* dh, T* dc, const T* gates, const T* cells, const T* c0,
                    const T* w_hh, const T* w_hr, T* d_gx, T* d_r, T* hpre, T* dhbuf) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
+  const SingleThreadedBlas blas_threads;
   for (int64_t s = p.T - 1; s >= 0; --s) {
     const int64_t t = p.order[s], n = p.active[s];
     if (n == 0) continue;
