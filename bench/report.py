@@ -98,7 +98,9 @@ def header_md(report) -> str:
     if info.get("device") == "cpu" and load and max(load) > (info.get("cpu_cores") or 1):
         lines.append(f"- ⚠ the 1-minute load average ({max(load):.1f}) exceeded the {info.get('cpu_cores')} cores: "
                      "other work shared the CPU; interleaving spreads it over all runners, but times are inflated "
-                     "and ratios noisier (see each row's min–max)")
+                     "and ratios noisier (see each row's min–max). A multi-threaded runner (torch's OpenMP team) "
+                     "suffers most when one of its threads loses its core: `--threads 1` gives the "
+                     "single-thread comparison")
     lines += [
         "",
         "## Backends",
