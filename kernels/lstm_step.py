@@ -30,28 +30,38 @@ import triton.language as tl
 
 from .common import INTERPRETING, bucket, configs, sigmoid, tanh  # noqa: F401 (re-exported)
 
-# Forward configs: starting points, not yet measured on a GPU (autotune picks).
-# BLOCK_B 16 is the smallest M of a tensor-core tile; larger only pays at large B.
-# BLOCK_H 32..128: at small B the grid is only H/BLOCK_H programs per batch
-# tile, so small BLOCK_H spreads one step over more of the 132 SMs; larger
-# BLOCK_H reuses each loaded h tile for more gates. BLOCK_K 32/64 keeps the four
-# W^T tiles of a stage (4*BLOCK_K*BLOCK_H elements) within shared memory for 3
-# stages in fp32. 4 warps for tiles up to 64x64 per gate, 8 for the widest.
+# Forward configs: starting points, no GPU timing yet (autotune picks). What
+# was measured is ptxas's resource report for sm_90 at H = P = 512 (triton 3.8,
+# cuobjdump --dump-resource-usage). fp32 is the tight case (four fp32
+# accumulators [BLOCK_B, BLOCK_H] plus four W^T tiles per stage): 4-warp tiles
+# beyond 16 x 64 x 32 spilled (136-1072 B), 64x64x64 needed 240 KB smem (over
+# the H100's 227 KB per block), so wider tiles get 8 warps. With this list,
+# fp32: 16-row tiles and 32x64 are spill-free (176-220 registers), 32x128 and
+# 64-row tiles spill 8-768 B; fp16: all spill-free except 64x128 (1232 B).
+# BLOCK_B 16 is the smallest tensor-core M; at small B the grid is only
+# H/BLOCK_H programs per batch tile, so small BLOCK_H spreads one step over
+# more of the 132 SMs, larger BLOCK_H reuses each h tile for more columns.
+# num_stages=3 pipelines the K loop's loads.
 _FWD_GPU = [
     triton.Config({"BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-    for bb in (16, 32, 64)
-    for bh, bk, w in ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8))
+    for bb, bh, bk, w in ((16, 32, 64, 4), (16, 64, 32, 4), (16, 64, 64, 8), (16, 128, 32, 8),
+                          (32, 64, 32, 8), (32, 128, 32, 8), (64, 64, 32, 8), (64, 128, 32, 8))
 ]
 # Interpreter: one config; 32 keeps H=33 in the tests multi-block and masked.
 _FWD_INTERP = triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4)
 
-# Backward: same reasoning with BLOCK_P columns of dh_{t-1}; the gate
-# derivatives of a K chunk are recomputed by every column program (cheap
-# elementwise work next to the 4*BLOCK_K*BLOCK_P-wide matmul they feed).
+# Backward: BLOCK_P columns of dh_{t-1}; the gate derivatives of a K chunk are
+# recomputed by every column program (elementwise work, cheap next to the
+# matmul they feed). Ten [BLOCK_B, BLOCK_K] fp32 tiles live beside the
+# accumulator, so it is heavier than the forward. Measured as above at
+# H = 512: fp32 spill-free only for 16 x 64/128 x 32 at 8 warps (227-233
+# registers; the 4-warp versions spill 32-88 B, 32-row tiles 824-1160 B, and
+# 64x64 needs 244 KB smem, which autotune skips as out of resources); fp16
+# spill-free everywhere but 64x64 (56 B). Hence 8 warps almost throughout.
 _BWD_GPU = [
     triton.Config({"BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-    for bb in (16, 32, 64)
-    for bp, bk, w in ((32, 64, 4), (64, 32, 4), (64, 64, 4), (128, 32, 8))
+    for bb, bp, bk, w in ((16, 64, 32, 4), (16, 64, 32, 8), (16, 128, 32, 8), (16, 32, 32, 4),
+                          (32, 64, 32, 8), (32, 128, 32, 8), (64, 64, 32, 8))
 ]
 _BWD_INTERP = triton.Config({"BLOCK_B": 16, "BLOCK_P": 32, "BLOCK_K": 32}, num_warps=4)
 

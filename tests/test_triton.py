@@ -9,6 +9,7 @@ and H stay tiny.
 On a GPU (tests marked `gpu`): float32 (tf32 and ieee), float16 and bfloat16
 against a float64 reference, allowed twice cuDNN's own error in that dtype.
 """
+import contextlib
 import os
 
 import pytest
@@ -189,6 +190,24 @@ def test_fp32_precision_choice(triton_backend):
 gpu = pytest.mark.skipif(not HAS_CUDA or INTERP, reason="needs a CUDA device (and TRITON_INTERPRET unset)")
 
 
+@contextlib.contextmanager
+def _tf32(enabled):
+    """TF32 on or off for cuBLAS and cuDNN alike, restored afterwards. torch
+    refuses to read the legacy flags once the new fp32_precision API was used;
+    then nothing is restored."""
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        old = (m.allow_tf32, c.allow_tf32)
+    except RuntimeError:
+        old = None
+    m.allow_tf32 = c.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        if old is not None:
+            m.allow_tf32, c.allow_tf32 = old
+
+
 def _lstm_grads(fn, x, h0, c0, params, upstream):
     """Outputs and gradients (x, h0, c0, each param) of one call, as float64."""
     x, h0, c0 = (t.detach().requires_grad_() for t in (x, h0, c0))
@@ -244,18 +263,12 @@ def test_gpu_vs_cudnn_error(triton_backend, dtype, precision, path, H, P):
     x64, h064, c064 = r(T, B, I), r(B, P), r(B, H)
     upstream = [r(T, B, P), r(B, P), r(B, H)]
 
-    legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    tf32 = precision == "tf32"
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    with _tf32(precision == "tf32"):
         truth = _lstm_grads(_cudnn, x64, h064, c064, params64, upstream)
         low = [t.to(dtype) for t in (x64, h064, c064)]
         lowp = [p.to(dtype) for p in params64]
         theirs = _lstm_grads(_cudnn, *low, lowp, upstream)
         ours = _lstm_grads(_ours, *low, lowp, upstream)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy
     eps = torch.finfo(dtype).eps
     for name, t, a, b in zip(GPU_NAMES, truth, ours, theirs):
         err_ours = (a - t).abs().max().item()
@@ -272,16 +285,12 @@ def test_gpu_fp32_ieee_matches_reference(triton_backend, path, packed, reverse):
     """Same check as the interpreter tests, on the GPU with exact fp32 dots."""
     triton_backend.path = path
     triton_backend.fp32_precision = "ieee"
-    legacy = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with _tf32(False):
         T, B, H = 7, 19, 33
         bs = _batch_sizes(T, B, seed=11) if packed else None
         leaves = _inputs(T, B, H, H, torch.float32, DEVICE)
         ref = _run("reference", leaves, bs, reverse)
         ours = _run("triton", leaves, bs, reverse)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = legacy
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], **TOL32, msg=lambda m, k=k: f"{path} {k}: {m}")
 

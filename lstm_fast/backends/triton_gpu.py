@@ -7,12 +7,15 @@ Two kernel paths, same saved tensors, same results:
             tile on chip, so it needs small H (SEQ_MAX_H: 64 in fp32, 128 in
             fp16/bf16) and no projection.
 `path` (attribute, or env LSTM_FAST_TRITON_PATH) = auto | step | sequence;
-auto takes sequence whenever it applies. A forced path that cannot serve a call
+auto takes sequence whenever it applies (one launch instead of 2T; to be
+confirmed by a GPU benchmark). A forced path that cannot serve a call
 makes supports() say no, with the reason.
 
 Precision. fp16/bf16: tensor-core dots on the stored dtype with fp32
-accumulation; gates, cell state and all gradients between steps stay fp32,
-cast on store. fp32: the recurrent dots run in `fp32_precision` =
+accumulation (h_{t-1} enters the dot as stored, as in cuDNN; gate gradients
+are rounded to it for the dh_{t-1} dot); gates, cell state and all gradients
+between steps stay fp32, cast on store; dW_hh / dW_hr are fp32 GEMMs over all
+T from fp32 gate gradients. fp32: the recurrent dots run in `fp32_precision` =
 'ieee' | 'tf32' | 'tf32x3' (attribute, or env LSTM_FAST_TRITON_FP32_PRECISION);
 unset, it follows torch's own matmul switch (torch.backends.cuda.matmul.
 fp32_precision, else .allow_tf32), so the weight-gradient GEMMs (torch.mm) and
