@@ -167,8 +167,8 @@ def test_cpp_opcheck():
 # ----------------------------------------------------------------------------- CUDA
 
 # Whole-layer errors against a float64 reference: ours must stay within 2x
-# cuDNN's own error in the same dtype (plus a few ulp, so a lucky cuDNN value
-# cannot fail the test).
+# cuDNN's own error in the same dtype (plus one unit in the last place, so a
+# lucky, near-exact cuDNN value cannot fail the test).
 @pytest.fixture
 def no_tf32():
     """fp32 GEMMs in full fp32 on both sides of a comparison."""
@@ -231,7 +231,7 @@ def test_cuda_error_within_2x_cudnn(dtype, P, no_tf32):
     ours, cud = layer_errors_vs_fp64(dtype, T=20, B=8, I=32, H=64, P=P)
     names = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_ih", "d_b_hh", "d_w_hr"]
     for name, e_ours, e_cudnn in zip(names, ours, cud):
-        assert e_ours <= 2 * e_cudnn + 4 * ULP[dtype], f"{name}: ours {e_ours:.2e} vs cuDNN {e_cudnn:.2e}"
+        assert e_ours <= 2 * e_cudnn + ULP[dtype], f"{name}: ours {e_ours:.2e} vs cuDNN {e_cudnn:.2e}"
 
 
 @pytest.mark.parametrize("T,B,H,P,packed,reverse", CASES)
