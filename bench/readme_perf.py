@@ -69,7 +69,7 @@ def report_section(rep) -> str:
         f"Full report: [{rep['_dir']}/results.md]({rep['_dir']}/results.md).",
         "",
         f"Speedup over {base} (median of interleaved repeats, same process, same weights; "
-        "cell: speedup, backend ms).",
+        "cell: speedup, backend ms; bold where the backend is faster).",
         "",
         "| mode | dtype | config | baseline ms | " + " | ".join(timed) + " |",
         "|---|---|---|---|" + "---|" * len(timed),
@@ -85,7 +85,8 @@ def report_section(rep) -> str:
             elif r.get("status") != "ok" or not r.get("median_ms"):
                 cells.append(r.get("status", ""))
             elif r.get("speedup"):
-                cells.append(f"**{r['speedup']:.2f}x** ({_ms(r['median_ms'])})")
+                sp = f"{r['speedup']:.2f}x"
+                cells.append(f"{f'**{sp}**' if r['speedup'] >= 1 else sp} ({_ms(r['median_ms'])})")  # bold: faster
             else:
                 cells.append(_ms(r["median_ms"]))
         bms = _ms(b["median_ms"]) if b.get("median_ms") else b.get("status", "")

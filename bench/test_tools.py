@@ -82,7 +82,7 @@ def test_markdown_and_readme_section(tmp_path):
     assert readme_perf.main(args + ["--check"]) == 1
     assert readme_perf.main(args) == 0
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("tail\n") and "**2.00x**" in text
+    assert text.startswith("intro\n") and text.endswith("tail\n") and "**2.00x** (5)" in text
     assert "reports/cpu-test/results.md" in text
     assert readme_perf.main(args + ["--check"]) == 0
 
