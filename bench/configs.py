@@ -160,7 +160,7 @@ def resolve_configs(arg: str | None, device: str, quick: bool) -> list[Shape]:
 
 
 def cudnn_persistent(shape: Shape, dtype: str) -> bool:
-    """Whether cuDNN can take its fast persistent algorithm (GPU.md): fp16, one layer,
+    """Whether cuDNN can take its fast persistent algorithm (its documented conditions): fp16, one layer,
     one direction, no projection, H <= 1024, H and I multiples of 128, B a multiple of 8 and <= 128."""
     return (dtype == "fp16" and shape.L == 1 and not shape.bidir and not shape.proj and shape.H <= 1024
             and shape.H % 128 == 0 and shape.I % 128 == 0 and shape.B % 8 == 0 and shape.B <= 128)

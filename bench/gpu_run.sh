@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check in one go (bench/README.md, GPU.md): build the extension, run the
+# One GPU check in one go (see bench/README.md): build the extension, run the
 # GPU tests, compute-sanitizer memcheck on small cases of every GPU kernel, the
 # benchmark matrix against cuDNN, then a short summary.
 #
