@@ -23,12 +23,23 @@ def write_json(path, report):
     os.replace(tmp, path)  # a run killed mid-write keeps the previous complete file
 
 
+# Every CSV row carries the run's identity, so a row pasted elsewhere still says where it came from.
+CSV_RUN_FIELDS = ["machine", "cpu_model", "cpu_cores", "gpu_name", "torch", "cudnn", "triton", "numba",
+                  "tf32", "commit", "timestamp"]
+
+
 def write_csv(path, report):
+    m = report["machine"]
+    run = {k: m.get(k) for k in CSV_RUN_FIELDS}
+    run["commit"] = (m.get("git") or {}).get("commit")
+    run["tf32"] = ";".join(f"{k}={v}" for k, v in (m.get("tf32") or {}).items())
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS + CSV_RUN_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in report["rows"]:
-            w.writerow({k: _csv_value(r.get(k)) for k in CSV_FIELDS})
+            row = {k: _csv_value(r.get(k)) for k in CSV_FIELDS}
+            row.update({k: _csv_value(v) for k, v in run.items()})
+            w.writerow(row)
 
 
 def _csv_value(v):
