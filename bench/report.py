@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 from .measure import BASELINE
@@ -184,7 +185,6 @@ def overview_md(report) -> str:
 
 def summary_md(report) -> str:
     """Per (mode, dtype) and backend: geometric-mean, min and max speedup, and what did not run."""
-    import math
     rows = report["rows"]
     out = ["| mode | dtype | backend | configs timed | geomean speedup | min | max | not run |",
            "|---|---|---|---|---|---|---|---|"]
@@ -285,16 +285,27 @@ def _key(r):
 
 
 def _spread(r):
-    """Half the relative min-max range of a row's samples: the noise of its median."""
-    return (r["max_ms"] - r["min_ms"]) / (2 * r["median_ms"])
+    """Relative noise of a row's median: half its samples' range, relative to the median.
+
+    The range is the middle half of the samples (quartiles) when there are at
+    least 4: the extremes of 40 samples on a shared machine are one
+    neighbour's burst each and would excuse any change. Fewer samples: min-max.
+    """
+    s = sorted(r.get("samples_ms") or [])
+    if len(s) >= 4:
+        lo, hi = s[len(s) // 4], s[(3 * len(s)) // 4]
+    else:
+        lo, hi = r["min_ms"], r["max_ms"]
+    return (hi - lo) / (2 * r["median_ms"])
 
 
 def compare(old: dict, new: dict, noise_floor: float = 0.05) -> tuple[str, int]:
     """Markdown comparison of two reports and the number of regressions.
 
     Backends are judged on their speedup over the baseline measured in the same
-    process (robust to the machine's mood between runs); the noise allowed is
-    the sum of the four rows' half min-max spreads, at least noise_floor.
+    process (robust to the machine's mood between runs); the noise allowed
+    combines the four rows' spreads (see _spread) in quadrature, as independent
+    errors, and is at least noise_floor.
     Baseline rows show the time ratio for information only.
     """
     o = {_key(r): r for r in old["rows"] if r["status"] == "ok" and r.get("median_ms")}
@@ -303,6 +314,11 @@ def compare(old: dict, new: dict, noise_floor: float = 0.05) -> tuple[str, int]:
              f"{new['machine'].get('machine')} ({new['machine'].get('timestamp')})", ""]
     if old["machine"].get("machine") != new["machine"].get("machine"):
         lines += ["**Different machines: the times are not comparable; speedups only roughly.**", ""]
+    loads = [(r["machine"].get("loadavg_start") or [0])[0] for r in (old, new)]
+    lines += [f"Load average at start: old {loads[0]}, new {loads[1]}"
+              + (" (above the core count: that run's speedups carry the load's distortion)"
+                 if max(loads) > (new["machine"].get("cpu_cores") or 1) and new["machine"].get("device") == "cpu"
+                 else ""), ""]
     lines += ["| config | dtype | mode | backend | old ms | new ms | time ratio | old speedup | new speedup "
               "| change | noise | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     regressions = 0
@@ -315,10 +331,10 @@ def compare(old: dict, new: dict, noise_floor: float = 0.05) -> tuple[str, int]:
             continue
         ba, bb = o.get(k[:3] + (BASELINE,)), n.get(k[:3] + (BASELINE,))
         if not (a.get("speedup") and b.get("speedup") and ba and bb):
-            noise = max(noise_floor, _spread(a) + _spread(b))
+            noise = max(noise_floor, math.hypot(_spread(a), _spread(b)))
             change = 1 / ratio
         else:
-            noise = max(noise_floor, _spread(a) + _spread(b) + _spread(ba) + _spread(bb))
+            noise = max(noise_floor, math.hypot(_spread(a), _spread(b), _spread(ba), _spread(bb)))
             change = b["speedup"] / a["speedup"]
         verdict = "REGRESSION" if change < 1 - noise else ("improved" if change > 1 + noise else "same")
         regressions += verdict == "REGRESSION"
