@@ -19,15 +19,26 @@ def _check_backend_name(backend):
         raise ValueError(f"unknown lstm_fast backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
 
 
-def _add_forget_bias(module, forget_bias, bias_names):
-    if forget_bias == 0:
-        return
-    if not module.bias:
-        raise ValueError("forget_bias needs bias=True")
-    H = module.hidden_size
-    with torch.no_grad():
-        for name in bias_names:
-            getattr(module, name)[H:2 * H] += forget_bias
+class _FastOptions:
+    """backend= and forget_bias=, shared by LSTM and LSTMCell (mixed in before torch's class)."""
+
+    def __init__(self, *args, backend: str | None = None, forget_bias: float = 0.0, **kwargs):
+        _check_backend_name(backend)
+        self.backend = backend
+        self.forget_bias = float(forget_bias)
+        super().__init__(*args, **kwargs)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if not getattr(self, "forget_bias", 0.0):
+            return
+        if not self.bias:
+            raise ValueError("forget_bias needs bias=True")
+        H = self.hidden_size
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("bias_ih"):
+                    p[H:2 * H] += self.forget_bias
 
 
 def _reverse_padded(x, lengths):
@@ -39,7 +50,7 @@ def _reverse_padded(x, lengths):
     return x.gather(0, idx.unsqueeze(-1).expand_as(x))
 
 
-class LSTM(nn.LSTM):
+class LSTM(_FastOptions, nn.LSTM):
     """torch.nn.LSTM with fused kernels. Same constructor, plus:
 
     backend: 'auto' (default: LSTM_FAST_BACKEND or automatic choice) or a name
@@ -47,20 +58,6 @@ class LSTM(nn.LSTM):
         a call raises instead of falling back.
     forget_bias: added to the forget-gate slice of bias_ih at initialisation.
     """
-
-    def __init__(self, *args, backend: str | None = None, forget_bias: float = 0.0, **kwargs):
-        _check_backend_name(backend)
-        self.backend = backend
-        self.forget_bias = float(forget_bias)
-        super().__init__(*args, **kwargs)
-        if self.forget_bias and not self.bias:
-            raise ValueError("forget_bias needs bias=True")
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if getattr(self, "forget_bias", 0.0):
-            names = [n for n in self._flat_weights_names if n.startswith("bias_ih")]
-            _add_forget_bias(self, self.forget_bias, names)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -194,21 +191,8 @@ def _check_state_placement(input, hx):
             raise RuntimeError(f"lstm_fast: {name} dtype ({state.dtype}) does not match input dtype ({input.dtype})")
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(_FastOptions, nn.LSTMCell):
     """torch.nn.LSTMCell with the fused step; same constructor plus backend= and forget_bias=."""
-
-    def __init__(self, *args, backend: str | None = None, forget_bias: float = 0.0, **kwargs):
-        _check_backend_name(backend)
-        self.backend = backend
-        self.forget_bias = float(forget_bias)
-        super().__init__(*args, **kwargs)
-        if self.forget_bias and not self.bias:
-            raise ValueError("forget_bias needs bias=True")
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if getattr(self, "forget_bias", 0.0):
-            _add_forget_bias(self, self.forget_bias, ["bias_ih"])
 
     @classmethod
     def from_torch(cls, module: nn.LSTMCell, backend: str | None = None) -> "LSTMCell":
