@@ -93,6 +93,34 @@ def test_cpp_matches_reference(T, B, H, P, packed, reverse, dtype):
             assert torch.count_nonzero(ours["y"][t, int(bs[t]):]).item() == 0
 
 
+# Above the cpp backend's split threshold (B*4H*P >= 8192, csrc/lstm_cpu.cpp):
+# the time loop runs split over hidden units across threads, one barrier per step.
+SPLIT_CASES = [
+    (7, 6, 40, 40, False, False),
+    (7, 6, 40, 40, True, False),
+    (7, 6, 40, 40, False, True),
+    (7, 6, 40, 24, True, False),   # projection, packed
+    (6, 5, 33, 33, True, False),   # uneven split with a vector tail
+    (6, 6, 33, 17, False, True),   # projection, reverse
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("T,B,H,P,packed,reverse", SPLIT_CASES)
+def test_cpp_threaded_matches_reference(T, B, H, P, packed, reverse, dtype, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = make_inputs(T, B, H, P, packed, dtype)
+        ours, ref = run("cpp", inputs, reverse), run("reference", inputs, reverse)
+    finally:
+        torch.set_num_threads(before)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
 @needs_cpp
 def test_cpp_inference_saves_nothing_and_matches():
     inputs = make_inputs(9, 4, 16, 16, True, torch.float32, requires_grad=False)

@@ -47,7 +47,8 @@ class _CompiledBackend(Backend):
 
 
 class CppBackend(_CompiledBackend):
-    """C++ time loop on CPU: BLAS GEMM per step + fused vectorised pointwise pass."""
+    """C++ time loop on CPU: per step, each thread computes the gates of its hidden units
+    (packed W_hh slab, register-blocked kernel) and their state update; one barrier per step."""
 
     name = "cpp"
     device_type = "cpu"
