@@ -216,7 +216,8 @@ def main(argv=None) -> int:
                 target = FULL_TARGET_S[device]
             peak = report["matmul_peak"].get(dtype, {}).get("gflops")
             try:
-                rows = run_config(shape, dtype, mode, names, opts, target, peak)
+                rows = run_config(shape, dtype, mode, names, opts, target, peak,
+                                  deadline=None if budget is None else t_start + budget)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # the harness itself failed on this config: record it, go on

@@ -160,7 +160,7 @@ def base_row(shape: Shape, dtype: str, mode: str, name: str) -> dict:
 
 
 def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Options,
-               target_s: float, peak_gflops: float | None) -> list[dict]:
+               target_s: float, peak_gflops: float | None, deadline: float | None = None) -> list[dict]:
     """Time every runner on one configuration; one row per runner, never raises for a runner's failure."""
     device = opts.device
     rows = {n: base_row(shape, dtype, mode, n) for n in [BASELINE, *names]}
@@ -227,6 +227,8 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
         gc.disable()  # a collection inside one runner's sample would bias it
         try:
             for r in range(repeats):
+                if deadline is not None and r >= 3 and time.time() > deadline:
+                    break  # the run's budget is spent: 3 interleaved rounds are the floor
                 # Round-robin, rotating who goes first, so drift and caches hit everyone alike.
                 for n in order[r % len(order):] + order[:r % len(order)]:
                     if n not in steps:
@@ -249,7 +251,10 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
                        tokens_per_s=shape.T * shape.B / med, gflops=row["flops"] / med / 1e9)
             if peak_gflops:
                 row["pct_peak"] = 100.0 * row["gflops"] / peak_gflops
-        if opts.measure_memory:
+        if opts.measure_memory and deadline is not None and time.time() > deadline:
+            for n in steps:
+                rows[n]["peak_mem_mb"] = None  # one more call each would overrun the budget
+        elif opts.measure_memory:
             for n in list(steps):
                 try:
                     rows[n]["peak_mem_mb"] = peak_memory(steps[n], device) / 2**20
