@@ -28,9 +28,9 @@ BACKEND_NAMES = tuple(_SPECS)
 
 # Automatic choice: the first backend in this order that is available and
 # supports the call. CPU: cpp before numba because bench/reports/cpu-amd-epyc-2c
-# (python -m bench --quick, 2-core AMD EPYC) timed cpp faster in 13 of its 15
-# fp32 rows (geomean vs oneDNN 0.85x against 0.77x training, 0.76x against
-# 0.73x inference). GPU: the designed order, not yet measured (no GPU report).
+# (python -m bench --quick, 2-core AMD EPYC) timed cpp faster in all 15 fp32
+# rows (geomean vs oneDNN 1.18x against numba's 0.70-0.77x). GPU: the designed
+# order, not yet measured (no GPU report).
 AUTO_ORDER = {
     "cpu": ("cpp", "numba", "reference"),
     "cuda": ("triton", "cuda", "reference"),
