@@ -19,7 +19,6 @@ class LSTMRecurrence(torch.autograd.Function):
     def forward(ctx, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend, need_grad):
         y, h_n, c_n, saved = backend.forward(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
         ctx.backend, ctx.batch_sizes, ctx.reverse = backend, batch_sizes, reverse
-        ctx.n_saved = len(saved)
         if need_grad:
             ctx.save_for_backward(h0, c0, w_hh, w_hr, *saved)
         return y, h_n, c_n
