@@ -74,28 +74,24 @@ def active_rows(batch_sizes, t: int, B: int) -> int:
     return B if batch_sizes is None else int(batch_sizes[t])
 
 
-def previous_hidden(y: torch.Tensor, h0: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """[T, B, P]: the hidden state each step read (h_{t-1} in processing order).
+def weight_grads(d_gates, y, h0, reverse, d_r=None, h_pre=None):
+    """Recurrent weight gradients as GEMMs over all T*B rows, after the time loop.
 
-    Rows inactive at a step get garbage-free but irrelevant values (their gate
-    gradients are zero). With batch_sizes the active set only shrinks in
-    processing order, so an active row's previous state is always y of the
-    previous step.
+    dW_hh = sum_t d_gates[t]^T @ hprev[t], where hprev[t] is y of the previous
+    step in processing order and h0 at the first; the shifted y is read as a
+    view instead of being copied. With batch_sizes the active set only shrinks
+    in processing order, so an active row's previous state is always that y,
+    and inactive rows contribute nothing (their gate gradients are zero).
+    d_gates [T, B, 4H] pre-activation gate gradients, y [T, B, P], h0 [B, P],
+    d_r [T, B, P] gradient reaching each projected output, h_pre [T, B, H].
+    Returns d_w_hh [4H, P], d_w_hr [P, H] or None, in d_gates' dtype.
     """
-    if reverse:
-        return torch.cat([y[1:], h0.unsqueeze(0).to(y.dtype)], 0)
-    return torch.cat([h0.unsqueeze(0).to(y.dtype), y[:-1]], 0)
-
-
-def weight_grads(d_gates, hprev, d_r=None, h_pre=None):
-    """Recurrent weight gradients as single GEMMs over all T*B rows.
-
-    d_gates [T, B, 4H] (pre-activation gate gradients), hprev [T, B, P]
-    d_r [T, B, P] gradient reaching each projected output, h_pre [T, B, H]
-    Returns d_w_hh [4H, P], d_w_hr [P, H] or None.
-    """
-    G = d_gates.shape[-1]
-    d_w_hh = d_gates.reshape(-1, G).t().mm(hprev.reshape(-1, hprev.shape[-1]).to(d_gates.dtype))
+    T, B, G = d_gates.shape
+    y, h0 = y.to(d_gates.dtype), h0.to(d_gates.dtype)
+    first, later, before = (T - 1, slice(0, T - 1), slice(1, T)) if reverse else (0, slice(1, T), slice(0, T - 1))
+    d_w_hh = d_gates[first].t().mm(h0)
+    if T > 1:
+        d_w_hh.addmm_(d_gates[later].reshape(-1, G).t(), y[before].reshape(-1, y.shape[-1]))
     d_w_hr = None
     if d_r is not None:
         d_w_hr = d_r.reshape(-1, d_r.shape[-1]).t().mm(h_pre.reshape(-1, h_pre.shape[-1]).to(d_r.dtype))

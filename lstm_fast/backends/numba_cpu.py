@@ -34,7 +34,7 @@ import threading
 import numpy as np
 import torch
 
-from .base import Backend, LayerSizes
+from .base import Backend, LayerSizes, weight_grads
 
 # Rows per step up to which the recurrent product uses _matmul_nt's own loop instead
 # of BLAS. Measured on the 2-core EPYC (GFLOP/s, own loop vs SciPy OpenBLAS sgemm,
@@ -464,25 +464,6 @@ class NumbaBackend(Backend):
             _backward_kernel(_np(gates), _np(cells), _np(c0a), _np(grad_y), _np(w_hh_n), _np(w_hh_t),
                              _np(w_hr_n), _np(w_hr_t), bs, bool(reverse), has_proj, _np(dh), _np(dc),
                              _np(dg), _np(dr_all), _np(hpre_all), _np(dhh), _np(dh_proj), _np(tmp), _DTYPES[dt](1))
-        d_w_hh, d_w_hr = _weight_grads(dg, y, h0.detach().to(dt), dr_all, hpre_all, has_proj, reverse)
+        d_w_hh, d_w_hr = weight_grads(dg, y, h0.detach(), reverse, dr_all if has_proj else None, hpre_all)
         return (dg.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                 None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
-
-
-def _weight_grads(dg, y, h0, dr_all, hpre_all, has_proj, reverse):
-    """dW_hh = sum_t dg[t]^T @ hprev[t] without materialising hprev: y shifted by one
-    step plus the h0 term. dW_hr = dr_all^T @ hpre_all. One GEMM each over T*B rows."""
-    T, B, G = dg.shape
-    P = y.shape[-1]
-    if reverse:
-        d_w_hh = dg[T - 1].t().mm(h0)
-        if T > 1:
-            d_w_hh.addmm_(dg[:-1].reshape(-1, G).t(), y[1:].reshape(-1, P))
-    else:
-        d_w_hh = dg[0].t().mm(h0)
-        if T > 1:
-            d_w_hh.addmm_(dg[1:].reshape(-1, G).t(), y[:-1].reshape(-1, P))
-    d_w_hr = None
-    if has_proj:
-        d_w_hr = dr_all.reshape(-1, P).t().mm(hpre_all.reshape(-1, hpre_all.shape[-1]))
-    return d_w_hh, d_w_hr

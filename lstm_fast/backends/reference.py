@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, LayerSizes, active_rows, previous_hidden, step_order, weight_grads
+from .base import Backend, LayerSizes, active_rows, step_order, weight_grads
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,11 +91,10 @@ class ReferenceBackend(Backend):
             d_gates[t, :n] = d_z
             dh[:n] = d_z.mm(w_hh_a)
             dc[:n] = d_c * f
-        hprev = previous_hidden(y, h0, reverse).to(acc)
         h_pre = None
         if w_hr is not None:
             o = gates_all[..., 3 * H:]
             h_pre = o * torch.tanh(cells)
-        d_w_hh, d_w_hr = weight_grads(d_gates, hprev, d_r_all, h_pre)
+        d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre)
         return (d_gates.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype),
                 d_w_hh.to(w_hh.dtype), None if d_w_hr is None else d_w_hr.to(w_hr.dtype))

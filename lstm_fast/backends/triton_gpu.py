@@ -323,12 +323,12 @@ class TritonBackend(Backend):
                 k = 1 - k
             dh0, dc0 = dh[k], dc[k]
 
-        hprev = (y_ext[1:] if reverse else y_ext[:T]).float()
         h_pre = None
         if w_hr is not None:
             c_all = cells[:T] if reverse else cells[1:]
             h_pre = gates[..., 3 * H:] * torch.tanh(c_all)
-        d_w_hh, d_w_hr = weight_grads(d_gates, hprev, d_r_all, h_pre)
+        y = y_ext[:T] if reverse else y_ext[1:]
+        d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre)
         return (d_gates.to(dtype), dh0.to(h0.dtype), dc0.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                 None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
 
