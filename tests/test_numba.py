@@ -59,11 +59,11 @@ NAMES = ["y", "h_n", "c_n", "d_gx", "d_h0", "d_c0", "d_w_hh", "d_w_hr"]
 
 CASES = [
     # T, B, H, P, packed, reverse
-    (5, 3, 8, 8, False, False),     # own small-batch product
+    (5, 3, 8, 8, False, False),     # rows left over from 4-row blocks
     (5, 3, 8, 8, False, True),
-    (6, 12, 16, 16, False, False),  # BLAS product (B > 8)
+    (6, 12, 16, 16, False, False),  # 4-row blocks only
     (6, 12, 16, 16, False, True),
-    (9, 12, 16, 16, True, False),   # packed: steps on both sides of the BLAS threshold
+    (9, 12, 16, 16, True, False),   # packed: active rows shrink across block boundaries
     (9, 12, 16, 5, True, False),    # packed + projection
     (4, 10, 12, 7, False, True),    # projection, reverse
     (3, 2, 6, 3, False, False),     # projection, small batch
@@ -71,12 +71,21 @@ CASES = [
     (6, 1, 8, 8, False, False),     # B = 1
     (6, 3, 1, 1, False, True),      # H = 1
     (5, 9, 33, 33, True, False),    # H = 33 (odd, not a multiple of the unroll)
+    (4, 5, 40, 40, False, False),   # 4-panel and 1-panel kernels on the leftover row
 ]
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["1thread", "split"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("T,B,H,P,packed,reverse", CASES)
-def test_matches_reference(T, B, H, P, packed, reverse, dtype):
+def test_matches_reference(T, B, H, P, packed, reverse, dtype, split, monkeypatch):
+    """split: the time loop cut into chunks of hidden units over torch's threads
+    (forced for these small sizes); with one thread the chunks run one after another."""
+    from lstm_fast.backends import numba_cpu as m
+
+    if split:
+        monkeypatch.setattr(m, "_SPLIT_MIN", 0)
+        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
     inputs = make_inputs(T, B, H, P, dtype, packed)
     ours = run("numba", inputs, reverse)
     ref = run("reference", inputs, reverse)
@@ -116,19 +125,48 @@ def test_supports():
         assert not ok and why
 
 
-def test_threads_respected():
+def _split_run(monkeypatch, team=None, threads=2):
+    """Run a case with the time loop split into `threads` chunks (on `team` threads)."""
     from lstm_fast.backends import numba_cpu as m
 
+    monkeypatch.setattr(m, "_SPLIT_MIN", 0)
+    if team is not None:
+        monkeypatch.setattr(m, "_team", lambda nc: team)
     before = torch.get_num_threads()
-    inputs = make_inputs(5, 16, 16, 16, torch.float32)
-    blas_before = m._blas_threads[0]() if m._blas_threads else None
-    run("numba", inputs, False)
-    assert torch.get_num_threads() == before
-    if m._blas_threads:
-        assert m._blas_threads[0]() == blas_before  # OpenBLAS count restored after the loop
-    # no parallel=True anywhere: numba's thread pool must never have been started
-    import numba.np.ufunc.parallel as par
-    assert not par._is_initialized
+    torch.set_num_threads(threads)
+    try:
+        inputs = make_inputs(7, 6, 24, 24, torch.float32, packed=True)
+        return run("numba", inputs, False)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_split_result_independent_of_team(monkeypatch):
+    """Chunks a missing thread would have done are taken over: a team of one thread
+    runs both chunks (no wait may hang); each chunk does the same arithmetic either
+    way, so results are bitwise equal."""
+    expect = _split_run(monkeypatch)
+    got = _split_run(monkeypatch, team=1)
+    for name, a, b in zip(NAMES, got, expect):
+        assert torch.equal(a, b), name
+
+
+def test_threads_respected(monkeypatch):
+    """Chunks follow torch.get_num_threads(); numba's own thread setting is restored."""
+    import numba
+
+    from lstm_fast.backends import numba_cpu as m
+
+    seen = []
+    real = m._launch
+    monkeypatch.setattr(m, "_launch", lambda parallel, worker, nc, *a: (seen.append(nc), real(parallel, worker, nc, *a)))
+    numba_before = numba.get_num_threads()
+    _split_run(monkeypatch, threads=1)
+    assert set(seen) == {1}
+    seen.clear()
+    _split_run(monkeypatch, threads=2)
+    assert set(seen) == {min(2, numba.config.NUMBA_NUM_THREADS)}
+    assert numba.get_num_threads() == numba_before
 
 
 def test_import_is_cheap():

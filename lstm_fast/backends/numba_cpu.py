@@ -5,27 +5,21 @@ and the gate activations and state update follow in the same compiled loop;
 backward fuses the gate derivatives and runs dh_{t-1} = dgates_t @ W_hh per step.
 dW_hh and dW_hr are single GEMMs over all T*B rows after the loop.
 
-The per-step product goes to SciPy's OpenBLAS through np.dot (1.3-1.6x faster
-than torch's MKL for these shapes on the 2-core EPYC build machine), except for
-a handful of rows, where our own loop beats any BLAS call (see _SMALL_N).
+Threads: a call's time loop is split over torch.get_num_threads() threads by
+hidden units. Each thread computes all four gates of its units (a product with
+its slab of W_hh, packed once per call for a register-blocked SIMD kernel), their
+activations and state update; then every thread waits for the step to be done
+(see _claim). The threads are numba's (parallel=True, one launch per call).
 
 Importing this module is cheap: numba is imported and the kernels are jitted
 (cache=True, on disk) on first use by `_load()`. The kernels are plain Python
 functions below; `_load()` rebinds each module-level name to its jitted
 dispatcher, so they call each other through globals (closures would miss the
 disk cache).
-
-Threads: no parallel=True, so numba's own thread pool (and its threading layer)
-is never started; the only threads are OpenBLAS's, held at 1 inside the time
-loop (per-step products of 32x256x1024 ran 35-60 GFLOP/s on 1 thread but
-0.7-57 GFLOP/s on 2 threads, the two cores being shared) and at most
-torch.get_num_threads() for the large after-loop GEMMs.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
+import functools
 import math
 import os
 import tempfile
@@ -36,17 +30,9 @@ import torch
 
 from .base import Backend, LayerSizes, weight_grads
 
-# Rows per step up to which the recurrent product uses _matmul_nt's own loop instead
-# of BLAS. Measured on the 2-core EPYC (GFLOP/s, own loop vs SciPy OpenBLAS sgemm,
-# 1 thread): n=1,H=128: 35 vs 6; n=4: 42 vs 29; n=8: 45 vs 37-55; n=32,H=256: 47 vs 51-72.
-_SMALL_N = 8
-# Column block of the own loop: a block of 8 rows x 256 floats (8 KiB) of the output
-# stays in L1 while all K rows of W^T stream past it.
-_JBLOCK = 256
-# Tile of the transposing copy after a BLAS product: 64 columns x 16 rows keeps the
-# touched cache lines of both sides (4 KiB) in L1.
-_TJ = 64
-_TB = 16
+# Bytes of one SIMD vector of the product kernels (AVX2). On CPUs with narrower
+# vectors LLVM splits each operation; the packing is the same.
+_VEC_BYTES = 32
 
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -71,187 +57,442 @@ def _sigmoid(x):
 
 
 # ----------------------------------------------------------------------------------
+# Synchronisation between the threads of one call. The work of each phase (one
+# step's gate block, or its projection) is cut into nc chunks of hidden units
+# (or projected columns). A thread first claims its own chunk, then any chunk
+# nobody has claimed, then waits until all nc chunks of the phase are done. So a
+# call finishes whatever number of threads the threading layer actually runs
+# (even one: it takes every chunk), and a thread the OS has not scheduled yet
+# does not hold the others up: its chunk is taken over.
+# sync: int64 [(1 + nc) * _LINE]; slot 0 counts finished chunks over all phases,
+# slot (1 + c) * _LINE holds the number of phases chunk c has been claimed for.
+# Each counter has a 64-byte line of its own.
+_LINE = 8
+# Busy-wait iterations (with a pause hint) before a waiting thread starts yielding
+# its core; ~40 us on the 2-core EPYC, longer than one step of the shapes where
+# splitting pays, much shorter than an OS time slice.
+_SPINS = 2000
+
+
+def _claim(sync, c, phase):
+    """True for exactly one caller per (chunk c, phase); phases count up from 0."""
+    return _atomic_cas(sync, (1 + c) * _LINE, phase, phase + 1)
+
+
+def _phase_end(sync, finished, nc, phase):
+    """Publish `finished` chunks done by this thread, then wait for all of the phase."""
+    if finished > 0:
+        _atomic_add(sync, 0, finished)
+    target = nc * (phase + 1)
+    spins = 0
+    while _atomic_load(sync, 0) < target:
+        spins += 1
+        if spins < _SPINS:
+            _spin_pause()
+        else:
+            _yield_core()
+
+
+# ----------------------------------------------------------------------------------
 # Kernels (jitted by _load). Shapes: T steps, B rows, H hidden, P state (= H without
-# projection), G = 4H. All arrays C-contiguous.
+# projection), G = 4H; nc chunks, chunk c owning hidden units ucut[c]:ucut[c+1] and
+# state columns pcut[c]:pcut[c+1] (the same cut when P = H). All arrays C-contiguous.
 
-def _matmul_nt(x, n, w, wt, tmp, out, base, add_base):
-    """out[:n] = (base[:n] if add_base else 0) + x[:n] @ w.T
-
-    x [>=n, K]; w [N, K] and wt [K, N] hold the same matrix in both layouts;
-    out, base [>=n, N] (base may alias out only when add_base is False);
-    tmp flat scratch of >= N*n elements.
-    """
-    N, K = w.shape
-    # Inner loops index row slices from 0: an index like j0 + j or H + j makes numba
-    # emit a negative-index check that stops LLVM from vectorizing (measured 10-20x).
-    if n <= _SMALL_N:
-        # out rows as axpys over the rows of w^T, 4 at a time (4 FMAs per load/store of out)
-        k4 = K - K % 4
-        for j0 in range(0, N, _JBLOCK):
-            jn = min(_JBLOCK, N - j0)
-            for b in range(n):
-                o = out[b, j0:j0 + jn]
-                if add_base:
-                    bb = base[b, j0:j0 + jn]
-                    for j in range(jn):
-                        o[j] = bb[j]
-                else:
-                    for j in range(jn):
-                        o[j] = 0
-            for k in range(0, k4, 4):
-                w0 = wt[k, j0:j0 + jn]
-                w1 = wt[k + 1, j0:j0 + jn]
-                w2 = wt[k + 2, j0:j0 + jn]
-                w3 = wt[k + 3, j0:j0 + jn]
-                for b in range(n):
-                    a0 = x[b, k]
-                    a1 = x[b, k + 1]
-                    a2 = x[b, k + 2]
-                    a3 = x[b, k + 3]
-                    o = out[b, j0:j0 + jn]
-                    for j in range(jn):
-                        o[j] += a0 * w0[j] + a1 * w1[j] + a2 * w2[j] + a3 * w3[j]
-            for k in range(k4, K):
-                w0 = wt[k, j0:j0 + jn]
-                for b in range(n):
-                    a0 = x[b, k]
-                    o = out[b, j0:j0 + jn]
-                    for j in range(jn):
-                        o[j] += a0 * w0[j]
-    else:
-        # OpenBLAS is fastest producing the transposed product ct = w @ x^T [N, n]
-        # (sgemm 'T','N' with the small dimension as m: 57-72 vs 36-47 GFLOP/s at
-        # n=32, H=256); it is transposed back in L1-sized tiles.
-        ct = tmp[:N * n].reshape((N, n))
-        np.dot(w, x[:n].T, ct)
-        for j0 in range(0, N, _TJ):
-            jn = min(_TJ, N - j0)
-            for b0 in range(0, n, _TB):
-                for b in range(b0, min(b0 + _TB, n)):
-                    o = out[b, j0:j0 + jn]
-                    c = ct[j0:j0 + jn, b]
-                    if add_base:
-                        bb = base[b, j0:j0 + jn]
-                        for j in range(jn):
-                            o[j] = c[j] + bb[j]
-                    else:
-                        for j in range(jn):
-                            o[j] = c[j]
+def _copy(dst, src, n):
+    """dst[:n] = src[:n] as a plain loop (numba's slice assignment costs ~0.3 us a call)."""
+    for j in range(n):
+        dst[j] = src[j]
 
 
-def _forward_kernel(gx, w_hh, w_hh_t, w_hr, w_hr_t, bs, reverse, need_grad, has_proj,
-                    y, h, c, gates, cells, z, hpre, tmp, one):
-    """gx [T,B,G]; w_hh [G,P], w_hh_t [P,G]; w_hr [P,H], w_hr_t [H,P] (dummies without
-    projection); bs [T] active rows per step. In/out: h [B,P], c [B,H] hold h0, c0 and
-    end as h_n, c_n. Out: y [T,B,P]; when need_grad, gates [T,B,G] (activated i,f,g,o)
-    and cells [T,B,H]. Scratch: z [B,G], hpre [B,H], tmp [G*B]."""
-    T, B, G = gx.shape
-    H = G // 4
-    P = h.shape[1]
+# Per-step products c[n, M] = x[n, K] @ S with S packed by _pack: panels of PW = 2
+# vectors of columns, panel p stored [K][PW] contiguous at p * K * PW of the flat
+# slab, columns past M zero. A kernel keeps an MR x (NP panels) block of c in
+# vector registers while it streams K: per k, one broadcast of x[r, k] per row
+# and 2 * NP vector loads of S. 1 thread, float32, 2-core EPYC: 59-68 GFLOP/s
+# for n >= 4 (LLVM's own vectorization of the same loops: 30-48) and 33-37 for
+# n = 1, where every step streams the slab from L2.
+
+def _mk_4x1(x, r0, s, base, K, out, col):
+    """out[r0:r0+4, col:col+PW] = x[r0:r0+4, :K] @ panel at s[base:]."""
+    L = _lanes(s)
+    PW = 2 * L
+    a00 = _vzero(s)
+    a01 = _vzero(s)
+    a10 = _vzero(s)
+    a11 = _vzero(s)
+    a20 = _vzero(s)
+    a21 = _vzero(s)
+    a30 = _vzero(s)
+    a31 = _vzero(s)
+    x0 = x[r0]
+    x1 = x[r0 + 1]
+    x2 = x[r0 + 2]
+    x3 = x[r0 + 3]
+    for k in range(K):
+        w0 = _vload(s, base + k * PW)
+        w1 = _vload(s, base + k * PW + L)
+        v = _vsplat(x0[k])
+        a00 = _vfma(v, w0, a00)
+        a01 = _vfma(v, w1, a01)
+        v = _vsplat(x1[k])
+        a10 = _vfma(v, w0, a10)
+        a11 = _vfma(v, w1, a11)
+        v = _vsplat(x2[k])
+        a20 = _vfma(v, w0, a20)
+        a21 = _vfma(v, w1, a21)
+        v = _vsplat(x3[k])
+        a30 = _vfma(v, w0, a30)
+        a31 = _vfma(v, w1, a31)
+    _vstore(out[r0], col, a00)
+    _vstore(out[r0], col + L, a01)
+    _vstore(out[r0 + 1], col, a10)
+    _vstore(out[r0 + 1], col + L, a11)
+    _vstore(out[r0 + 2], col, a20)
+    _vstore(out[r0 + 2], col + L, a21)
+    _vstore(out[r0 + 3], col, a30)
+    _vstore(out[r0 + 3], col + L, a31)
+
+
+def _mk_1x4(x, r, s, base, K, out, col):
+    """out[r, col:col+4PW] = x[r, :K] @ the 4 panels from s[base:]."""
+    L = _lanes(s)
+    PW = 2 * L
+    PS = K * PW
+    a0 = _vzero(s)
+    a1 = _vzero(s)
+    a2 = _vzero(s)
+    a3 = _vzero(s)
+    a4 = _vzero(s)
+    a5 = _vzero(s)
+    a6 = _vzero(s)
+    a7 = _vzero(s)
+    xr = x[r]
+    for k in range(K):
+        v = _vsplat(xr[k])
+        i = base + k * PW
+        a0 = _vfma(v, _vload(s, i), a0)
+        a1 = _vfma(v, _vload(s, i + L), a1)
+        a2 = _vfma(v, _vload(s, i + PS), a2)
+        a3 = _vfma(v, _vload(s, i + PS + L), a3)
+        a4 = _vfma(v, _vload(s, i + 2 * PS), a4)
+        a5 = _vfma(v, _vload(s, i + 2 * PS + L), a5)
+        a6 = _vfma(v, _vload(s, i + 3 * PS), a6)
+        a7 = _vfma(v, _vload(s, i + 3 * PS + L), a7)
+    o = out[r]
+    _vstore(o, col, a0)
+    _vstore(o, col + L, a1)
+    _vstore(o, col + PW, a2)
+    _vstore(o, col + PW + L, a3)
+    _vstore(o, col + 2 * PW, a4)
+    _vstore(o, col + 2 * PW + L, a5)
+    _vstore(o, col + 3 * PW, a6)
+    _vstore(o, col + 3 * PW + L, a7)
+
+
+def _mk_1x1(x, r, s, base, K, out, col):
+    """out[r, col:col+PW] = x[r, :K] @ panel at s[base:]."""
+    L = _lanes(s)
+    PW = 2 * L
+    a0 = _vzero(s)
+    a1 = _vzero(s)
+    xr = x[r]
+    for k in range(K):
+        v = _vsplat(xr[k])
+        a0 = _vfma(v, _vload(s, base + k * PW), a0)
+        a1 = _vfma(v, _vload(s, base + k * PW + L), a1)
+    _vstore(out[r], col, a0)
+    _vstore(out[r], col + L, a1)
+
+
+def _slab_gemm(x, n, s, m, out):
+    """out[:n, :ceil(m / PW) * PW] = x[:n] @ S for the first m columns of slab s.
+
+    x [>=n, K] (rows contiguous); s flat packed slab (see above) with K rows;
+    out [>=n, >= that width], not aliasing x or s. Columns past m get zeros."""
+    K = x.shape[1]
+    PW = 2 * _lanes(s)
+    npan = (m + PW - 1) // PW
+    n4 = n - n % 4
+    # panel-outer: one panel (K * PW elements) stays in L1 across the row blocks
+    for p in range(npan):
+        for r in range(0, n4, 4):
+            _mk_4x1(x, r, s, p * K * PW, K, out, p * PW)
+    np4 = npan - npan % 4
+    for r in range(n4, n):
+        for p in range(0, np4, 4):
+            _mk_1x4(x, r, s, p * K * PW, K, out, p * PW)
+        for p in range(np4, npan):
+            _mk_1x1(x, r, s, p * K * PW, K, out, p * PW)
+
+
+def _pack_slab(a, sel, m, by_column, s):
+    """One chunk's slab s (flat, see _slab_gemm) of w^T, where w row j < m is
+    a[sel[j], :] (by_column False) or a[:, sel[j]] (True); K is the other dimension
+    of a. Padding columns get zeros."""
+    PW = 2 * _lanes(s)
+    K = a.shape[0] if by_column else a.shape[1]
+    width = s.shape[0] // K  # npan * PW
+    for j in range(width):
+        base = j // PW * K * PW + j % PW
+        if j >= m:
+            for k in range(K):
+                s[base + k * PW] = 0
+        elif by_column:
+            col = sel[j]
+            for k in range(K):
+                s[base + k * PW] = a[k, col]
+        else:
+            row = a[sel[j]]
+            for k in range(K):
+                s[base + k * PW] = row[k]
+
+
+def _forward_units(cc, t, n, hprev, gx, s_c, ucut, need_grad, has_proj, y, h, c, gates, cells, hpre, z_c):
+    """Step t, chunk cc: all four gates of units u0:u1 for the n active rows, then the
+    cell and hidden update. s_c: the chunk's W_hh slab; z_c [B, >=4nj padded] scratch."""
+    u0 = ucut[cc]
+    nj = ucut[cc + 1] - u0
+    if nj == 0:
+        return
+    H = c.shape[1]
+    # z_c[b] = [i | f | g | o] pre-activations (without gx) of this chunk's units
+    _slab_gemm(hprev, n, s_c, 4 * nj, z_c)
+    for b in range(n):
+        zb = z_c[b]
+        gxb = gx[t, b]
+        # one pointer pair per loop so that each vectorizes
+        for q in range(4):
+            zq = zb[q * nj:(q + 1) * nj]
+            gq = gxb[q * H + u0:q * H + u0 + nj]
+            if q == 2:
+                for j in range(nj):
+                    zq[j] = _tanh(zq[j] + gq[j])
+            else:
+                for j in range(nj):
+                    zq[j] = _sigmoid(zq[j] + gq[j])
+        zi = zb[:nj]
+        zf = zb[nj:2 * nj]
+        zg = zb[2 * nj:3 * nj]
+        zo = zb[3 * nj:4 * nj]
+        cb = c[b, u0:u0 + nj]
+        hb = hpre[b, u0:u0 + nj] if has_proj else y[t, b, u0:u0 + nj]
+        for j in range(nj):
+            cn = zf[j] * cb[j] + zi[j] * zg[j]
+            cb[j] = cn
+            hb[j] = zo[j] * _tanh(cn)
+        if not has_proj:
+            _copy(h[b, u0:u0 + nj], hb, nj)
+        if need_grad:
+            gb = gates[t, b]
+            for q in range(4):
+                _copy(gb[q * H + u0:q * H + u0 + nj], zb[q * nj:(q + 1) * nj], nj)
+            _copy(cells[t, b, u0:u0 + nj], cb, nj)
+
+
+def _forward_proj(cc, t, n, hpre, sr_c, pcut, y, h, z_c):
+    """Step t, chunk cc: projected state columns p0:p1 = hpre @ W_hr[p0:p1]^T."""
+    p0 = pcut[cc]
+    npc = pcut[cc + 1] - p0
+    if npc == 0:
+        return
+    _slab_gemm(hpre, n, sr_c, npc, z_c)
+    for b in range(n):
+        zb = z_c[b, :npc]
+        _copy(y[t, b, p0:p0 + npc], zb, npc)
+        _copy(h[b, p0:p0 + npc], zb, npc)
+
+
+def _forward_worker(k, nc, sync, gx, h0, bs, reverse, need_grad, has_proj, ucut, pcut,
+                    w_hh, sel_w, cnt_w, sw, w_hr, sel_r, cnt_r, sr, y, h, c, gates, cells, hpre, z):
+    """Thread k's part of the forward time loop (see _claim for the scheme).
+    gx [T,B,G]; h0 [B,P]; bs [T] active rows per step. Slabs per chunk cc: sw[cc] of
+    W_hh^T [P, 4nj] (its units' gates in [i|f|g|o] blocks), sr[cc] of W_hr^T[:, p0:p1]
+    [H, npc]. In/out: c [B,H] c0 -> c_n; out: h [B,P] h_n (rows at their last active
+    step), y [T,B,P] (inactive rows untouched), gates [T,B,G] and cells [T,B,H] when
+    need_grad. Scratch: hpre [B,H], z [nc, B, padded width]. Phase 0 packs the slabs
+    (each by the thread that is likely to use it) from w_hh rows sel_w[cc, :cnt_w[cc]]
+    and w_hr rows sel_r[cc, :cnt_r[cc]]."""
+    T = gx.shape[0]
+    done = 0
+    for i in range(nc):
+        cc = (k + i) % nc
+        if _claim(sync, cc, 0):
+            _pack_slab(w_hh, sel_w[cc], cnt_w[cc], False, sw[cc])
+            if has_proj:
+                _pack_slab(w_hr, sel_r[cc], cnt_r[cc], False, sr[cc])
+            done += 1
+    _phase_end(sync, done, nc, 0)
+    phase = 1
     for s in range(T):
         t = T - 1 - s if reverse else s
         n = bs[t]
-        _matmul_nt(h, n, w_hh, w_hh_t, tmp, z, gx[t], True)
-        for b in range(n):
-            zb = z[b]
-            # activations in place, one pointer per loop so that it vectorizes
-            for j in range(2 * H):
-                zb[j] = _sigmoid(zb[j])
-            zg = zb[2 * H:3 * H]
-            for j in range(H):
-                zg[j] = _tanh(zg[j])
-            zo = zb[3 * H:]
-            for j in range(H):
-                zo[j] = _sigmoid(zo[j])
-            zi = zb[:H]
-            zf = zb[H:2 * H]
-            cb = c[b]
-            hb = hpre[b] if has_proj else h[b]
-            for j in range(H):
-                cn = zf[j] * cb[j] + zi[j] * zg[j]
-                cb[j] = cn
-                hb[j] = zo[j] * _tanh(cn)
-            if need_grad:
-                gates[t, b] = zb
-                cells[t, b] = cb
-            if not has_proj:
-                y[t, b] = hb
+        hprev = h0 if s == 0 else y[t + 1 if reverse else t - 1]
+        done = 0
+        for i in range(nc):
+            cc = (k + i) % nc
+            if _claim(sync, cc, phase):
+                _forward_units(cc, t, n, hprev, gx, sw[cc], ucut, need_grad, has_proj,
+                               y, h, c, gates, cells, hpre, z[cc])
+                done += 1
+        _phase_end(sync, done, nc, phase)
+        phase += 1
         if has_proj:
-            _matmul_nt(hpre, n, w_hr, w_hr_t, tmp, h, h, False)
-            for b in range(n):
-                for p in range(P):
-                    y[t, b, p] = h[b, p]
-        for b in range(n, B):
-            for p in range(P):
-                y[t, b, p] = 0
+            done = 0
+            for i in range(nc):
+                cc = (k + i) % nc
+                if _claim(sync, cc, phase):
+                    _forward_proj(cc, t, n, hpre, sr[cc], pcut, y, h, z[cc])
+                    done += 1
+            _phase_end(sync, done, nc, phase)
+            phase += 1
 
 
-def _backward_kernel(gates, cells, c0, grad_y, w_hh, w_hh_t, w_hr, w_hr_t, bs, reverse, has_proj,
-                     dh, dc, dg, dr_all, hpre_all, dhh, dh_proj, tmp, one):
-    """BPTT over the saved gates [T,B,G] and cells [T,B,H]. In/out: dh [B,P], dc [B,H]
-    hold grad_h_n, grad_c_n and end as d_h0, d_c0. Out: dg [T,B,G] (= d_gx); with a
-    projection also dr_all [T,B,P] (gradient reaching each projected output) and
-    hpre_all [T,B,H] (o*tanh(c), recomputed), the operands of dW_hr. Scratch: dhh,
-    dh_proj [B,H], tmp [G*B]."""
-    T, B, G = gates.shape
-    H = G // 4
-    P = dh.shape[1]
+def _forward_parallel(nc, sync, gx, h0, bs, reverse, need_grad, has_proj, ucut, pcut,
+                      w_hh, sel_w, cnt_w, sw, w_hr, sel_r, cnt_r, sr, y, h, c, gates, cells, hpre, z):
+    for k in prange(nc):
+        _forward_worker(k, nc, sync, gx, h0, bs, reverse, need_grad, has_proj, ucut, pcut,
+                        w_hh, sel_w, cnt_w, sw, w_hr, sel_r, cnt_r, sr, y, h, c, gates, cells, hpre, z)
+
+
+def _backward_carry(cc, tn, nn, dg, sb_c, pcut, dh, z_c):
+    """dh[:nn, p0:p1] = dg[tn, :nn] @ W_hh[:, p0:p1]: the gradient reaching h of the
+    step before tn (rows not active at tn keep theirs)."""
+    p0 = pcut[cc]
+    npc = pcut[cc + 1] - p0
+    if npc == 0:
+        return
+    _slab_gemm(dg[tn], nn, sb_c, npc, z_c)
+    for b in range(nn):
+        _copy(dh[b, p0:p0 + npc], z_c[b, :npc], npc)
+
+
+def _backward_units(cc, s, t, tp, n, gates, cells, c0, grad_y, dr_all, sr_c, ucut, has_proj,
+                    dh, dc, dg, hpre_all, z_c, tc, one):
+    """Step t, chunk cc: gate derivatives of units u0:u1 and dc_{t-1}; with a projection
+    first the gradient reaching h_pre = d_r[t] @ W_hr[:, u0:u1]. tp: the step before t
+    in processing order (s > 0). tc [>=nj] scratch."""
+    u0 = ucut[cc]
+    nj = ucut[cc + 1] - u0
+    if nj == 0:
+        return
+    H = dc.shape[1]
+    if has_proj:
+        _slab_gemm(dr_all[t], n, sr_c, nj, z_c)
+    for b in range(n):
+        gb = gates[t, b]
+        ig = gb[u0:u0 + nj]
+        fg = gb[H + u0:H + u0 + nj]
+        gg = gb[2 * H + u0:2 * H + u0 + nj]
+        og = gb[3 * H + u0:3 * H + u0 + nj]
+        cp = c0[b, u0:u0 + nj] if s == 0 else cells[tp, b, u0:u0 + nj]
+        cl = cells[t, b, u0:u0 + nj]
+        for j in range(nj):
+            tc[j] = _tanh(cl[j])
+        if has_proj:
+            hp = hpre_all[t, b, u0:u0 + nj]
+            for j in range(nj):
+                hp[j] = og[j] * tc[j]
+            dhv = z_c[b, :nj]
+        else:
+            dhv = dh[b, u0:u0 + nj]
+            gy = grad_y[t, b, u0:u0 + nj]
+            for j in range(nj):
+                dhv[j] += gy[j]
+        db = dg[t, b]
+        di = db[u0:u0 + nj]
+        df = db[H + u0:H + u0 + nj]
+        dgg = db[2 * H + u0:2 * H + u0 + nj]
+        do = db[3 * H + u0:3 * H + u0 + nj]
+        dcb = dc[b, u0:u0 + nj]
+        for j in range(nj):
+            dcv = dcb[j] + dhv[j] * og[j] * (one - tc[j] * tc[j])
+            di[j] = dcv * gg[j] * (ig[j] - ig[j] * ig[j])
+            df[j] = dcv * cp[j] * (fg[j] - fg[j] * fg[j])
+            dgg[j] = dcv * ig[j] * (one - gg[j] * gg[j])
+            do[j] = dhv[j] * tc[j] * (og[j] - og[j] * og[j])
+            dcb[j] = dcv * fg[j]
+
+
+def _backward_worker(k, nc, sync, gates, cells, c0, grad_y, bs, reverse, has_proj, ucut, pcut,
+                     w_hh, sel_w, cnt_w, sb, w_hr, sel_r, cnt_r, sr, dh, dc, dg, dr_all, hpre_all, z, tcs, one):
+    """Thread k's part of BPTT over the saved gates [T,B,G] and cells [T,B,H]. Slabs
+    per chunk cc: sb[cc] of W_hh[:, p0:p1] [G, npc], sr[cc] of W_hr[:, u0:u1] [P, nj].
+    In/out: dh [B,P] grad_h_n -> d_h0, dc [B,H] grad_c_n -> d_c0. Out: dg [T,B,G]
+    (= d_gx; inactive rows untouched); with a projection dr_all [T,B,P] (gradient
+    reaching each projected output) and hpre_all [T,B,H] (o*tanh(c), recomputed), the
+    operands of dW_hr. Scratch: z [nc, B, padded width], tcs [nc, >=nj]. Phase 0 packs
+    the slabs from w_hh columns sel_w[cc, :cnt_w[cc]], w_hr columns sel_r[cc, :cnt_r[cc]]."""
+    T = gates.shape[0]
+    done = 0
+    for i in range(nc):
+        cc = (k + i) % nc
+        if _claim(sync, cc, 0):
+            _pack_slab(w_hh, sel_w[cc], cnt_w[cc], True, sb[cc])
+            if has_proj:
+                _pack_slab(w_hr, sel_r[cc], cnt_r[cc], True, sr[cc])
+            done += 1
+    _phase_end(sync, done, nc, 0)
+    phase = 1
+    tn = -1  # the step processed before t here (the later one in forward order)
     for s in range(T - 1, -1, -1):
         t = T - 1 - s if reverse else s
-        tp = t + 1 if reverse else t - 1  # the step processed before t (valid for s > 0)
+        tp = t + 1 if reverse else t - 1  # the step before t in forward order (s > 0)
         n = bs[t]
+        # Phase 1, by state columns: finish dh (from step tn) and, with a projection,
+        # the gradient reaching y[t]. Without a projection the column and unit cuts
+        # coincide and phase 2 only reads its own columns: one phase does both.
+        done = 0
+        for i in range(nc):
+            cc = (k + i) % nc
+            if _claim(sync, cc, phase):
+                if tn >= 0:
+                    _backward_carry(cc, tn, bs[tn], dg, sb[cc], pcut, dh, z[cc])
+                if has_proj:
+                    p0 = pcut[cc]
+                    p1 = pcut[cc + 1]
+                    for b in range(n):
+                        drb = dr_all[t, b, p0:p1]
+                        dhb = dh[b, p0:p1]
+                        gyb = grad_y[t, b, p0:p1]
+                        for j in range(p1 - p0):
+                            drb[j] = dhb[j] + gyb[j]
+                else:
+                    _backward_units(cc, s, t, tp, n, gates, cells, c0, grad_y, dr_all, sr[cc], ucut, has_proj,
+                                    dh, dc, dg, hpre_all, z[cc], tcs[cc], one)
+                done += 1
+        _phase_end(sync, done, nc, phase)
+        phase += 1
         if has_proj:
-            for b in range(n):
-                for p in range(P):
-                    dr_all[t, b, p] = dh[b, p] + grad_y[t, b, p]
-            for b in range(n, B):
-                for p in range(P):
-                    dr_all[t, b, p] = 0
-            _matmul_nt(dr_all[t], n, w_hr_t, w_hr, tmp, dh_proj, dh_proj, False)
-        for b in range(n):
-            gb = gates[t, b]
-            ig = gb[:H]
-            fg = gb[H:2 * H]
-            gg = gb[2 * H:3 * H]
-            og = gb[3 * H:]
-            cp = c0[b] if s == 0 else cells[tp, b]
-            tc = dhh[b]  # scratch row: tanh(c_t), then d(h_t) in place
-            cl = cells[t, b]
-            for j in range(H):
-                tc[j] = _tanh(cl[j])
-            if has_proj:
-                hp = hpre_all[t, b]
-                for j in range(H):
-                    hp[j] = og[j] * tc[j]
-                dhv = dh_proj[b]
-            else:
-                dhv = dh[b]
-                gy = grad_y[t, b]
-                for j in range(H):
-                    dhv[j] += gy[j]
-            db = dg[t, b]
-            di = db[:H]
-            df = db[H:2 * H]
-            dgg = db[2 * H:3 * H]
-            do = db[3 * H:]
-            dcb = dc[b]
-            for j in range(H):
-                dcv = dcb[j] + dhv[j] * og[j] * (one - tc[j] * tc[j])
-                di[j] = dcv * gg[j] * (ig[j] - ig[j] * ig[j])
-                df[j] = dcv * cp[j] * (fg[j] - fg[j] * fg[j])
-                dgg[j] = dcv * ig[j] * (one - gg[j] * gg[j])
-                do[j] = dhv[j] * tc[j] * (og[j] - og[j] * og[j])
-                dcb[j] = dcv * fg[j]
-        for b in range(n, B):
-            for j in range(G):
-                dg[t, b, j] = 0
-            if has_proj:
-                for j in range(H):
-                    hpre_all[t, b, j] = 0
-        _matmul_nt(dg[t], n, w_hh_t, w_hh, tmp, dh, dh, False)
+            done = 0
+            for i in range(nc):
+                cc = (k + i) % nc
+                if _claim(sync, cc, phase):
+                    _backward_units(cc, s, t, tp, n, gates, cells, c0, grad_y, dr_all, sr[cc], ucut, has_proj,
+                                    dh, dc, dg, hpre_all, z[cc], tcs[cc], one)
+                    done += 1
+            _phase_end(sync, done, nc, phase)
+            phase += 1
+        tn = t
+    # the first step's dg reaches h0
+    done = 0
+    for i in range(nc):
+        cc = (k + i) % nc
+        if _claim(sync, cc, phase):
+            _backward_carry(cc, tn, bs[tn], dg, sb[cc], pcut, dh, z[cc])
+            done += 1
+    _phase_end(sync, done, nc, phase)
 
 
-_KERNELS = ("_matmul_nt", "_forward_kernel", "_backward_kernel")
+def _backward_parallel(nc, sync, gates, cells, c0, grad_y, bs, reverse, has_proj, ucut, pcut,
+                       w_hh, sel_w, cnt_w, sb, w_hr, sel_r, cnt_r, sr, dh, dc, dg, dr_all, hpre_all, z, tcs, one):
+    for k in prange(nc):
+        _backward_worker(k, nc, sync, gates, cells, c0, grad_y, bs, reverse, has_proj, ucut, pcut,
+                         w_hh, sel_w, cnt_w, sb, w_hr, sel_r, cnt_r, sr, dh, dc, dg, dr_all, hpre_all, z, tcs, one)
+
+
+_KERNELS = ("_claim", "_phase_end", "_copy", "_pack_slab", "_mk_4x1", "_mk_1x4", "_mk_1x1", "_slab_gemm", "_forward_units", "_forward_proj", "_forward_worker",
+            "_backward_carry", "_backward_units", "_backward_worker")
+_PARALLEL_KERNELS = ("_forward_parallel", "_backward_parallel")
 
 
 # ----------------------------------------------------------------------------------
@@ -259,8 +500,6 @@ _KERNELS = ("_matmul_nt", "_forward_kernel", "_backward_kernel")
 
 _lock = threading.Lock()
 _loaded = False
-_load_error = None
-_blas_threads = None  # (get, set) of SciPy's OpenBLAS, or None when not found
 
 
 def _cache_dir_ok() -> bool:
@@ -276,27 +515,142 @@ def _cache_dir_ok() -> bool:
         return False
 
 
-def _find_blas_threads():
-    """ctypes handles on the thread count of the OpenBLAS that scipy.linalg.cython_blas
-    (and so np.dot inside numba) calls; None if SciPy ships another BLAS."""
-    import scipy
-    import scipy.linalg.cython_blas  # noqa: F401  (loads the library)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
-    for path in sorted(glob.glob(os.path.join(root, "scipy.libs", "libscipy_openblas*.so*"))):
-        try:
-            lib = ctypes.CDLL(path)
-            get, set_ = lib.scipy_openblas_get_num_threads, lib.scipy_openblas_set_num_threads
-        except (OSError, AttributeError):
-            continue
-        get.restype, get.argtypes = ctypes.c_int, []
-        set_.restype, set_.argtypes = None, [ctypes.c_int]
-        return get, set_
-    return None
+def _intrinsics(numba):
+    """LLVM-level helpers numba lacks: atomics and wait hints on int64 array elements
+    (for _claim/_phase_end) and SIMD vectors of _VEC_BYTES (for the product kernels)."""
+    import platform
+
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic, models, register_model
+
+    def element(context, builder, aryty, ary, idx):
+        return cgutils.get_item_pointer(context, builder, aryty, context.make_array(aryty)(context, builder, ary),
+                                        [idx])
+
+    @intrinsic
+    def atomic_add(typingctx, arr, idx, val):
+        def codegen(context, builder, sig, args):
+            ptr = element(context, builder, sig.args[0], args[0], args[1])
+            return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+        return types.int64(arr, idx, val), codegen
+
+    @intrinsic
+    def atomic_load(typingctx, arr, idx):
+        def codegen(context, builder, sig, args):
+            return builder.load_atomic(element(context, builder, sig.args[0], args[0], args[1]), "acquire", 8)
+        return types.int64(arr, idx), codegen
+
+    @intrinsic
+    def atomic_cas(typingctx, arr, idx, expected, new):
+        def codegen(context, builder, sig, args):
+            ptr = element(context, builder, sig.args[0], args[0], args[1])
+            pair = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
+            return builder.extract_value(pair, 1)
+        return types.boolean(arr, idx, expected, new), codegen
+
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+    @intrinsic
+    def spin_pause(typingctx):
+        def codegen(context, builder, sig, args):
+            if is_x86:  # tells the core this is a spin-wait (saves power, frees the sibling)
+                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                    "llvm.x86.sse2.pause")
+                builder.call(fn, [])
+            return context.get_dummy_value()
+        return types.void(), codegen
+
+    has_yield = os.name == "posix"
+
+    @intrinsic
+    def yield_core(typingctx):
+        def codegen(context, builder, sig, args):
+            if has_yield:  # libc's sched_yield, resolved in the process at load time
+                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []),
+                                                    "sched_yield")
+                builder.call(fn, [])
+            return context.get_dummy_value()
+        return types.void(), codegen
+
+    class VecType(types.Type):
+        """A SIMD vector of dtype filling _VEC_BYTES, held in one register."""
+
+        def __init__(self, dtype):
+            self.dtype = dtype
+            self.lanes = _VEC_BYTES * 8 // dtype.bitwidth
+            super().__init__(name=f"lstm_fast_vec({dtype}x{self.lanes})")
+
+    @register_model(VecType)
+    class VecModel(models.PrimitiveModel):
+        def __init__(self, dmm, fe_type):
+            elem = dmm.lookup(fe_type.dtype).get_value_type()
+            super().__init__(dmm, fe_type, ir.VectorType(elem, fe_type.lanes))
+
+    @intrinsic
+    def lanes(typingctx, arr):
+        n = _VEC_BYTES * 8 // arr.dtype.bitwidth
+
+        def codegen(context, builder, sig, args):
+            return ir.Constant(ir.IntType(64), n)
+        return types.int64(arr), codegen
+
+    @intrinsic
+    def vzero(typingctx, arr):
+        vt = VecType(arr.dtype)
+
+        def codegen(context, builder, sig, args):
+            return ir.Constant(context.get_value_type(vt), None)
+        return vt(arr), codegen
+
+    @intrinsic
+    def vload(typingctx, arr, idx):  # unaligned load of arr[idx:idx + lanes]
+        vt = VecType(arr.dtype)
+
+        def codegen(context, builder, sig, args):
+            ptr = element(context, builder, sig.args[0], args[0], args[1])
+            vptr = builder.bitcast(ptr, context.get_value_type(vt).as_pointer())
+            return builder.load(vptr, align=arr.dtype.bitwidth // 8)
+        return vt(arr, idx), codegen
+
+    @intrinsic
+    def vstore(typingctx, arr, idx, v):  # arr[idx:idx + lanes] = v
+        def codegen(context, builder, sig, args):
+            ptr = element(context, builder, sig.args[0], args[0], args[1])
+            builder.store(args[2], builder.bitcast(ptr, args[2].type.as_pointer()), align=arr.dtype.bitwidth // 8)
+            return context.get_dummy_value()
+        return types.void(arr, idx, v), codegen
+
+    @intrinsic
+    def vsplat(typingctx, x):  # every lane = x
+        vt = VecType(x)
+
+        def codegen(context, builder, sig, args):
+            ty = context.get_value_type(vt)
+            one = builder.insert_element(ir.Constant(ty, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
+            zeros = ir.Constant(ir.VectorType(ir.IntType(32), vt.lanes), [0] * vt.lanes)
+            return builder.shuffle_vector(one, ir.Constant(ty, ir.Undefined), zeros)
+        return vt(x), codegen
+
+    @intrinsic
+    def vfma(typingctx, a, b, c):  # a * b + c, fused where the CPU has FMA
+        def codegen(context, builder, sig, args):
+            ty = args[0].type
+            bits = 32 if isinstance(ty.element, ir.FloatType) else 64
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]),
+                                                f"llvm.fmuladd.v{ty.count}f{bits}")
+            return builder.call(fn, list(args))
+        return a(a, b, c), codegen
+
+    return {"_atomic_add": atomic_add, "_atomic_load": atomic_load, "_atomic_cas": atomic_cas,
+            "_spin_pause": spin_pause, "_yield_core": yield_core, "_lanes": lanes, "_vzero": vzero,
+            "_vload": vload, "_vstore": vstore, "_vsplat": vsplat, "_vfma": vfma}
 
 
 def _load():
     """Import numba, register the activations and jit the kernels (once per process)."""
-    global _loaded, _load_error, _blas_threads
+    global _loaded
     if _loaded:
         return
     with _lock:
@@ -306,7 +660,6 @@ def _load():
         from numba import types
         from numba.extending import overload
 
-        _blas_threads = _find_blas_threads()
         f32 = np.float32
         clamp = f32(_TANH_CLAMP)
         p1, p3, p5, p7, p9, p11, p13 = (f32(v) for v in _TANH_P)
@@ -342,36 +695,121 @@ def _load():
         if not _cache_dir_ok():
             os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lstm_fast_numba_")
             numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+        # omp first: a parallel launch took 4.5 us with it and 125 us with workqueue on the
+        # 2-core EPYC (tbb is rarely installed). Correctness does not depend on the layer
+        # (see _claim); a layer the user chose through numba's variables is kept.
+        if not any(os.environ.get(v) for v in ("NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY")):
+            numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
         g = globals()
+        g.update(_intrinsics(numba))
+        g["prange"] = numba.prange
         # nnan/ninf are left out so that NaN and inf propagate as in torch.
         fm = {"contract", "reassoc", "nsz", "arcp", "afn"}
-        for name in _KERNELS:
+        for name in _KERNELS + _PARALLEL_KERNELS:
+            opts = dict(nogil=True, fastmath=fm, error_model="numpy", boundscheck=False)
+            if name in _PARALLEL_KERNELS:
+                opts["parallel"] = True
+            else:
+                # No reference counting: the kernels allocate nothing, and every array
+                # view would otherwise touch its parent's shared count atomically,
+                # which both threads do per row (forward step B=1 H=128: 4.7 -> ? us).
+                opts["_nrt"] = False
             try:
-                g[name] = numba.njit(cache=True, nogil=True, fastmath=fm, error_model="numpy")(g[name])
+                g[name] = numba.njit(cache=True, **opts)(g[name])
             except RuntimeError:  # no cache locator usable: compile without a cache
-                g[name] = numba.njit(cache=False, nogil=True, fastmath=fm, error_model="numpy")(g[name])
+                g[name] = numba.njit(cache=False, **opts)(g[name])
         _loaded = True
 
 
-@contextlib.contextmanager
-def _blas_single_thread():
-    """Per-step products are too small to split across threads (see module doc)."""
-    if _blas_threads is None:
-        yield
+def _np(t, dtype):
+    """t as a C-contiguous numpy array of dtype (a view when it already is one)."""
+    t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous().numpy()
+
+
+# A call splits its time loop over threads only when a step has at least this many
+# multiply-adds, B * 4H * P (each step ends in one or two waits for all chunks).
+# LSTM_FAST_NUMBA_SPLIT_MIN overrides it (0: always split).
+_SPLIT_MIN = int(os.environ.get("LSTM_FAST_NUMBA_SPLIT_MIN", 8192))
+
+
+def _chunks(B, H, P):
+    """Chunks (= threads asked for) of one call: torch's thread count, capped by numba's pool."""
+    import numba
+
+    nt = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    return nt if nt > 1 and B * 4 * H * P >= _SPLIT_MIN else 1
+
+
+def _team(nc):
+    """Threads the parallel launch runs with (a hook for tests of smaller teams)."""
+    return nc
+
+
+@functools.lru_cache(maxsize=64)
+def _cuts(N, nc):
+    """(Cached: never written.) nc + 1 boundaries cutting range(N) into parts of whole 8-element vectors
+    (parts differ by at most one vector), so the pointwise loops rarely have tails."""
+    units = (N + 7) // 8
+    return np.array([min(N, units * i // nc * 8) for i in range(nc + 1)], dtype=np.int64)
+
+
+def _slab(a, N, nc, by_column, blocks=1, stride=0):
+    """Arguments for the workers to pack chunk slabs of a (_pack_slab) in their first
+    phase: (a, sel [nc, max], counts [nc], slabs [nc, npan * K * PW] to fill), numpy.
+    Chunk c's rows (or columns) of a are q * stride + j for q < blocks and j in its
+    part of range(N) (_cuts)."""
+    sel, counts = _chunk_index(N, nc, blocks, stride)
+    pw = 2 * _VEC_BYTES // a.itemsize
+    K = a.shape[0] if by_column else a.shape[1]
+    npan = max(1, -(-int(counts.max()) // pw))
+    return a, sel, counts, np.empty((len(counts), npan * K * pw), a.dtype)
+
+
+def _no_slab(dtype, nc):
+    return np.empty((0, 0), dtype), np.zeros((nc, 1), np.int64), np.zeros(nc, np.int64), np.empty((nc, 0), dtype)
+
+
+def _scratch(dtype, B, *slabs):
+    """Per-chunk product outputs [nc, B, width], width the widest slab's padded columns."""
+    width = max(sl[3].shape[1] // (sl[0].shape[0] if by_col else sl[0].shape[1])
+                for sl, by_col in slabs if sl[0].size)
+    return np.empty((slabs[0][0][3].shape[0], B, width), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_index(N, nc, blocks, stride):
+    """(Cached: never written.) See _slab."""
+    cut = _cuts(N, nc)
+    sizes = np.diff(cut)
+    sel = np.zeros((len(sizes), max(1, int(sizes.max()) * blocks)), dtype=np.int64)
+    for c, n in enumerate(sizes):
+        sel[c, :n * blocks] = (np.arange(blocks)[:, None] * stride + cut[c] + np.arange(n)[None, :]).ravel()
+    return sel, sizes * blocks
+
+
+@functools.lru_cache(maxsize=64)
+def _full_batch(T, B):
+    """(Cached: never written.) Active rows per step without packing."""
+    return np.full(T, B, dtype=np.int64)
+
+
+def _launch(parallel, worker, nc, *args):
+    """Run worker(k, nc, *args) for k < nc: directly for one chunk (no thread pool),
+    else on a numba team of _team(nc) threads, numba's thread count restored after."""
+    if nc == 1:
+        worker(0, 1, *args)
         return
-    get, set_ = _blas_threads
-    before = get()
-    if before != 1:
-        set_(1)
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(_team(nc), numba.config.NUMBA_NUM_THREADS))
     try:
-        yield
+        parallel(nc, *args)
     finally:
-        if before != 1:
-            set_(before)
-
-
-def _np(t):
-    return t.detach().numpy()
+        numba.set_num_threads(before)
 
 
 class NumbaBackend(Backend):
@@ -380,9 +818,8 @@ class NumbaBackend(Backend):
     def is_available(self):
         try:
             import numba  # noqa: F401
-            import scipy.linalg.cython_blas  # noqa: F401  (np.dot inside njit needs it)
         except Exception as exc:  # ImportError, or a broken install
-            return False, f"numba or scipy unavailable: {type(exc).__name__}: {exc}"
+            return False, f"numba unavailable: {type(exc).__name__}: {exc}"
         return True, f"numba {numba.__version__}"
 
     def supports(self, device, dtype, sizes: LayerSizes):
@@ -393,21 +830,14 @@ class NumbaBackend(Backend):
         return True, "CPU float32/float64"
 
     @staticmethod
-    def _prep(gx, w_hh, w_hr, batch_sizes):
-        T, B, G = gx.shape
-        dt = gx.dtype
-        w_hh = w_hh.detach().to(dt).contiguous()
-        w_hh_t = w_hh.t().contiguous()
-        if w_hr is not None:
-            w_hr = w_hr.detach().to(dt).contiguous()
-            w_hr_t = w_hr.t().contiguous()
-        else:
-            w_hr = w_hr_t = gx.new_empty(0, 0)
+    def _plan(T, B, H, P, batch_sizes):
+        """(active rows per step, chunks, unit cut, column cut)"""
         if batch_sizes is None:
-            bs = np.full(T, B, dtype=np.int64)
+            bs = _full_batch(T, B)
         else:
             bs = np.ascontiguousarray(batch_sizes.detach().cpu().numpy(), dtype=np.int64)
-        return w_hh, w_hh_t, w_hr, w_hr_t, bs
+        nc = _chunks(B, H, P)
+        return bs, nc, _cuts(H, nc), _cuts(P, nc)
 
     def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
         _load()
@@ -416,25 +846,29 @@ class NumbaBackend(Backend):
         H = G // 4
         P = h0.shape[-1]
         dt = gx.dtype
-        w_hh, w_hh_t, w_hr, w_hr_t, bs = self._prep(gx, w_hh, w_hr, batch_sizes)
-        has_proj = w_hr.numel() > 0
-        y = gx.new_empty(T, B, P)
-        h = h0.detach().to(dt).clone().contiguous()
-        c = c0.detach().to(dt).clone().contiguous()
+        npdt = _DTYPES[dt]
+        has_proj = w_hr is not None
+        bs, nc, ucut, pcut = self._plan(T, B, H, P, batch_sizes)
+        pack_w = _slab(_np(w_hh, dt), H, nc, False, 4, H)
+        pack_r = _slab(_np(w_hr, dt), P, nc, False) if has_proj else _no_slab(npdt, nc)
+        packed = batch_sizes is not None
+        y = gx.new_zeros(T, B, P) if packed else gx.new_empty(T, B, P)  # inactive rows stay 0
+        h0n = _np(h0, dt)
+        h = torch.from_numpy(h0n.copy())
+        c = torch.from_numpy(_np(c0, dt).copy())
         if need_grad:
             # Saved for backward, per step: activated gates (4H) and cell state (H) per
             # row, 5*B*H*itemsize bytes (20*B*H in float32), plus y, which is the output.
             gates = gx.new_empty(T, B, G)
             cells = gx.new_empty(T, B, H)
+            gates_n, cells_n = gates.numpy(), cells.numpy()
         else:
-            gates = cells = gx.new_empty(0, 0, 0)
-        z = gx.new_empty(B, G)
-        hpre = gx.new_empty(B, H)
-        tmp = gx.new_empty(G * B)
-        with _blas_single_thread():
-            _forward_kernel(_np(gx), _np(w_hh), _np(w_hh_t), _np(w_hr), _np(w_hr_t), bs, bool(reverse),
-                            bool(need_grad), has_proj, _np(y), _np(h), _np(c), _np(gates), _np(cells),
-                            _np(z), _np(hpre), _np(tmp), _DTYPES[dt](1))
+            gates_n = cells_n = np.empty((0, 0, 0), npdt)
+        hpre = np.empty((B, H) if has_proj else (0, 0), npdt)
+        z = _scratch(npdt, B, (pack_w, False), (pack_r, False))
+        sync = np.zeros((1 + nc) * _LINE, dtype=np.int64)
+        _launch(_forward_parallel, _forward_worker, nc, sync, gx.numpy(), h0n, bs, bool(reverse), bool(need_grad),
+                has_proj, ucut, pcut, *pack_w, *pack_r, y.numpy(), h.numpy(), c.numpy(), gates_n, cells_n, hpre, z)
         saved = (gates, cells, y) if need_grad else ()
         return y, h.to(h0.dtype), c.to(c0.dtype), saved
 
@@ -444,26 +878,30 @@ class NumbaBackend(Backend):
         T, B, G = gates.shape
         H = G // 4
         dt = gates.dtype
+        npdt = _DTYPES[dt]
         P = y.shape[-1]
-        w_hh_n, w_hh_t, w_hr_n, w_hr_t, bs = self._prep(gates, w_hh, w_hr, batch_sizes)
         has_proj = w_hr is not None
-        grad_y = grad_y.detach().to(dt).contiguous()
-        dh = grad_hn.detach().to(dt).clone().contiguous()
-        dc = grad_cn.detach().to(dt).clone().contiguous()
-        c0a = c0.detach().to(dt).contiguous()
-        dg = gates.new_empty(T, B, G)
+        bs, nc, ucut, pcut = self._plan(T, B, H, P, batch_sizes)
+        pack_w = _slab(_np(w_hh, dt), P, nc, True)
+        pack_r = _slab(_np(w_hr, dt), H, nc, True) if has_proj else _no_slab(npdt, nc)
+        dh = torch.from_numpy(_np(grad_hn, dt).copy())
+        dc = torch.from_numpy(_np(grad_cn, dt).copy())
+        packed = batch_sizes is not None
+        alloc = gates.new_zeros if packed else gates.new_empty  # inactive rows stay 0
+        dg = alloc(T, B, G)
         if has_proj:
-            dr_all = gates.new_empty(T, B, P)
-            hpre_all = gates.new_empty(T, B, H)
+            dr_all = alloc(T, B, P)
+            hpre_all = alloc(T, B, H)
+            dr_n, hpre_n = dr_all.numpy(), hpre_all.numpy()
         else:
-            dr_all = hpre_all = gates.new_empty(0, 0, 0)
-        dhh = gates.new_empty(B, H)
-        dh_proj = gates.new_empty(B, H)
-        tmp = gates.new_empty(G * B)
-        with _blas_single_thread():
-            _backward_kernel(_np(gates), _np(cells), _np(c0a), _np(grad_y), _np(w_hh_n), _np(w_hh_t),
-                             _np(w_hr_n), _np(w_hr_t), bs, bool(reverse), has_proj, _np(dh), _np(dc),
-                             _np(dg), _np(dr_all), _np(hpre_all), _np(dhh), _np(dh_proj), _np(tmp), _DTYPES[dt](1))
-        d_w_hh, d_w_hr = weight_grads(dg, y, h0.detach(), reverse, dr_all if has_proj else None, hpre_all)
+            dr_all = hpre_all = None
+            dr_n = hpre_n = np.empty((0, 0, 0), npdt)
+        z = _scratch(npdt, B, (pack_w, True), (pack_r, True))
+        tcs = np.empty((nc, int(np.max(ucut[1:] - ucut[:-1]))), npdt)
+        sync = np.zeros((1 + nc) * _LINE, dtype=np.int64)
+        _launch(_backward_parallel, _backward_worker, nc, sync, gates.numpy(), cells.numpy(), _np(c0, dt),
+                _np(grad_y, dt), bs, bool(reverse), has_proj, ucut, pcut, *pack_w, *pack_r, dh.numpy(), dc.numpy(),
+                dg.numpy(), dr_n, hpre_n, z, tcs, npdt(1))
+        d_w_hh, d_w_hr = weight_grads(dg, y, h0.detach(), reverse, dr_all, hpre_all)
         return (dg.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                 None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
