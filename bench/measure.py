@@ -10,6 +10,7 @@ import time
 import torch
 
 from .configs import Shape, cudnn_persistent, lstm_flops
+from .floor import FLOOR, floor_step
 from .machine import TORCH_DTYPES, tf32
 
 BASELINE = "torch"
@@ -206,6 +207,13 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
                     torch.cuda.empty_cache()
         if not steps:
             return list(rows.values())
+        try:  # timed beside the runners; it becomes a column of theirs, not a row
+            steps[FLOOR] = floor_step(shape, mode, device, tdtype)
+            steps[FLOOR]()
+            est[FLOOR] = time_samples(steps[FLOOR], 1, device)
+            rows[FLOOR] = base_row(shape, dtype, mode, FLOOR)
+        except Exception:  # no floor column for this config; the runners are unaffected
+            steps.pop(FLOOR, None)
 
         # Several calls per sample on GPU where one call is short, so a sample
         # is >= 1 ms and event resolution (~µs) and launch jitter stay small.
@@ -252,15 +260,20 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
             if peak_gflops:
                 row["pct_peak"] = 100.0 * row["gflops"] / peak_gflops
         if opts.measure_memory and deadline is not None and time.time() > deadline:
-            for n in steps:
+            for n in [n for n in steps if n != FLOOR]:
                 rows[n]["peak_mem_mb"] = None  # one more call each would overrun the budget
         elif opts.measure_memory:
-            for n in list(steps):
+            for n in [n for n in steps if n != FLOOR]:
                 try:
                     rows[n]["peak_mem_mb"] = peak_memory(steps[n], device) / 2**20
                 except Exception as exc:
                     rows[n]["peak_mem_mb"] = None
                     rows[n]["reason"] = f"memory not measured: {type(exc).__name__}: {exc}"[:200]
+    floor = rows.pop(FLOOR, {}).get("median_ms")
+    for row in rows.values():
+        if floor and row.get("median_ms"):
+            row["floor_ms"] = floor
+            row["x_floor"] = row["median_ms"] / floor
     b = rows[BASELINE]
     for n, row in rows.items():
         if n != BASELINE and row.get("median_ms") and b.get("median_ms"):

@@ -10,7 +10,7 @@ from .measure import BASELINE
 
 CSV_FIELDS = ["config", "T", "B", "I", "H", "L", "bidir", "proj", "dtype", "mode", "backend", "status",
               "median_ms", "min_ms", "max_ms", "repeats", "inner", "tokens_per_s", "gflops", "pct_peak",
-              "speedup", "peak_mem_mb", "max_rel_err", "err_flag", "reason"]
+              "floor_ms", "x_floor", "speedup", "peak_mem_mb", "max_rel_err", "err_flag", "reason"]
 
 
 def baseline_label(info: dict) -> str:
@@ -136,13 +136,14 @@ def detail_md(report) -> str:
     out = []
     for mode, dtype in sections(rows):
         out += ["", f"## {mode} · {dtype}", "",
-                "| config | backend | median ms [min–max] | tokens/s | GFLOP/s | % matmul | speedup | peak MB | check |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "| config | backend | median ms [min–max] | tokens/s | GFLOP/s | % matmul | x floor | speedup | peak MB"
+                " | check |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if (r["mode"], r["dtype"]) != (mode, dtype):
                 continue
             if r["status"] != "ok":
-                out.append(f"| {_config_cell(r, info)} | {r['backend']} | {r['status']} | | | | | | {_short(r['reason'])} |")
+                out.append(f"| {_config_cell(r, info)} | {r['backend']} | {r['status']} | | | | | | | {_short(r['reason'])} |")
                 continue
             check = ""
             if r.get("max_rel_err") is not None:
@@ -150,7 +151,8 @@ def detail_md(report) -> str:
             out.append(
                 f"| {_config_cell(r, info)} | {r['backend']} | {_ms(r['median_ms'])} [{_ms(r['min_ms'])}–{_ms(r['max_ms'])}]"
                 f" | {_f(r.get('tokens_per_s'), '{:.3g}')} | {_f(r.get('gflops'), '{:.3g}')}"
-                f" | {_f(r.get('pct_peak'), '{:.1f}')} | {_f(r.get('speedup'), '{:.2f}x')}"
+                f" | {_f(r.get('pct_peak'), '{:.1f}')} | {_f(r.get('x_floor'), '{:.2f}')}"
+                f" | {_f(r.get('speedup'), '{:.2f}x')}"
                 f" | {_f(r.get('peak_mem_mb'), '{:.3g}')} | {check} |")
     return "\n".join(out)
 
@@ -217,6 +219,9 @@ NOTES_MD = """
 - GFLOP/s counts matmul work only: 8·B·T·H·(I_l+P) per layer-direction forward (+2·B·T·H·P
   with a projection), 3x that for training. % matmul = that rate over the measured square
   matmul rate of the same dtype on this machine.
+- x floor: the row's time over the GEMM floor, the same matmuls alone (input projection,
+  one product per step, and in training their gradient products) through torch.mm, timed
+  in the same round-robin (bench/floor.py; floor ms in the JSON/CSV).
 - Peak MB: GPU, torch.cuda.max_memory_allocated above the level before the call; CPU, the
   peak of torch's CPU allocator during one call (torch.profiler memory events), which does
   not see memory a backend allocates outside torch.
