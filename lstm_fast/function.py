@@ -13,23 +13,61 @@ from .backends.base import LayerSizes
 
 
 class LSTMRecurrence(torch.autograd.Function):
-    """(gx, h0, c0, w_hh, w_hr) -> (y, h_n, c_n); shapes in backends/base.py."""
+    """(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr) -> (y, h_n, c_n); shapes in backends/base.py.
+
+    x [T, B, I] is the layer input, projected by the backend (forward_projected); with
+    w_ih None it is the precomputed gx [T, B, 4H] and the biases are None.
+    """
 
     @staticmethod
-    def forward(ctx, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend, need_grad):
-        y, h_n, c_n, saved = backend.forward(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+    def forward(ctx, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend, need_grad):
+        if w_ih is None:
+            out = backend.forward(x, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+        else:
+            out = backend.forward_projected(x, w_ih, _bias(b_ih, b_hh), h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                                            need_grad)
+        y, h_n, c_n, saved = out
         ctx.backend, ctx.batch_sizes, ctx.reverse = backend, batch_sizes, reverse
         if need_grad:
-            ctx.save_for_backward(h0, c0, w_hh, w_hr, *saved)
+            ctx.save_for_backward(x if w_ih is not None else None, w_ih, h0, c0, w_hh, w_hr, *saved)
         return y, h_n, c_n
 
     @staticmethod
     def backward(ctx, grad_y, grad_hn, grad_cn):
-        h0, c0, w_hh, w_hr, *saved = ctx.saved_tensors
-        grads = ctx.backend.backward(tuple(saved), grad_y.contiguous(), grad_hn.contiguous(), grad_cn.contiguous(),
-                                     h0, c0, w_hh, w_hr, ctx.batch_sizes, ctx.reverse)
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+        x, w_ih, h0, c0, w_hh, w_hr, *saved = ctx.saved_tensors
+        d_gx, d_h0, d_c0, d_w_hh, d_w_hr = ctx.backend.backward(
+            tuple(saved), grad_y.contiguous(), grad_hn.contiguous(), grad_cn.contiguous(),
+            h0, c0, w_hh, w_hr, ctx.batch_sizes, ctx.reverse)
+        need = ctx.needs_input_grad
+        if w_ih is None:
+            d_x, d_w_ih, d_b = d_gx, None, None
+        else:
+            # the input projection's gradients: GEMMs over all T*B rows
+            G = d_gx.shape[-1]
+            d_x = d_gx.matmul(w_ih.to(d_gx.dtype)) if need[0] else None
+            d_w_ih = d_gx.reshape(-1, G).t().mm(x.reshape(-1, x.shape[-1]).to(d_gx.dtype)) if need[1] else None
+            d_b = d_gx.sum((0, 1)) if need[2] or need[3] else None
+        grads = [d_x, d_w_ih, d_b, d_b, d_h0, d_c0, d_w_hh, d_w_hr]
+        grads = [g if n else None for g, n in zip(grads, need)]
         return (*grads, None, None, None, None)
+
+
+def _bias(b_ih, b_hh):
+    if b_ih is not None:
+        return b_ih + b_hh if b_hh is not None else b_ih
+    return b_hh
+
+
+def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend):
+    T, B = x.shape[:2]
+    H = w_hh.shape[0] // 4
+    sizes = LayerSizes(T=T, B=B, H=H, P=h0.shape[-1], packed=batch_sizes is not None, reverse=reverse)
+    chosen = select_backend(backend, x.device, x.dtype, sizes)
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr))
+    opt = [None if t is None else t.contiguous() for t in (w_ih, b_ih, b_hh, w_hr)]
+    return LSTMRecurrence.apply(x.contiguous(), opt[0], opt[1], opt[2], h0.contiguous(), c0.contiguous(),
+                                w_hh.contiguous(), opt[3], batch_sizes, reverse, chosen, need_grad)
 
 
 def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=False, backend=None):
@@ -38,14 +76,15 @@ def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=Fa
     gx [T, B, 4H], h0 [B, P], c0 [B, H], w_hh [4H, P], w_hr [P, H] or None.
     Returns y [T, B, P], h_n [B, P], c_n [B, H].
     """
-    T, B, G = gx.shape
-    sizes = LayerSizes(T=T, B=B, H=G // 4, P=h0.shape[-1], packed=batch_sizes is not None, reverse=reverse)
-    chosen = select_backend(backend, gx.device, gx.dtype, sizes)
-    need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, w_hr))
-    return LSTMRecurrence.apply(gx.contiguous(), h0.contiguous(), c0.contiguous(), w_hh.contiguous(),
-                                None if w_hr is None else w_hr.contiguous(),
-                                batch_sizes, reverse, chosen, need_grad)
+    return _run(gx, None, None, None, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
+
+
+def lstm_projected(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None, reverse=False,
+                   backend=None):
+    """One layer-direction on its time-major input x [T, B, I]: the backend computes the
+    input projection (one GEMM for all steps, or fused into its own launch).
+    Returns y [T, B, P], h_n [B, P], c_n [B, H]."""
+    return _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
 
 
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
@@ -55,12 +94,12 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     x [T, B, I] ([B, T, I] with batch_first), h0 [B, P], c0 [B, H],
     w_ih [4H, I], w_hh [4H, P], b_ih/b_hh [4H] or None, w_hr [P, H] or None.
     Returns (y, (h_n, c_n)) with y [T, B, P] ([B, T, P] with batch_first).
-    The input projection for all steps is one GEMM; only the recurrence loops.
+    The input projection for all steps is one GEMM (or part of the backend's launch);
+    only the recurrence loops.
     """
     if batch_first:
         x = x.transpose(0, 1)
-    gx = input_projection(x, w_ih, b_ih, b_hh)
-    y, h_n, c_n = lstm_recurrence(gx, h0, c0, w_hh, w_hr, reverse=reverse, backend=backend)
+    y, h_n, c_n = lstm_projected(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse=reverse, backend=backend)
     if batch_first:
         y = y.transpose(0, 1)
     return y, (h_n, c_n)
@@ -68,9 +107,4 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
 
 def input_projection(x, w_ih, b_ih=None, b_hh=None):
     """x [..., I] -> [..., 4H] = x @ W_ih^T + b_ih + b_hh, one GEMM for all steps."""
-    bias = None
-    if b_ih is not None:
-        bias = b_ih + b_hh if b_hh is not None else b_ih
-    elif b_hh is not None:
-        bias = b_hh
-    return torch.nn.functional.linear(x, w_ih, bias)
+    return torch.nn.functional.linear(x, w_ih, _bias(b_ih, b_hh))

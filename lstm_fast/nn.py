@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .backends import BACKEND_NAMES
-from .function import input_projection, lstm_recurrence
+from .function import lstm_projected
 
 
 def _check_backend_name(backend):
@@ -148,12 +148,11 @@ class LSTM(_FastOptions, nn.LSTM):
             for direction in range(num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
                 k = layer * num_directions + direction
-                gx = input_projection(x, w_ih, b_ih, b_hh)
                 flip = direction == 1 and batch_sizes is not None
-                if flip:
-                    gx = _reverse_padded(gx, lengths)
-                y, h, c = lstm_recurrence(gx, hx[0][k], hx[1][k], w_hh, w_hr, batch_sizes=batch_sizes,
-                                          reverse=direction == 1 and not flip, backend=self.backend)
+                xd = _reverse_padded(x, lengths) if flip else x
+                y, h, c = lstm_projected(xd, hx[0][k], hx[1][k], w_ih, w_hh, b_ih, b_hh, w_hr,
+                                         batch_sizes=batch_sizes, reverse=direction == 1 and not flip,
+                                         backend=self.backend)
                 if flip:
                     y = _reverse_padded(y, lengths)
                 outputs.append(y)
@@ -224,8 +223,8 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         _check_cell_args(self, input, hx)
-        gx = input_projection(input, self.weight_ih, self.bias_ih, self.bias_hh).unsqueeze(0)
-        _, h, c = lstm_recurrence(gx, hx[0], hx[1], self.weight_hh, backend=self.backend)
+        _, h, c = lstm_projected(input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
+                                 self.bias_hh, backend=self.backend)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c

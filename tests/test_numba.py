@@ -175,3 +175,38 @@ def test_import_is_cheap():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["1thread", "split"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kw,packed", [
+    (dict(), False),
+    (dict(bias=False, batch_first=True), False),
+    (dict(proj_size=5, num_layers=2), False),
+    (dict(bidirectional=True), True),
+])
+def test_module_fused_projection(kw, packed, dtype, split, monkeypatch):
+    """The module path, where this backend computes the input projection inside its
+    own launch, against torch.nn.LSTM: outputs, states and every gradient."""
+    from helpers import check_against
+    from torch.nn.utils.rnn import pack_sequence
+
+    import lstm_fast
+    from lstm_fast.backends import numba_cpu as m
+
+    if split:
+        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(6, 20, **kw).to(dtype)
+    ours = lstm_fast.LSTM.from_torch(ref, backend="numba")
+    T, B = 5, 7
+
+    def build():
+        if packed:
+            seqs = [torch.randn(n, 6, dtype=dtype, requires_grad=True) for n in (5, 3, 4, 1, 5, 2, 3)]
+            return pack_sequence(seqs, enforce_sorted=False), None, {f"x{i}": s for i, s in enumerate(seqs)}
+        shape = (B, T, 6) if kw.get("batch_first") else (T, B, 6)
+        x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+        return x, None, {"x": x}
+
+    check_against(ref, ours, build, dtype, f"numba {kw}")

@@ -58,6 +58,13 @@ class Backend:
     def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
         raise NotImplementedError
 
+    def forward_projected(self, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        """forward() on the layer input x [T, B, I]: gx = x @ w_ih^T + bias (bias [4H] or
+        None) is this backend's job. By default one GEMM here; a backend may fuse it
+        into its own launch. The projection's gradients stay with the caller."""
+        gx = torch.nn.functional.linear(x, w_ih, bias)
+        return self.forward(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+
     def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
         raise NotImplementedError
 

@@ -112,6 +112,11 @@ def _copy(dst, src, n):
 # for n >= 4 (LLVM's own vectorization of the same loops: 30-48) and 33-37 for
 # n = 1, where every step streams the slab from L2.
 
+# Elements of x per row block of _slab_gemm: 128 KiB of float32, a quarter of a
+# core's L2 on the EPYC (the whole-sequence input projection has T*B rows).
+_ROW_BLOCK_ELEMS = 32768
+
+
 def _mk_4x1(x, r0, s, base, K, out, col):
     """out[r0:r0+4, col:col+PW] = x[r0:r0+4, :K] @ panel at s[base:]."""
     L = _lanes(s)
@@ -213,10 +218,14 @@ def _slab_gemm(x, n, s, m, out):
     PW = 2 * _lanes(s)
     npan = (m + PW - 1) // PW
     n4 = n - n % 4
-    # panel-outer: one panel (K * PW elements) stays in L1 across the row blocks
-    for p in range(npan):
-        for r in range(0, n4, 4):
-            _mk_4x1(x, r, s, p * K * PW, K, out, p * PW)
+    # Rows in blocks of ~_ROW_BLOCK_ELEMS elements of x (kept in L2), panel-outer within
+    # a block: one panel (K * PW elements) stays in L1 across the block's 4-row groups.
+    rb = max(4, _ROW_BLOCK_ELEMS // K // 4 * 4)
+    for r0 in range(0, n4, rb):
+        r1 = min(r0 + rb, n4)
+        for p in range(npan):
+            for r in range(r0, r1, 4):
+                _mk_4x1(x, r, s, p * K * PW, K, out, p * PW)
     np4 = npan - npan % 4
     for r in range(n4, n):
         for p in range(0, np4, 4):
@@ -247,29 +256,35 @@ def _pack_slab(a, sel, m, by_column, s):
                 s[base + k * PW] = row[k]
 
 
-def _forward_units(cc, t, n, hprev, gx, s_c, ucut, need_grad, has_proj, y, h, c, gates, cells, hpre, z_c):
+def _forward_units(cc, t, n, hprev, fused, gx2, gxc_c, bias, s_c, ucut, need_grad, has_proj,
+                   y, h, c, gates, cells, hpre, z_c):
     """Step t, chunk cc: all four gates of units u0:u1 for the n active rows, then the
-    cell and hidden update. s_c: the chunk's W_hh slab; z_c [B, >=4nj padded] scratch."""
+    cell and hidden update. The input projection of row b is gx2[t*B + b] (gate q at
+    q*H + u0) or, when fused, the chunk's own gxc_c[t*B + b] (gate q at q*nj) plus
+    bias [G]. s_c: the chunk's W_hh slab; z_c [B, >=4nj padded] scratch."""
     u0 = ucut[cc]
     nj = ucut[cc + 1] - u0
     if nj == 0:
         return
+    B = y.shape[1]
     H = c.shape[1]
     # z_c[b] = [i | f | g | o] pre-activations (without gx) of this chunk's units
     _slab_gemm(hprev, n, s_c, 4 * nj, z_c)
+    base, stride = (0, nj) if fused else (u0, H)
     for b in range(n):
         zb = z_c[b]
-        gxb = gx[t, b]
-        # one pointer pair per loop so that each vectorizes
+        gxb = gxc_c[t * B + b] if fused else gx2[t * B + b]
+        # one pointer pair (plus bias) per loop so that each vectorizes
         for q in range(4):
             zq = zb[q * nj:(q + 1) * nj]
-            gq = gxb[q * H + u0:q * H + u0 + nj]
+            gq = gxb[q * stride + base:q * stride + base + nj]
+            bq = bias[q * H + u0:q * H + u0 + nj]
             if q == 2:
                 for j in range(nj):
-                    zq[j] = _tanh(zq[j] + gq[j])
+                    zq[j] = _tanh(zq[j] + gq[j] + bq[j])
             else:
                 for j in range(nj):
-                    zq[j] = _sigmoid(zq[j] + gq[j])
+                    zq[j] = _sigmoid(zq[j] + gq[j] + bq[j])
         zi = zb[:nj]
         zf = zb[nj:2 * nj]
         zg = zb[2 * nj:3 * nj]
@@ -302,17 +317,21 @@ def _forward_proj(cc, t, n, hpre, sr_c, pcut, y, h, z_c):
         _copy(h[b, p0:p0 + npc], zb, npc)
 
 
-def _forward_worker(k, nc, sync, gx, h0, bs, reverse, need_grad, has_proj, ucut, pcut,
-                    w_hh, sel_w, cnt_w, sw, w_hr, sel_r, cnt_r, sr, y, h, c, gates, cells, hpre, z):
+def _forward_worker(k, nc, sync, fused, gx2, x2, w_ih, sel_i, cnt_i, si, gxc, bias, h0, bs, reverse, need_grad,
+                    has_proj, ucut, pcut, w_hh, sel_w, cnt_w, sw, w_hr, sel_r, cnt_r, sr, y, h, c, gates, cells, hpre,
+                    z):
     """Thread k's part of the forward time loop (see _claim for the scheme).
-    gx [T,B,G]; h0 [B,P]; bs [T] active rows per step. Slabs per chunk cc: sw[cc] of
+    Input projection: gx2 [T*B, G] precomputed, or when fused, phase 0 computes each
+    chunk's gxc[cc] [T*B, 4nj padded] = x2 [T*B, I] @ its W_ih slab si[cc] (W_ih rows
+    sel_i[cc, :cnt_i[cc]]); bias [G] is added per step (zeros when gx2 holds it).
+    h0 [B,P]; bs [T] active rows per step. Slabs per chunk cc: sw[cc] of
     W_hh^T [P, 4nj] (its units' gates in [i|f|g|o] blocks), sr[cc] of W_hr^T[:, p0:p1]
     [H, npc]. In/out: c [B,H] c0 -> c_n; out: h [B,P] h_n (rows at their last active
     step), y [T,B,P] (inactive rows untouched), gates [T,B,G] and cells [T,B,H] when
     need_grad. Scratch: hpre [B,H], z [nc, B, padded width]. Phase 0 packs the slabs
     (each by the thread that is likely to use it) from w_hh rows sel_w[cc, :cnt_w[cc]]
     and w_hr rows sel_r[cc, :cnt_r[cc]]."""
-    T = gx.shape[0]
+    T = y.shape[0]
     done = 0
     for i in range(nc):
         cc = (k + i) % nc
@@ -320,6 +339,9 @@ def _forward_worker(k, nc, sync, gx, h0, bs, reverse, need_grad, has_proj, ucut,
             _pack_slab(w_hh, sel_w[cc], cnt_w[cc], False, sw[cc])
             if has_proj:
                 _pack_slab(w_hr, sel_r[cc], cnt_r[cc], False, sr[cc])
+            if fused:
+                _pack_slab(w_ih, sel_i[cc], cnt_i[cc], False, si[cc])
+                _slab_gemm(x2, x2.shape[0], si[cc], cnt_i[cc], gxc[cc])
             done += 1
     _phase_end(sync, done, nc, 0)
     phase = 1
@@ -331,7 +353,7 @@ def _forward_worker(k, nc, sync, gx, h0, bs, reverse, need_grad, has_proj, ucut,
         for i in range(nc):
             cc = (k + i) % nc
             if _claim(sync, cc, phase):
-                _forward_units(cc, t, n, hprev, gx, sw[cc], ucut, need_grad, has_proj,
+                _forward_units(cc, t, n, hprev, fused, gx2, gxc[cc], bias, sw[cc], ucut, need_grad, has_proj,
                                y, h, c, gates, cells, hpre, z[cc])
                 done += 1
         _phase_end(sync, done, nc, phase)
@@ -347,11 +369,13 @@ def _forward_worker(k, nc, sync, gx, h0, bs, reverse, need_grad, has_proj, ucut,
             phase += 1
 
 
-def _forward_parallel(nc, sync, gx, h0, bs, reverse, need_grad, has_proj, ucut, pcut,
-                      w_hh, sel_w, cnt_w, sw, w_hr, sel_r, cnt_r, sr, y, h, c, gates, cells, hpre, z):
+def _forward_parallel(nc, sync, fused, gx2, x2, w_ih, sel_i, cnt_i, si, gxc, bias, h0, bs, reverse, need_grad,
+                      has_proj, ucut, pcut, w_hh, sel_w, cnt_w, sw, w_hr, sel_r, cnt_r, sr, y, h, c, gates, cells,
+                      hpre, z):
     for k in prange(nc):
-        _forward_worker(k, nc, sync, gx, h0, bs, reverse, need_grad, has_proj, ucut, pcut,
-                        w_hh, sel_w, cnt_w, sw, w_hr, sel_r, cnt_r, sr, y, h, c, gates, cells, hpre, z)
+        _forward_worker(k, nc, sync, fused, gx2, x2, w_ih, sel_i, cnt_i, si, gxc, bias, h0, bs, reverse, need_grad,
+                        has_proj, ucut, pcut, w_hh, sel_w, cnt_w, sw, w_hr, sel_r, cnt_r, sr, y, h, c, gates, cells,
+                        hpre, z)
 
 
 def _backward_carry(cc, tn, nn, dg, sb_c, pcut, dh, z_c):
@@ -840,35 +864,58 @@ class NumbaBackend(Backend):
         return bs, nc, _cuts(H, nc), _cuts(P, nc)
 
     def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        return self._forward(gx, None, None, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+
+    def forward_projected(self, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        # The input projection runs inside the parallel launch: each thread computes
+        # its chunk's gate columns for all T*B rows with the step's product kernel
+        # (no separate GEMM call, no [T,B,4H] tensor through torch).
+        return self._forward(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+
+    def _forward(self, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        """x is gx [T,B,4H] when w_ih is None, else the layer input [T,B,I]."""
         _load()
-        gx = gx.detach().contiguous()
-        T, B, G = gx.shape
-        H = G // 4
+        fused = w_ih is not None
+        T, B = x.shape[:2]
+        H = w_hh.shape[0] // 4
+        G = 4 * H
         P = h0.shape[-1]
-        dt = gx.dtype
+        dt = x.dtype
         npdt = _DTYPES[dt]
         has_proj = w_hr is not None
         bs, nc, ucut, pcut = self._plan(T, B, H, P, batch_sizes)
         pack_w = _slab(_np(w_hh, dt), H, nc, False, 4, H)
         pack_r = _slab(_np(w_hr, dt), P, nc, False) if has_proj else _no_slab(npdt, nc)
+        x2 = _np(x, dt).reshape(T * B, -1)
+        if fused:
+            pack_i = _slab(_np(w_ih, dt), H, nc, False, 4, H)
+            gxc = np.empty((nc, T * B, pack_i[3].shape[1] // x2.shape[1]), npdt)
+            bias_n = _np(bias, dt) if bias is not None else np.zeros(G, npdt)
+            gx2 = np.empty((0, 0), npdt)
+        else:
+            pack_i = _no_slab(npdt, nc)
+            gxc = np.empty((nc, 0, 0), npdt)
+            bias_n = np.zeros(G, npdt)
+            gx2 = x2
         packed = batch_sizes is not None
-        y = gx.new_zeros(T, B, P) if packed else gx.new_empty(T, B, P)  # inactive rows stay 0
+        y = x.new_zeros(T, B, P) if packed else x.new_empty(T, B, P)  # inactive rows stay 0
         h0n = _np(h0, dt)
         h = torch.from_numpy(h0n.copy())
         c = torch.from_numpy(_np(c0, dt).copy())
         if need_grad:
             # Saved for backward, per step: activated gates (4H) and cell state (H) per
             # row, 5*B*H*itemsize bytes (20*B*H in float32), plus y, which is the output.
-            gates = gx.new_empty(T, B, G)
-            cells = gx.new_empty(T, B, H)
+            gates = x.new_empty(T, B, G)
+            cells = x.new_empty(T, B, H)
             gates_n, cells_n = gates.numpy(), cells.numpy()
         else:
             gates_n = cells_n = np.empty((0, 0, 0), npdt)
         hpre = np.empty((B, H) if has_proj else (0, 0), npdt)
         z = _scratch(npdt, B, (pack_w, False), (pack_r, False))
         sync = np.zeros((1 + nc) * _LINE, dtype=np.int64)
-        _launch(_forward_parallel, _forward_worker, nc, sync, gx.numpy(), h0n, bs, bool(reverse), bool(need_grad),
-                has_proj, ucut, pcut, *pack_w, *pack_r, y.numpy(), h.numpy(), c.numpy(), gates_n, cells_n, hpre, z)
+        _launch(_forward_parallel, _forward_worker, nc, sync, fused, gx2, x2, *pack_i, gxc, bias_n, h0n, bs,
+                bool(reverse), bool(need_grad), has_proj, ucut, pcut, *pack_w, *pack_r, y.numpy(), h.numpy(),
+                c.numpy(), gates_n, cells_n, hpre, z)
         saved = (gates, cells, y) if need_grad else ()
         return y, h.to(h0.dtype), c.to(c0.dtype), saved
 
