@@ -241,16 +241,19 @@ def _pack_slab(a, sel, m, by_column, s):
     PW = 2 * _lanes(s)
     K = a.shape[0] if by_column else a.shape[1]
     width = s.shape[0] // K  # npan * PW
-    for j in range(width):
+    for j in range(m, width):
         base = j // PW * K * PW + j % PW
-        if j >= m:
-            for k in range(K):
-                s[base + k * PW] = 0
-        elif by_column:
-            col = sel[j]
-            for k in range(K):
-                s[base + k * PW] = a[k, col]
-        else:
+        for k in range(K):
+            s[base + k * PW] = 0
+    if by_column:
+        # row k of a feeds row k of every panel: read a by rows, write runs of PW
+        for k in range(K):
+            row = a[k]
+            for j in range(m):
+                s[j // PW * K * PW + k * PW + j % PW] = row[sel[j]]
+    else:
+        for j in range(m):
+            base = j // PW * K * PW + j % PW
             row = a[sel[j]]
             for k in range(K):
                 s[base + k * PW] = row[k]
