@@ -210,3 +210,63 @@ def test_module_fused_projection(kw, packed, dtype, split, monkeypatch):
         return x, None, {"x": x}
 
     check_against(ref, ours, build, dtype, f"numba {kw}")
+
+
+def _split_module():
+    import lstm_fast
+
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(64, 64)
+    return ref, lstm_fast.LSTM.from_torch(ref, backend="numba"), torch.randn(6, 8, 64)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_runs(monkeypatch):
+    """A child forked after the parent started numba's thread pool still computes
+    (numba's OpenMP layer would abort its first parallel launch; it runs on one thread)."""
+    from lstm_fast.backends import numba_cpu as m
+
+    monkeypatch.setattr(m, "_SPLIT_MIN", 0)
+    ref, ours, x = _split_module()
+    with torch.no_grad():
+        want = ours(x)[0]
+    pid = os.fork()
+    if pid == 0:  # child: exit code says whether it matched
+        try:
+            with torch.no_grad():
+                got = ours(x)[0]
+            os._exit(0 if torch.equal(got, want) else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_concurrent_calls(monkeypatch):
+    """Calls from several Python threads at once (launches take turns) all match."""
+    import threading
+
+    from lstm_fast.backends import numba_cpu as m
+
+    monkeypatch.setattr(m, "_SPLIT_MIN", 0)
+    ref, ours, x = _split_module()
+    with torch.no_grad():
+        want = ref(x)[0]
+    results, errors = [], []
+
+    def work():
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    results.append(ours(x)[0])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 15
+    for got in results:
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)

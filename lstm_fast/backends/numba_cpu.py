@@ -830,10 +830,21 @@ def _np(t, dtype):
 _SPLIT_MIN = int(os.environ.get("LSTM_FAST_NUMBA_SPLIT_MIN", 65536))
 
 
+# The process that started numba's thread pool. A child forked from it runs its
+# calls on one thread: numba's GNU OpenMP layer aborts a forked child's first
+# parallel launch ("fork() called from a process already using GNU OpenMP").
+_pool_pid = None
+# numba's workqueue layer aborts on concurrent launches from two threads; launches
+# are serialised (calls from several threads then take turns, none crashes).
+_launch_lock = threading.Lock()
+
+
 def _chunks(B, H, P):
     """Chunks (= threads asked for) of one call: torch's thread count, capped by numba's pool."""
     import numba
 
+    if _pool_pid not in (None, os.getpid()):
+        return 1
     nt = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     return nt if nt > 1 and B * 4 * H * P >= _SPLIT_MIN else 1
 
@@ -894,17 +905,20 @@ def _full_batch(T, B):
 def _launch(parallel, worker, nc, *args):
     """Run worker(k, nc, *args) for k < nc: directly for one chunk (no thread pool),
     else on a numba team of _team(nc) threads, numba's thread count restored after."""
+    global _pool_pid
     if nc == 1:
         worker(0, 1, *args)
         return
     import numba
 
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(_team(nc), numba.config.NUMBA_NUM_THREADS))
-    try:
-        parallel(nc, *args)
-    finally:
-        numba.set_num_threads(before)
+    with _launch_lock:
+        _pool_pid = os.getpid()
+        before = numba.get_num_threads()
+        numba.set_num_threads(min(_team(nc), numba.config.NUMBA_NUM_THREADS))
+        try:
+            parallel(nc, *args)
+        finally:
+            numba.set_num_threads(before)
 
 
 class NumbaBackend(Backend):
