@@ -867,15 +867,30 @@ def _slab(a, N, nc, by_column, blocks=1, stride=0):
     phase: (a, sel [nc, max], counts [nc], slabs [nc, npan * K * PW] to fill), numpy.
     Chunk c's rows (or columns) of a are q * stride + j for q < blocks and j in its
     part of range(N) (_cuts)."""
-    sel, counts = _chunk_index(N, nc, blocks, stride)
+    sel, counts, most = _chunk_index(N, nc, blocks, stride)
     pw = 2 * _VEC_BYTES // a.itemsize
     K = a.shape[0] if by_column else a.shape[1]
-    npan = max(1, -(-int(counts.max()) // pw))
-    return a, sel, counts, np.empty((len(counts), npan * K * pw), a.dtype)
+    npan = max(1, -(-most // pw))
+    return a, sel, counts, np.empty((nc, npan * K * pw), a.dtype)
 
 
+@functools.lru_cache(maxsize=64)
 def _no_slab(dtype, nc):
-    return np.empty((0, 0), dtype), np.zeros((nc, 1), np.int64), np.zeros(nc, np.int64), np.empty((nc, 0), dtype)
+    """(Cached: never written.) _slab's arguments for a slab the call does not use."""
+    return _dummy(dtype, (0, 0)), np.zeros((nc, 1), np.int64), np.zeros(nc, np.int64), np.empty((nc, 0), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _dummy(dtype, shape):
+    """(Cached: never read or written.) An empty array standing for an unused argument;
+    shape keeps the leading chunk dimension where the kernels take a view per chunk."""
+    return np.empty(shape, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(n, dtype):
+    """(Cached: never written.)"""
+    return np.zeros(n, dtype)
 
 
 def _scratch(dtype, B, *slabs):
@@ -893,7 +908,7 @@ def _chunk_index(N, nc, blocks, stride):
     sel = np.zeros((len(sizes), max(1, int(sizes.max()) * blocks)), dtype=np.int64)
     for c, n in enumerate(sizes):
         sel[c, :n * blocks] = (np.arange(blocks)[:, None] * stride + cut[c] + np.arange(n)[None, :]).ravel()
-    return sel, sizes * blocks
+    return sel, sizes * blocks, int(sizes.max()) * blocks
 
 
 @functools.lru_cache(maxsize=64)
@@ -975,12 +990,12 @@ class NumbaBackend(Backend):
         if fused:
             pack_i = _slab(_np(w_ih, dt), H, nc, False, 4, H)
             gxc = np.empty((nc, T * B, pack_i[3].shape[1] // x2.shape[1]), npdt)
-            bias_n = _np(bias, dt) if bias is not None else np.zeros(G, npdt)
-            gx2 = np.empty((0, 0), npdt)
+            bias_n = _np(bias, dt) if bias is not None else _zeros(G, npdt)
+            gx2 = _dummy(npdt, (0, 0))
         else:
             pack_i = _no_slab(npdt, nc)
-            gxc = np.empty((nc, 0, 0), npdt)
-            bias_n = np.zeros(G, npdt)
+            gxc = _dummy(npdt, (nc, 0, 0))
+            bias_n = _zeros(G, npdt)
             gx2 = x2
         packed = batch_sizes is not None
         y = x.new_zeros(T, B, P) if packed else x.new_empty(T, B, P)  # inactive rows stay 0
@@ -994,8 +1009,8 @@ class NumbaBackend(Backend):
             cells = x.new_empty(T, B, H)
             gates_n, cells_n = gates.numpy(), cells.numpy()
         else:
-            gates_n = cells_n = np.empty((0, 0, 0), npdt)
-        hpre = np.empty((B, H) if has_proj else (0, 0), npdt)
+            gates_n = cells_n = _dummy(npdt, (0, 0, 0))
+        hpre = np.empty((B, H), npdt) if has_proj else _dummy(npdt, (0, 0))
         z = _scratch(npdt, B, (pack_w, False), (pack_r, False))
         sync = np.zeros((1 + nc) * _LINE, dtype=np.int64)
         _launch(_forward_parallel, _forward_worker, nc, sync, fused, gx2, x2, *pack_i, gxc, bias_n, h0n, bs,
@@ -1027,7 +1042,7 @@ class NumbaBackend(Backend):
             dr_n, hpre_n = dr_all.numpy(), hpre_all.numpy()
         else:
             dr_all = hpre_all = None
-            dr_n = hpre_n = np.empty((0, 0, 0), npdt)
+            dr_n = hpre_n = _dummy(npdt, (0, 0, 0))
         z = _scratch(npdt, B, (pack_w, True), (pack_r, True))
         tcs = np.empty((nc, int(np.max(ucut[1:] - ucut[:-1]))), npdt)
         sync = np.zeros((1 + nc) * _LINE, dtype=np.int64)
