@@ -35,18 +35,15 @@ class LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_hn, grad_cn):
         x, w_ih, h0, c0, w_hh, w_hr, *saved = ctx.saved_tensors
-        d_gx, d_h0, d_c0, d_w_hh, d_w_hr = ctx.backend.backward(
-            tuple(saved), grad_y.contiguous(), grad_hn.contiguous(), grad_cn.contiguous(),
-            h0, c0, w_hh, w_hr, ctx.batch_sizes, ctx.reverse)
+        grads = (tuple(saved), grad_y.contiguous(), grad_hn.contiguous(), grad_cn.contiguous())
         need = ctx.needs_input_grad
         if w_ih is None:
-            d_x, d_w_ih, d_b = d_gx, None, None
+            d_x, d_h0, d_c0, d_w_hh, d_w_hr = ctx.backend.backward(*grads, h0, c0, w_hh, w_hr, ctx.batch_sizes,
+                                                                   ctx.reverse)
+            d_w_ih = d_b = None
         else:
-            # the input projection's gradients: GEMMs over all T*B rows
-            G = d_gx.shape[-1]
-            d_x = d_gx.matmul(w_ih.to(d_gx.dtype)) if need[0] else None
-            d_w_ih = d_gx.reshape(-1, G).t().mm(x.reshape(-1, x.shape[-1]).to(d_gx.dtype)) if need[1] else None
-            d_b = d_gx.sum((0, 1)) if need[2] or need[3] else None
+            d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr = ctx.backend.backward_projected(
+                *grads, x, w_ih, h0, c0, w_hh, w_hr, ctx.batch_sizes, ctx.reverse, need[0])
         grads = [d_x, d_w_ih, d_b, d_b, d_h0, d_c0, d_w_hh, d_w_hr]
         grads = [g if n else None for g, n in zip(grads, need)]
         return (*grads, None, None, None, None)

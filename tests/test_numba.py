@@ -270,3 +270,23 @@ def test_concurrent_calls(monkeypatch):
     assert not errors and len(results) == 15
     for got in results:
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["1thread", "split"])
+def test_weight_grads_without_input_grad(split, monkeypatch):
+    """Input that needs no gradient: dx is skipped, every weight gradient still matches."""
+    import lstm_fast
+    from lstm_fast.backends import numba_cpu as m
+
+    if split:
+        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(5, 12, num_layers=2).double()
+    ours = lstm_fast.LSTM.from_torch(ref, backend="numba")
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    grads = []
+    for mod in (ref, ours):
+        y, (h, c) = mod(x)
+        grads.append(torch.autograd.grad((y * y).sum() + h.sum() + c.sum(), list(mod.parameters())))
+    for (name, _), a, b in zip(ref.named_parameters(), grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)

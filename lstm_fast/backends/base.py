@@ -21,6 +21,10 @@ tuple of tensors the backend's backward needs (empty when need_grad is False).
 backward(saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse)
 returns (d_gx [T, B, 4H], d_h0, d_c0, d_w_hh, d_w_hr or None). The weight
 gradients are GEMMs over all T after the time loop (see weight_grads).
+
+forward_projected / backward_projected are the same on the layer input x [T, B, I]
+with the input projection (W_ih [4H, I], bias [4H]) as part of the backend's job;
+the base class does it with torch around forward / backward.
 """
 from __future__ import annotations
 
@@ -67,6 +71,18 @@ class Backend:
 
     def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
         raise NotImplementedError
+
+    def backward_projected(self, saved, grad_y, grad_hn, grad_cn, x, w_ih, h0, c0, w_hh, w_hr, batch_sizes,
+                           reverse, need_dx):
+        """backward() after forward_projected(): returns (dx or None, d_w_ih, d_bias, d_h0,
+        d_c0, d_w_hh, d_w_hr). By default the projection's gradients are three GEMMs
+        over all T*B rows here (dx only when need_dx)."""
+        d_gx, d_h0, d_c0, d_w_hh, d_w_hr = self.backward(saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr,
+                                                         batch_sizes, reverse)
+        G = d_gx.shape[-1]
+        d_x = d_gx.matmul(w_ih.to(d_gx.dtype)) if need_dx else None
+        d_w_ih = d_gx.reshape(-1, G).t().mm(x.reshape(-1, x.shape[-1]).to(d_gx.dtype))
+        return d_x, d_w_ih, d_gx.sum((0, 1)), d_h0, d_c0, d_w_hh, d_w_hr
 
     def __repr__(self) -> str:
         return f"<lstm_fast backend {self.name}>"
