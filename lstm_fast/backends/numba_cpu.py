@@ -276,9 +276,14 @@ def _slab_gemm(x, n, s, m, out):
     PW = 2 * _lanes(s)
     npan = (m + PW - 1) // PW
     # Rows: 6-row groups when there are at least 12 rows, then 4-row groups, then
-    # single rows. 1 thread, float32, K=256, 512 columns: 6-row groups ran 72-84
-    # GFLOP/s at 96 rows and 52-69 at 1200 against 62-63 and 50-59 for 4-row ones.
-    n6 = n // 6 * 6 if n >= 12 else 0
+    # single rows (each streams the whole slab for one row: the count of 6-row groups
+    # leaves as few as it can, e.g. 32 = 4*6 + 2*4, 33 = 4*6 + 2*4 + 1). 1 thread, float32,
+    # K=256, 512 columns: 6-row groups ran 72-84 GFLOP/s at 96 rows and 52-69 at
+    # 1200 against 62-63 and 50-59 for 4-row ones.
+    g6 = n // 6 if n >= 12 else 0
+    if g6 > 0 and (n - 6 * g6) % 4 >= 2:  # one 6-row group fewer leaves fewer single rows
+        g6 -= 1
+    n6 = 6 * g6
     n4 = n6 + (n - n6) // 4 * 4
     # Blocks of ~_ROW_BLOCK_ELEMS elements of x (kept in L2), panel-outer within a
     # block: one panel (K * PW elements) stays in L1 across the block's row groups.
