@@ -8,6 +8,9 @@
 // Ops (schemas in lstm_ops.cpp, namespace lstm_fast):
 //   lstm_forward(gx, h0, c0, w_hh, w_hr?, batch_sizes?, reverse, need_grad)
 //       -> (y [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,G], cells [T,B,H])
+//   lstm_forward_projected(x, w_ih, bias?, h0, c0, w_hh, w_hr?, batch_sizes?, reverse, need_grad)
+//       -> the same five, with gx = x [T,B,I] @ w_ih^T [4H,I] + bias [4H] computed
+//          inside the time loop's threads (CPU only)
 //   lstm_backward(grad_y, grad_hn, grad_cn, gates, cells, y, h0, c0, w_hh, w_hr?,
 //                 batch_sizes?, reverse)
 //       -> (d_gx [T,B,G], d_h0 [B,P], d_c0 [B,H], d_w_hh [G,P], d_w_hr [P,H] or [0])
@@ -74,6 +77,10 @@ std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, 
 Tensor5 lstm_forward_cpu(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
                          const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
                          bool reverse, bool need_grad);
+Tensor5 lstm_forward_projected_cpu(const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& bias,
+                                   const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                                   const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
+                                   bool reverse, bool need_grad);
 Tensor5 lstm_backward_cpu(const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn,
                           const Tensor& gates, const Tensor& cells, const Tensor& y, const Tensor& h0,
                           const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& w_hr,

@@ -65,25 +65,27 @@ inline Vectorized<T> vtanh(const Vectorized<T>& x) {
 }
 
 // One row's hidden units [j0, j0+nj) of the forward step, in vector chunks
-// (tail by count). Each gate block q of a row sits at q*zs in z and q*gs in
-// gx / gates (zs, gs: the gate strides of those buffers).
+// (tail by count). Each gate block q of a row sits at q*zs in z, q*xs in gx
+// and q*gs in gates (the gate strides of those buffers).
 //   z     in: h_{t-1} @ W_hh^T for these units, [4 blocks of nj] at stride zs
-//   gx    input projection at this row and step, offset to j0 (stride gs = H)
+//   gx    input projection at this row and step, offset to j0 (stride xs: H, or
+//         nj for a thread's own projected columns)
 //   c     [nj] in: c_{t-1}, out: c_t (in place)
 //   h     [nj] out: o * tanh(c_t) (y row, or the pre-projection buffer)
 //   cell  [nj] out: copy of c_t, or nullptr
 //   gates out: activations i,f,g,o at stride gs, or nullptr
 // All distinct buffers.
 template <typename T>
-void forward_row(const T* z, int64_t zs, const T* gx, int64_t gs, T* c, T* h, T* cell, T* gates, int64_t nj) {
+void forward_row(const T* z, int64_t zs, const T* gx, int64_t xs, T* c, T* h, T* cell, T* gates, int64_t gs,
+                 int64_t nj) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   for (int64_t j = 0; j < nj; j += L) {
     const int64_t cnt = std::min<int64_t>(L, nj - j);
     const V i = sigmoid(V::loadu(z + j, cnt) + V::loadu(gx + j, cnt));
-    const V f = sigmoid(V::loadu(z + zs + j, cnt) + V::loadu(gx + gs + j, cnt));
-    const V g = vtanh(V::loadu(z + 2 * zs + j, cnt) + V::loadu(gx + 2 * gs + j, cnt));
-    const V o = sigmoid(V::loadu(z + 3 * zs + j, cnt) + V::loadu(gx + 3 * gs + j, cnt));
+    const V f = sigmoid(V::loadu(z + zs + j, cnt) + V::loadu(gx + xs + j, cnt));
+    const V g = vtanh(V::loadu(z + 2 * zs + j, cnt) + V::loadu(gx + 2 * xs + j, cnt));
+    const V o = sigmoid(V::loadu(z + 3 * zs + j, cnt) + V::loadu(gx + 3 * xs + j, cnt));
     const V cn = at::vec::fmadd(f, V::loadu(c + j, cnt), i * g);
     const V hn = o * vtanh(cn);
     cn.store(c + j, cnt);
@@ -160,7 +162,7 @@ T* slab_buffer(Slab<T>& s, size_t n, int which) {
     s.owned.reset(new T[n]);
     return s.owned.get();
   }
-  thread_local std::vector<T> cache[2];
+  thread_local std::vector<T> cache[3];
   if (cache[which].size() < n) cache[which].resize(n);
   return cache[which].data();
 }
@@ -173,7 +175,7 @@ constexpr int64_t panel_width() {
 // Packs S[k, m] = col(m)[k * sk] for k < K, m < M into panels (see above);
 // col(m) points at column m's first element. Loops follow the source's
 // contiguous direction: the packing is a per-call cost, visible at small T*B.
-// which (0 or 1) names the thread's cached buffer: two slabs live at once.
+// which (0, 1 or 2) names the thread's cached buffer: up to three slabs live at once.
 template <typename T, typename F>
 void pack_slab(Slab<T>& s, int which, int64_t K, int64_t M, int64_t sk, F col) {
   constexpr int64_t PW = panel_width<T>();
@@ -305,14 +307,16 @@ int loop_threads(int64_t B, int64_t H, int64_t P) {
 // Forward time loop. Each thread owns hidden units [j0, j1) (and, with a
 // projection, output columns [p0, p1)); one barrier per step publishes h_t.
 // Pointers (all contiguous, distinct unless noted):
-//   gx [T,B,4H]; h0 [B,P]; c [B,H] in: c0, out: c_n (inactive rows keep theirs)
+//   gx [T,B,4H], or nullptr when x is given: then x [T*B, I] @ w_ih^T [4H, I] + bias
+//      ([4H] or nullptr) is computed first, each thread for its own gate columns
+//   h0 [B,P]; c [B,H] in: c0, out: c_n (inactive rows keep theirs)
 //   w_hh [4H,P]; w_hr [P,H] or nullptr
 //   y [T,B,P] out (inactive rows untouched, pre-zeroed by the caller)
 //   gates [T,B,4H] out or nullptr; cells [T,B,H] out or nullptr (both or none)
 //   hpre [B,H] scratch when w_hr is set
 template <typename T>
-void forward_loop(const Plan& p, const T* gx, const T* h0, T* c, const T* w_hh, const T* w_hr, T* y, T* gates,
-                  T* cells, T* hpre) {
+void forward_loop(const Plan& p, const T* gx, const T* x, int64_t I, const T* w_ih, const T* bias, const T* h0, T* c,
+                  const T* w_hh, const T* w_hr, T* y, T* gates, T* cells, T* hpre) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
 #pragma omp parallel num_threads(nt_req)
@@ -327,18 +331,42 @@ void forward_loop(const Plan& p, const T* gx, const T* h0, T* c, const T* w_hh, 
     pack_slab(s_hh, 0, P, M, 1, [&](int64_t m) { return w_hh + ((m / nj) * H + j0 + m % nj) * P; });
     if (w_hr) pack_slab(s_hr, 1, H, p1 - p0, 1, [&](int64_t m) { return w_hr + (p0 + m) * H; });
     std::vector<T> z(B * M);
+    // With x: this thread's gate columns of the input projection for every row,
+    // [T*B, M] in z's column order, bias added.
+    std::unique_ptr<T[]> gxc;
+    if (x && M > 0) {
+      Slab<T> s_ih;
+      pack_slab(s_ih, 2, I, M, 1, [&](int64_t m) { return w_ih + ((m / nj) * H + j0 + m % nj) * I; });
+      const int64_t rows = p.T * B;
+      gxc.reset(new T[rows * M]);
+      // rows in blocks whose slice of x (~128 KiB of float) stays in L2 across the panels
+      const int64_t rb = std::max<int64_t>(6, (int64_t(32768) / std::max<int64_t>(I, 1)) / 6 * 6);
+      for (int64_t r0 = 0; r0 < rows; r0 += rb) {
+        slab_gemm<T>(std::min(rb, rows - r0), x + r0 * I, I, s_ih, gxc.get() + r0 * M, M);
+      }
+      if (bias) {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t q = 0; q < 4; ++q) {
+            T* dst = gxc.get() + r * M + q * nj;
+            const T* src = bias + q * H + j0;
+            for (int64_t jj = 0; jj < nj; ++jj) dst[jj] += src[jj];
+          }
+      }
+    }
     for (int64_t s = 0; s < p.T; ++s) {
       const int64_t t = p.order[s], n = p.active[s];
       if (n == 0) break;  // active only shrinks
       const T* hprev = s == 0 ? h0 : y + p.order[s - 1] * B * P;
       slab_gemm<T>(n, hprev, P, s_hh, z.data(), M);
       T* hout = w_hr ? hpre : y + t * B * P;
-      const T* gxt = gx + t * B * G + j0;
+      // input projection rows of this step: row stride, gate stride
+      const T* gxt = x ? gxc.get() + t * B * M : gx + t * B * G + j0;
+      const int64_t g_row = x ? M : G, g_gate = x ? nj : H;
       T* cellt = cells ? cells + t * B * H + j0 : nullptr;
       T* gt = gates ? gates + t * B * G + j0 : nullptr;
       for (int64_t b = 0; b < n && nj > 0; ++b) {
-        forward_row<T>(z.data() + b * M, nj, gxt + b * G, H, c + b * H + j0, hout + b * H + j0,
-                       cellt ? cellt + b * H : nullptr, gt ? gt + b * G : nullptr, nj);
+        forward_row<T>(z.data() + b * M, nj, gxt + b * g_row, g_gate, c + b * H + j0, hout + b * H + j0,
+                       cellt ? cellt + b * H : nullptr, gt ? gt + b * G : nullptr, H, nj);
       }
       if (w_hr) {
 #pragma omp barrier
@@ -414,16 +442,24 @@ void check_cpu(const Tensor& t, const char* name) {
 
 }  // namespace
 
-Tensor5 lstm_forward_cpu(const Tensor& gx_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_hh_,
-                         const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& batch_sizes,
-                         bool reverse, bool need_grad) {
+namespace {
+
+// Shared by lstm_forward_cpu (gx given) and lstm_forward_projected_cpu (x, w_ih,
+// bias given; gx_ then only carries the sizes [T,B,4H] and the device).
+Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const Tensor& w_ih_, const Tensor& bias_,
+                    const Tensor& h0_, const Tensor& c0_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
+                    const std::optional<Tensor>& batch_sizes, bool reverse, bool need_grad) {
   const Plan p = make_plan(gx_, h0_, c0_, w_hh_, w_hr_, batch_sizes, reverse);
-  check_forward_inputs(gx_, h0_);
-  check_cpu(gx_, "gx");
+  const bool fused = x_.defined();
+  check_forward_inputs(fused ? x_ : gx_, h0_);
+  check_cpu(h0_, "h0");
   const bool proj = w_hr_.has_value() && w_hr_->defined();
-  const Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor gx = fused ? Tensor() : gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor x = fused ? x_.contiguous() : Tensor(), w_ih = fused ? w_ih_.contiguous() : Tensor();
+  const Tensor bias = bias_.defined() ? bias_.contiguous() : Tensor();
+  const int64_t I = fused ? x.size(2) : 0;
   const Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
-  const auto opts = gx.options();
+  const auto opts = h0.options();
   const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
   auto alloc = [&](at::IntArrayRef sizes) { return p.packed ? at::zeros(sizes, opts) : at::empty(sizes, opts); };
   Tensor y = alloc({T, B, P});
@@ -431,13 +467,47 @@ Tensor5 lstm_forward_cpu(const Tensor& gx_, const Tensor& h0_, const Tensor& c0_
   Tensor gates = need_grad ? alloc({T, B, G}) : at::empty({0}, opts);
   Tensor cells = need_grad ? alloc({T, B, H}) : at::empty({0}, opts);
   Tensor hpre = proj ? at::empty({B, H}, opts) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "lstm_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_forward_cpu", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    forward_loop<scalar_t>(p, ptr(gx), ptr(h0), ptr(c), ptr(w_hh), ptr(w_hr), ptr(y),
-                           need_grad ? ptr(gates) : nullptr, need_grad ? ptr(cells) : nullptr, ptr(hpre));
+    forward_loop<scalar_t>(p, ptr(gx), ptr(x), I, ptr(w_ih), ptr(bias), ptr(h0), ptr(c), ptr(w_hh), ptr(w_hr),
+                           ptr(y), need_grad ? ptr(gates) : nullptr, need_grad ? ptr(cells) : nullptr, ptr(hpre));
   });
   Tensor h_n = final_hidden(y, h0, p);
   return {y, h_n, c, gates, cells};
+}
+
+}  // namespace
+
+Tensor5 lstm_forward_cpu(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                         const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
+                         bool reverse, bool need_grad) {
+  check_cpu(gx, "gx");
+  return forward_cpu(gx, Tensor(), Tensor(), Tensor(), h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad);
+}
+
+Tensor5 lstm_forward_projected_cpu(const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& bias,
+                                   const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                                   const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
+                                   bool reverse, bool need_grad) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 3, "lstm_fast: x must be [T, B, I], got ", x.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(1) == x.size(2) && w_ih.size(0) % 4 == 0 && w_ih.size(0) > 0,
+              "lstm_fast: w_ih must be [4H, I=", x.size(2), "], got ", w_ih.sizes());
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == w_ih.size(0)), "lstm_fast: bias must be [",
+              w_ih.size(0), "], got ", has_bias ? bias->sizes() : at::IntArrayRef{});
+  for (const Tensor* t : {&w_ih}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                "lstm_fast: w_ih must share x's dtype and device");
+  }
+  if (has_bias) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
+                "lstm_fast: bias must share x's dtype and device");
+  }
+  // sizes [T, B, 4H] and x's device for the plan, without memory
+  const Tensor shape = at::empty({1}, x.options()).expand({x.size(0), x.size(1), w_ih.size(0)});
+  return forward_cpu(shape, x, w_ih, has_bias ? *bias : Tensor(), h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                     need_grad);
 }
 
 Tensor5 lstm_backward_cpu(const Tensor& grad_y_, const Tensor& grad_hn, const Tensor& grad_cn,
@@ -474,5 +544,6 @@ Tensor5 lstm_backward_cpu(const Tensor& grad_y_, const Tensor& grad_hn, const Te
 
 TORCH_LIBRARY_IMPL(lstm_fast, CPU, m) {
   m.impl("lstm_forward", &lstm_fast::lstm_forward_cpu);
+  m.impl("lstm_forward_projected", &lstm_fast::lstm_forward_projected_cpu);
   m.impl("lstm_backward", &lstm_fast::lstm_backward_cpu);
 }

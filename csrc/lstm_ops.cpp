@@ -143,6 +143,10 @@ TORCH_LIBRARY(lstm_fast, m) {
       "lstm_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "bool reverse, bool need_grad) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   m.def(
+      "lstm_forward_projected(Tensor x, Tensor w_ih, Tensor? bias, Tensor h0, Tensor c0, Tensor w_hh, "
+      "Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool need_grad) -> "
+      "(Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  m.def(
       "lstm_backward(Tensor grad_y, Tensor grad_hn, Tensor grad_cn, Tensor gates, Tensor cells, Tensor y, "
       "Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) -> "
       "(Tensor d_gx, Tensor d_h0, Tensor d_c0, Tensor d_w_hh, Tensor d_w_hr)");

@@ -125,6 +125,12 @@ def _register_fakes() -> None:
             gates, cells = gx.new_empty((0,), dtype=acc), gx.new_empty((0,), dtype=acc)
         return y, h0.new_empty((B, P)), c0.new_empty((B, H)), gates, cells
 
+    @torch.library.register_fake("lstm_fast::lstm_forward_projected")
+    def _forward_projected_fake(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        T, B = x.shape[:2]
+        return _forward_fake(x.new_empty((T, B, w_ih.shape[0])), h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                             need_grad)
+
     @torch.library.register_fake("lstm_fast::lstm_backward")
     def _backward_fake(grad_y, grad_hn, grad_cn, gates, cells, y, h0, c0, w_hh, w_hr, batch_sizes, reverse):
         T, B, G = gates.shape

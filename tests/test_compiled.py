@@ -192,6 +192,57 @@ def test_cpp_opcheck():
     check_ops("cpu", torch.float32)
 
 
+def projected_args(T, B, I, H, P, packed, reverse, dtype, need_grad, bias=True):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64).to(dtype)
+    w_ih = (torch.randn(4 * H, I, generator=g, dtype=torch.float64) * I ** -0.5).to(dtype)
+    b = torch.randn(4 * H, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    _, h0, c0, w_hh, w_hr, bs = make_inputs(T, B, H, P, packed, dtype, requires_grad=False)
+    return x, w_ih, b, h0, c0, w_hh, w_hr, bs, reverse, need_grad
+
+
+@needs_cpp
+@pytest.mark.parametrize("split", ["0", "1000000000"], ids=["split", "1thread"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cpp_forward_projected(dtype, split):
+    """The op that projects x inside the time loop equals projecting first, then lstm_forward;
+    opcheck on its schema and fake kernel."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    cases = [(6, 5, 7, 16, 16, False, False, True), (7, 4, 12, 8, 5, True, False, False),
+             (5, 13, 3, 24, 24, False, True, True)]
+    code = (
+        f"import torch, lstm_fast, sys; sys.path.insert(0, {here!r}); from test_compiled import projected_args;"
+        "from lstm_fast.backends import get_backend; get_backend('cpp').is_available();"
+        f"dtype = {dtype}; cases = {cases!r}\n"
+        "for T, B, I, H, P, packed, reverse, bias in cases:\n"
+        "    for need_grad in (False, True):\n"
+        "        a = projected_args(T, B, I, H, P, packed, reverse, dtype, need_grad, bias)\n"
+        "        got = torch.ops.lstm_fast.lstm_forward_projected(*a)\n"
+        "        gx = torch.nn.functional.linear(a[0], a[1], a[2])\n"
+        "        want = torch.ops.lstm_fast.lstm_forward(gx, *a[3:])\n"
+        "        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-6)\n"
+        "        for n, u, v in zip(['y', 'h_n', 'c_n', 'gates', 'cells'], got, want):\n"
+        "            torch.testing.assert_close(u, v, **tol, msg=n)\n"
+        "        torch.library.opcheck(torch.ops.lstm_fast.lstm_forward_projected.default, a)\n")
+    # the split threshold is read once per process, so each setting runs in its own
+    env = dict(os.environ, LSTM_FAST_CPU_SPLIT_MIN=split)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@needs_cpp
+def test_cpp_forward_projected_rejects_bad_input():
+    x, w_ih, b, h0, c0, w_hh, w_hr, bs, rev, ng = projected_args(3, 2, 5, 4, 4, False, False, torch.float32, False)
+    with pytest.raises(RuntimeError, match="w_ih must be"):
+        torch.ops.lstm_fast.lstm_forward_projected(x, w_ih[:, :4], b, h0, c0, w_hh, None, None, False, False)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.lstm_fast.lstm_forward_projected(x, w_ih, b[:-1], h0, c0, w_hh, None, None, False, False)
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.lstm_fast.lstm_forward_projected(x[0], w_ih, b, h0, c0, w_hh, None, None, False, False)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 # Whole-layer errors against a float64 reference: ours must stay within 2x

@@ -1,7 +1,7 @@
 """The compiled extension's backends: `cpp` (C++ on CPU) and `cuda` (CUDA kernels).
 
-Both call the custom ops torch.ops.lstm_fast.lstm_forward / lstm_backward
-(csrc/lstm.h documents them). Importing this module loads nothing; the
+Both call the custom ops torch.ops.lstm_fast.lstm_forward / lstm_backward, and
+`cpp` also lstm_forward_projected (csrc/lstm.h documents them). Importing this module loads nothing; the
 extension is loaded (or JIT-built, see lstm_fast/_ops.py) by is_available().
 """
 from __future__ import annotations
@@ -53,6 +53,12 @@ class CppBackend(_CompiledBackend):
     name = "cpp"
     device_type = "cpu"
     dtypes = (torch.float32, torch.float64)
+
+    def forward_projected(self, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+        # each thread projects its own gate columns before the time loop (lstm.h)
+        y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward_projected(
+            x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, bool(reverse), bool(need_grad))
+        return y, h_n, c_n, ((gates, cells, y) if need_grad else ())
 
 
 class CudaBackend(_CompiledBackend):
