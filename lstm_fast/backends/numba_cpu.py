@@ -176,7 +176,8 @@ def _mk_6x1(x, r0, s, base, K, out, col):
 
 
 def _mk_4x1(x, r0, s, base, K, out, col):
-    """out[r0:r0+4, col:col+PW] = x[r0:r0+4, :K] @ panel at s[base:]."""
+    """out[r0:r0+4, col:col+PW] = x[r0:r0+4, :K] @ panel at s[base:]. Written out like
+    _mk_6x1: register blocks need named accumulators, numba cannot unroll them."""
     L = _lanes(s)
     PW = 2 * L
     a00 = _vzero(s)
