@@ -290,3 +290,28 @@ def test_weight_grads_without_input_grad(split, monkeypatch):
         grads.append(torch.autograd.grad((y * y).sum() + h.sum() + c.sum(), list(mod.parameters())))
     for (name, _), a, b in zip(ref.named_parameters(), grads[1], grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_workqueue_layer():
+    """Correct results on numba's workqueue threading layer too (the layer is chosen
+    per process, so this runs in a child process), with concurrent callers."""
+    code = (
+        "import threading, torch, lstm_fast\n"
+        "from lstm_fast.backends import numba_cpu as m\n"
+        "m._SPLIT_MIN = 0\n"
+        "torch.manual_seed(0)\n"
+        "ref = torch.nn.LSTM(32, 32)\n"
+        "ours = lstm_fast.LSTM.from_torch(ref, backend='numba')\n"
+        "x = torch.randn(5, 4, 32)\n"
+        "want = ref(x)[0].detach()\n"
+        "bad = []\n"
+        "def work():\n"
+        "    for _ in range(3):\n"
+        "        with torch.no_grad():\n"
+        "            if not torch.allclose(ours(x)[0], want, rtol=2e-5, atol=2e-5): bad.append(1)\n"
+        "ts = [threading.Thread(target=work) for _ in range(3)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "import numba; assert numba.threading_layer() == 'workqueue', numba.threading_layer()\n"
+        "assert not bad\n")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
