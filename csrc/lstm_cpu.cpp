@@ -41,7 +41,9 @@ using at::vec::Vectorized;
 template <typename T>
 inline Vectorized<T> vexp(const Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
-    return x.exp_u20();
+    // exp_u20 clamps its input with min/max, which turn NaN into a number: put
+    // NaN back so that it propagates as in torch.nn.LSTM.
+    return Vectorized<T>::blendv(x.exp_u20(), x, x.isnan());
   } else {
     return x.exp();
   }

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
-from helpers import BACKEND_NAMES, check_against, device_of_tests, from_torch, require
+from helpers import BACKEND_NAMES, assert_close, check_against, device_of_tests, from_torch, require
 
 DEVICE = device_of_tests()
 DTYPES = [torch.float64, torch.float32]
@@ -144,3 +144,24 @@ def test_lstm_cell(backend, dtype):
     check_against(AsLSTM(ref), AsLSTM(ours), build, dtype, f"{backend}/cell")
     # unbatched cell, no state
     torch.testing.assert_close(ours(x[0]), ref(x[0]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_nan_and_inf_propagate(backend, dtype):
+    """NaN or inf in the input reaches the same outputs as in torch.nn.LSTM (no kernel
+    may clamp a NaN into a number)."""
+    require(backend, DEVICE, dtype, T=4, B=2, H=16)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(8, 16).to(DEVICE, dtype)
+    x = torch.randn(4, 2, 8, device=DEVICE, dtype=dtype)
+    x[1, 0, 3] = float("nan")
+    x[2, 1, 0] = float("inf")
+    with torch.no_grad():
+        want, (wh, wc) = ref(x)
+        got, (gh, gc) = from_torch(ref, backend)(x)
+    for name, a, b in (("output", got, want), ("h_n", gh, wh), ("c_n", gc, wc)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{name}: NaN pattern differs"
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite), f"{name}: inf pattern differs"
+        assert_close(a[finite], b[finite], dtype, name)
