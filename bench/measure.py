@@ -259,11 +259,12 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
                        tokens_per_s=shape.T * shape.B / med, gflops=row["flops"] / med / 1e9)
             if peak_gflops:
                 row["pct_peak"] = 100.0 * row["gflops"] / peak_gflops
+        runners = [n for n in steps if n != FLOOR]
         if opts.measure_memory and deadline is not None and time.time() > deadline:
-            for n in [n for n in steps if n != FLOOR]:
+            for n in runners:
                 rows[n]["peak_mem_mb"] = None  # one more call each would overrun the budget
         elif opts.measure_memory:
-            for n in [n for n in steps if n != FLOOR]:
+            for n in runners:
                 try:
                     rows[n]["peak_mem_mb"] = peak_memory(steps[n], device) / 2**20
                 except Exception as exc:

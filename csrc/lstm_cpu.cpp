@@ -341,7 +341,8 @@ void forward_loop(const Plan& p, const T* gx, const T* x, int64_t I, const T* w_
       pack_slab(s_ih, 2, I, M, 1, [&](int64_t m) { return w_ih + ((m / nj) * H + j0 + m % nj) * I; });
       const int64_t rows = p.T * B;
       gxc.reset(new T[rows * M]);
-      // rows in blocks whose slice of x (~128 KiB of float) stays in L2 across the panels
+      // rows in blocks whose slice of x (~128 KiB of float) stays in L2 across the
+      // panels: the block size numba's _slab_gemm measured, not re-tuned here
       const int64_t rb = std::max<int64_t>(6, (int64_t(32768) / std::max<int64_t>(I, 1)) / 6 * 6);
       for (int64_t r0 = 0; r0 < rows; r0 += rb) {
         slab_gemm<T>(std::min(rb, rows - r0), x + r0 * I, I, s_ih, gxc.get() + r0 * M, M);
@@ -498,10 +499,8 @@ Tensor5 lstm_forward_projected_cpu(const Tensor& x, const Tensor& w_ih, const st
   const bool has_bias = bias.has_value() && bias->defined();
   TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == w_ih.size(0)), "lstm_fast: bias must be [",
               w_ih.size(0), "], got ", has_bias ? bias->sizes() : at::IntArrayRef{});
-  for (const Tensor* t : {&w_ih}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
-                "lstm_fast: w_ih must share x's dtype and device");
-  }
+  TORCH_CHECK(w_ih.scalar_type() == x.scalar_type() && w_ih.device() == x.device(),
+              "lstm_fast: w_ih must share x's dtype and device");
   if (has_bias) {
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
                 "lstm_fast: bias must share x's dtype and device");

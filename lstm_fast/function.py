@@ -35,15 +35,16 @@ class LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_hn, grad_cn):
         x, w_ih, h0, c0, w_hh, w_hr, *saved = ctx.saved_tensors
-        grads = (tuple(saved), grad_y.contiguous(), grad_hn.contiguous(), grad_cn.contiguous())
+        upstream = (tuple(saved), grad_y.contiguous(), grad_hn.contiguous(), grad_cn.contiguous())
         need = ctx.needs_input_grad
         if w_ih is None:
-            d_x, d_h0, d_c0, d_w_hh, d_w_hr = ctx.backend.backward(*grads, h0, c0, w_hh, w_hr, ctx.batch_sizes,
+            d_x, d_h0, d_c0, d_w_hh, d_w_hr = ctx.backend.backward(*upstream, h0, c0, w_hh, w_hr, ctx.batch_sizes,
                                                                    ctx.reverse)
             d_w_ih = d_b = None
         else:
             d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr = ctx.backend.backward_projected(
-                *grads, x, w_ih, h0, c0, w_hh, w_hr, ctx.batch_sizes, ctx.reverse, need[0])
+                *upstream, x, w_ih, h0, c0, w_hh, w_hr, ctx.batch_sizes, ctx.reverse, need[0], need[1],
+                need[2] or need[3])
         grads = [d_x, d_w_ih, d_b, d_b, d_h0, d_c0, d_w_hh, d_w_hr]
         grads = [g if n else None for g, n in zip(grads, need)]
         return (*grads, None, None, None, None)

@@ -73,16 +73,17 @@ class Backend:
         raise NotImplementedError
 
     def backward_projected(self, saved, grad_y, grad_hn, grad_cn, x, w_ih, h0, c0, w_hh, w_hr, batch_sizes,
-                           reverse, need_dx):
-        """backward() after forward_projected(): returns (dx or None, d_w_ih, d_bias, d_h0,
-        d_c0, d_w_hh, d_w_hr). By default the projection's gradients are three GEMMs
-        over all T*B rows here (dx only when need_dx)."""
+                           reverse, need_dx, need_w_ih, need_bias):
+        """backward() after forward_projected(): returns (dx, d_w_ih, d_bias, d_h0, d_c0,
+        d_w_hh, d_w_hr), the first three None unless asked for. By default the
+        projection's gradients are GEMMs over all T*B rows here."""
         d_gx, d_h0, d_c0, d_w_hh, d_w_hr = self.backward(saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr,
                                                          batch_sizes, reverse)
         G = d_gx.shape[-1]
         d_x = d_gx.matmul(w_ih.to(d_gx.dtype)) if need_dx else None
-        d_w_ih = d_gx.reshape(-1, G).t().mm(x.reshape(-1, x.shape[-1]).to(d_gx.dtype))
-        return d_x, d_w_ih, d_gx.sum((0, 1)), d_h0, d_c0, d_w_hh, d_w_hr
+        d_w_ih = d_gx.reshape(-1, G).t().mm(x.reshape(-1, x.shape[-1]).to(d_gx.dtype)) if need_w_ih else None
+        d_b = d_gx.sum((0, 1)) if need_bias else None
+        return d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr
 
     def __repr__(self) -> str:
         return f"<lstm_fast backend {self.name}>"

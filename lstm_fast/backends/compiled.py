@@ -1,8 +1,9 @@
 """The compiled extension's backends: `cpp` (C++ on CPU) and `cuda` (CUDA kernels).
 
 Both call the custom ops torch.ops.lstm_fast.lstm_forward / lstm_backward, and
-`cpp` also lstm_forward_projected (csrc/lstm.h documents them). Importing this module loads nothing; the
-extension is loaded (or JIT-built, see lstm_fast/_ops.py) by is_available().
+`cpp` also lstm_forward_projected (csrc/lstm.h documents them). Importing this
+module loads nothing; the extension is loaded (or JIT-built, see
+lstm_fast/_ops.py) by is_available().
 """
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def _copy(dst, src, n):
         dst[j] = src[j]
 
 
-# Per-step products c[n, M] = x[n, K] @ S with S packed by _pack: panels of PW = 2
+# Per-step products c[n, M] = x[n, K] @ S with S packed by _pack_slab: panels of PW = 2
 # vectors of columns, panel p stored [K][PW] contiguous at p * K * PW of the flat
 # slab, columns past M zero. A kernel keeps an MR x (NP panels) block of c in
 # vector registers while it streams K: per k, one broadcast of x[r, k] per row
