@@ -8,9 +8,14 @@ Per configuration and mode, medians of interleaved repeats in this process:
   launches   the compiled parts alone: the forward launch (slab packing, input
              projection, time loop) and in training the backward launch (BPTT),
              replayed with the arguments the call gave them
-  rest       ours - launches: Python (module, autograd.Function, argument
-             preparation) and, in training, the GEMMs done through torch after
-             the loop (dW_hh, and dx, dW_ih, db of the input projection)
+  rest       ours - launches, split in two:
+    backend  the rest inside the numba backend's methods: argument preparation
+             and, in training, the GEMMs done through torch after the loop
+             (dW_hh, and dx, dW_ih, db of the input projection)
+    module   outside them: the module, the autograd.Function and, in training,
+             autograd's engine
+  cpp        lstm_fast.LSTM(backend="cpp"), the whole call (same structure in C++),
+             when the extension is available
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import time
 import torch
 
 import lstm_fast
-from lstm_fast.backends import numba_cpu
+from lstm_fast.backends import get_backend, numba_cpu
 
 DEFAULT = "100,32,256,256;200,8,128,128;100,1,128,128"
 
@@ -67,6 +72,22 @@ def _call(module, x, mode):
     return run
 
 
+def _timed_backend_methods(spent):
+    """Make the numba backend add the time of each of its forward/backward calls to spent[0]."""
+    backend = get_backend("numba")
+    for name in ("forward_projected", "backward_projected"):
+        method = getattr(type(backend), name).__get__(backend)
+
+        def timed(*args, _method=method, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        setattr(backend, name, timed)
+    return lambda: [backend.__dict__.pop(n, None) for n in ("forward_projected", "backward_projected")]
+
+
 def breakdown(T, B, I, H, mode, repeats):
     torch.manual_seed(0)
     ref = torch.nn.LSTM(I, H)
@@ -74,17 +95,29 @@ def breakdown(T, B, I, H, mode, repeats):
     x = torch.randn(T, B, I, requires_grad=mode == "training")
     runners = {"torch": _call(ref, x, mode), "ours": _call(ours, x, mode),
                "launches": _replay(_captured_launches(ours, x, mode))}
+    if get_backend("cpp").is_available()[0]:
+        runners["cpp"] = _call(lstm_fast.LSTM.from_torch(ref, backend="cpp"), x, mode)
     times = {k: [] for k in runners}
-    for f in runners.values():
-        f()
-    for r in range(repeats):
-        names = list(runners)
-        for k in names[r % 3:] + names[:r % 3]:
-            t0 = time.perf_counter()
-            runners[k]()
-            times[k].append(time.perf_counter() - t0)
+    in_backend, spent = [], [0.0]
+    restore = _timed_backend_methods(spent)
+    try:
+        for f in runners.values():
+            f()
+        for r in range(repeats):
+            names = list(runners)
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                spent[0] = 0.0
+                t0 = time.perf_counter()
+                runners[k]()
+                times[k].append(time.perf_counter() - t0)
+                if k == "ours":
+                    in_backend.append(spent[0])
+    finally:
+        restore()
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     med["rest"] = med["ours"] - med["launches"]
+    med["module"] = med["ours"] - statistics.median(in_backend) * 1e3
+    med["backend"] = med["rest"] - med["module"]
     return med
 
 
@@ -95,14 +128,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times in ms (median of "
           f"{args.repeats} interleaved repeats)\n")
-    print("| config | mode | torch | ours | speedup | launches | rest |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | mode | torch | ours | speedup | launches | rest: backend | rest: module | cpp | cpp speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for spec in args.configs.split(";"):
         T, B, I, H = (int(v) for v in spec.split(","))
         for mode in ("inference", "training"):
             m = breakdown(T, B, I, H, mode, args.repeats)
+            cpp = f"{m['cpp']:.3g} | {m['torch'] / m['cpp']:.2f}x" if "cpp" in m else "- | -"
             print(f"| T{T} B{B} I{I} H{H} | {mode} | {m['torch']:.3g} | {m['ours']:.3g} | "
-                  f"{m['torch'] / m['ours']:.2f}x | {m['launches']:.3g} | {m['rest']:.3g} |")
+                  f"{m['torch'] / m['ours']:.2f}x | {m['launches']:.3g} | {m['backend']:.3g} | "
+                  f"{m['module']:.3g} | {cpp} |")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,16 @@ def test_run_end_to_end_never_crashes_on_a_failing_backend(tmp_path, monkeypatch
     assert bad and all(r["status"] == "unsupported" and r["L"] == 2 and r["backend"] == "reference" for r in bad)
     good = [r for r in rows if r["status"] == "ok" and r["backend"] == "reference"]
     assert good and all(r["speedup"] > 0 and r["max_rel_err"] < 1e-4 for r in good)
+
+
+def test_numba_breakdown_table(capsys):
+    """The breakdown's parts add up: rest = backend + module, every figure a positive time."""
+    pytest.importorskip("numba")
+    from bench import numba_breakdown
+    m = numba_breakdown.breakdown(4, 2, 8, 16, "training", repeats=3)
+    for key in ("torch", "ours", "launches"):
+        assert m[key] > 0
+    assert m["rest"] == pytest.approx(m["backend"] + m["module"])
+    numba_breakdown.main(["--configs", "4,2,8,16", "--repeats", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| T4 B2 I8 H16")]
+    assert [r.split(" | ")[1] for r in rows] == ["inference", "training"]
