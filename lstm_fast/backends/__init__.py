@@ -28,9 +28,9 @@ BACKEND_NAMES = tuple(_SPECS)
 
 # Automatic choice: the first backend in this order that is available and
 # supports the call. CPU: cpp before numba because bench/reports/cpu-amd-epyc-2c
-# (python -m bench --quick, 2-core AMD EPYC) timed cpp at least as fast in 14 of
-# the 15 fp32 rows (geomean vs oneDNN 1.24x inference / 1.22x training, numba
-# 1.15x / 1.10x; numba ahead only at T50 B16 H512 inference, 1.06x vs 1.05x).
+# (python -m bench --quick, 2-core AMD EPYC) timed cpp at least as fast in all 15
+# fp32 rows (geomean vs oneDNN 1.25x inference / 1.24x training, numba 1.10x /
+# 1.08x; equal at T100 B32 H256 inference and T50 B16 H512 training).
 # GPU: the designed order, not yet measured (no GPU report).
 AUTO_ORDER = {
     "cpu": ("cpp", "numba", "reference"),
