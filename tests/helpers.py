@@ -25,6 +25,8 @@ def require(backend, device, dtype, T=4, B=3, H=7, P=None, packed=False):
     """Skip (with the backend's own reason) when it cannot run this case."""
     b = get_backend(backend)
     ok, why = b.is_available()
+    if not ok and device.type == "cuda" and backend in ("cuda", "triton"):
+        pytest.fail(f"a GPU is visible but the {backend} backend is not usable: {why}")  # not a silent skip
     if not ok:
         pytest.skip(f"{backend} unavailable: {why}")
     ok, why = b.supports(device, dtype, LayerSizes(T=T, B=B, H=H, P=P or H, packed=packed))

@@ -34,6 +34,8 @@ TOL32 = dict(rtol=2e-5, atol=2e-5)  # fp32, T <= 5: independent orders of summat
 def triton_backend():
     b = get_backend("triton")
     ok, why = b.is_available()
+    if not ok and HAS_CUDA and not INTERP:
+        pytest.fail(f"a GPU is visible but the triton backend is not usable: {why}")
     if not ok:
         pytest.skip(f"triton backend unavailable: {why}")
     saved = (b.path, b.fp32_precision)
