@@ -305,6 +305,18 @@ def layer_errors_vs_fp64(dtype, T, B, I, H, P):
     return err(ours("cuda", dtype)), err(cudnn(dtype))
 
 
+def test_cuda_refuses_bfloat16_before_sm80(monkeypatch):
+    """supports() decides from the device's capability alone (no GPU needed to check it)."""
+    from lstm_fast.backends.base import LayerSizes
+    cuda = get_backend("cuda")
+    sizes = LayerSizes(T=2, B=2, H=8, P=8)
+    for cap, want in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        ok, why = cuda.supports(torch.device("cuda"), torch.bfloat16, sizes)
+        assert ok is want, (cap, why)
+        assert cuda.supports(torch.device("cuda"), torch.float16, sizes)[0]
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_backend_available_on_a_gpu():

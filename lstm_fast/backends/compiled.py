@@ -68,3 +68,10 @@ class CudaBackend(_CompiledBackend):
     name = "cuda"
     device_type = "cuda"
     dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+    def supports(self, device, dtype, sizes: LayerSizes):
+        ok, why = super().supports(device, dtype, sizes)
+        if ok and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+            # the per-step GEMM asks ATen for fp32 output from bf16 inputs: sm_80 or newer
+            return False, "bfloat16 needs a GPU of compute capability 8.0 or higher"
+        return ok, why
