@@ -33,7 +33,11 @@ class LSTMRecurrence(torch.autograd.Function):
         return y, h_n, c_n
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_hn, grad_cn):
+        # once_differentiable: the backends' backward is not itself differentiable, so a
+        # second derivative through it (create_graph=True, then backward again) raises
+        # instead of silently missing terms (it gave 0 or a wrong value before).
         x, w_ih, h0, c0, w_hh, w_hr, *saved = ctx.saved_tensors
         upstream = (tuple(saved), grad_y.contiguous(), grad_hn.contiguous(), grad_cn.contiguous())
         need = ctx.needs_input_grad

@@ -165,3 +165,25 @@ def test_nan_and_inf_propagate(backend, dtype):
         finite = torch.isfinite(b)
         assert torch.equal(torch.isfinite(a), finite), f"{name}: inf pattern differs"
         assert_close(a[finite], b[finite], dtype, name)
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_create_graph_first_order_and_no_silent_second_order(backend):
+    """create_graph=True gives torch.nn.LSTM's first-order gradients; differentiating
+    them again raises (the recurrence's backward is once-differentiable) instead of
+    returning a second derivative with terms missing."""
+    dtype = torch.float64 if backend != "triton" or DEVICE.type == "cuda" else torch.float32
+    require(backend, DEVICE, dtype, T=4, B=2, H=5)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 5).to(DEVICE, dtype)
+    ours = from_torch(ref, backend)
+    x0 = torch.randn(4, 2, 3, device=DEVICE, dtype=dtype)
+    grads = []
+    for module in (ref, ours):
+        x = x0.clone().requires_grad_(True)
+        y, _ = module(x)
+        g, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        grads.append(g)
+    assert_close(grads[1].detach(), grads[0].detach(), dtype, "d_x with create_graph")
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grads[1].pow(2).sum().backward()
