@@ -141,6 +141,8 @@ class LSTM(_FastOptions, nn.LSTM):
         else:
             x = input.transpose(0, 1) if self.batch_first else input
             lengths = None
+            if x.shape[0] == 0:  # nn.LSTM's kernels refuse it with this message
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         h_n, c_n = [], []
         for layer in range(self.num_layers):

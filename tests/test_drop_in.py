@@ -187,3 +187,39 @@ def test_create_graph_first_order_and_no_silent_second_order(backend):
     assert_close(grads[1].detach(), grads[0].detach(), dtype, "d_x with create_graph")
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grads[1].pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_empty_batch(backend):
+    """B = 0 gives torch.nn.LSTM's empty outputs and zero weight gradients."""
+    dtype = torch.float32
+    require(backend, DEVICE, dtype, T=3, B=1, H=4)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 4, num_layers=2).to(DEVICE, dtype)
+    ours = from_torch(ref, backend)
+    x = torch.randn(3, 0, 3, device=DEVICE, dtype=dtype, requires_grad=True)
+    want, (wh, wc) = ref(x)
+    got, (gh, gc) = ours(x)
+    assert got.shape == want.shape and gh.shape == wh.shape and gc.shape == wc.shape
+    (got.sum() + gh.sum() + gc.sum()).backward()
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+
+
+@pytest.mark.parametrize("P", [4, 2], ids=["noproj", "proj"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_empty_sequence_functional(backend, P):
+    """lstm_layer on T = 0 (nn.LSTM refuses it; the functional form allows it): the
+    states pass through, their gradients reach h0 and c0, the weights get zeros."""
+    dtype = torch.float32
+    require(backend, DEVICE, dtype, T=1, B=2, H=4, P=P)
+    from lstm_fast import lstm_layer
+    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype, requires_grad=True)  # noqa: E731
+    h0, c0, w_ih, w_hh = mk(2, P), mk(2, 4), mk(16, 3), mk(16, P)
+    w_hr = mk(P, 4) if P != 4 else None
+    y, (h, c) = lstm_layer(mk(0, 2, 3), h0, c0, w_ih, w_hh, w_hr=w_hr, backend=backend)
+    assert y.shape == (0, 2, P) and torch.equal(h, h0) and torch.equal(c, c0)
+    (h.sum() + 2 * c.sum()).backward()
+    assert torch.equal(h0.grad, torch.ones_like(h0)) and torch.equal(c0.grad, 2 * torch.ones_like(c0))
+    for w in (w_ih, w_hh) + ((w_hr,) if w_hr is not None else ()):
+        assert w.grad is None or torch.count_nonzero(w.grad) == 0

@@ -28,6 +28,9 @@ FORWARD_CASES = [
     ("proj_h0_size", dict(proj_size=2), lambda: (_x(T, B, I), (_x(1, B, H), _x(1, B, H)))),
     ("bidir_layers", dict(bidirectional=True), lambda: (_x(T, B, I), (_x(1, B, H), _x(1, B, H)))),
     ("input_dtype", {}, lambda: (_x(T, B, I, dtype=torch.float64),)),
+    ("empty_sequence", {}, lambda: (_x(0, B, I),)),
+    ("empty_sequence_batch_first", dict(batch_first=True), lambda: (_x(B, 0, I),)),
+    ("empty_sequence_unbatched", {}, lambda: (_x(0, I),)),
 ]
 
 # For packed input nn.LSTM has no Python check and fails deep inside its

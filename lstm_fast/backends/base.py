@@ -112,6 +112,9 @@ def weight_grads(d_gates, y, h0, reverse, d_r=None, h_pre=None):
     """
     T, B, G = d_gates.shape
     y, h0 = y.to(d_gates.dtype), h0.to(d_gates.dtype)
+    if T == 0:  # no step: no weight was used
+        return (d_gates.new_zeros(G, h0.shape[-1]),
+                None if d_r is None else d_gates.new_zeros(d_r.shape[-1], h_pre.shape[-1]))
     first, later, before = (T - 1, slice(0, T - 1), slice(1, T)) if reverse else (0, slice(1, T), slice(0, T - 1))
     d_w_hh = d_gates[first].t().mm(h0)
     if T > 1:

@@ -996,6 +996,10 @@ class NumbaBackend(Backend):
         dt = x.dtype
         npdt = _DTYPES[dt]
         has_proj = w_hr is not None
+        if T == 0 or B == 0:  # nothing to run: the states pass through
+            saved = (x.new_zeros(T, B, G), x.new_zeros(T, B, H)) if need_grad else ()
+            y = x.new_zeros(T, B, P)
+            return y, h0.detach().clone(), c0.detach().clone(), (*saved, y) if need_grad else ()
         bs, nc, ucut, pcut = self._plan(T, B, H, P, batch_sizes)
         pack_w = _slab(_np(w_hh, dt), H, nc, False, 4, H)
         pack_r = _slab(_np(w_hr, dt), P, nc, False) if has_proj else _no_slab(npdt, nc)
@@ -1041,6 +1045,10 @@ class NumbaBackend(Backend):
         npdt = _DTYPES[dt]
         P = y.shape[-1]
         has_proj = w_hr is not None
+        if T == 0 or B == 0:  # no step ran: the final-state gradients reach h0 and c0 unchanged
+            return (grad_y.new_zeros(T, B, G), grad_hn.detach().clone().to(h0.dtype),
+                    grad_cn.detach().clone().to(c0.dtype), torch.zeros_like(w_hh),
+                    None if w_hr is None else torch.zeros_like(w_hr))
         bs, nc, ucut, pcut = self._plan(T, B, H, P, batch_sizes)
         pack_w = _slab(_np(w_hh, dt), P, nc, True)
         pack_r = _slab(_np(w_hr, dt), H, nc, True) if has_proj else _no_slab(npdt, nc)
