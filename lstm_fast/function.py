@@ -61,6 +61,12 @@ def _bias(b_ih, b_hh):
 
 
 def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend):
+    for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
+                    ("weight_hr", w_hr)):
+        # torch.nn.LSTM fails on such a mix too (inside oneDNN or cuBLAS); no backend may
+        # silently compute it in another precision
+        if w is not None and w.dtype != x.dtype:
+            raise RuntimeError(f"lstm_fast: {name} dtype ({w.dtype}) does not match input dtype ({x.dtype})")
     T, B = x.shape[:2]
     H = w_hh.shape[0] // 4
     sizes = LayerSizes(T=T, B=B, H=H, P=h0.shape[-1], packed=batch_sizes is not None, reverse=reverse)

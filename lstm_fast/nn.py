@@ -41,6 +41,13 @@ class _FastOptions:
                     p[H:2 * H] += self.forget_bias
 
 
+def _copy_weights(src, dst):
+    """dst's parameters get src's values and requires_grad flags (a frozen weight stays frozen)."""
+    dst.load_state_dict(src.state_dict())
+    for name, p in src.named_parameters():
+        dst.get_parameter(name).requires_grad_(p.requires_grad)
+
+
 def _reverse_padded(x, lengths):
     """Reverse each sequence of a padded [T, B, *] batch within its own length; padding stays put."""
     T = x.shape[0]
@@ -72,7 +79,7 @@ class LSTM(_FastOptions, nn.LSTM):
         new = cls(module.input_size, module.hidden_size, module.num_layers, bias=module.bias,
                   batch_first=module.batch_first, dropout=module.dropout, bidirectional=module.bidirectional,
                   proj_size=module.proj_size, device=p.device, dtype=p.dtype, backend=backend)
-        new.load_state_dict(module.state_dict())
+        _copy_weights(module, new)
         new.train(module.training)
         return new
 
@@ -81,7 +88,7 @@ class LSTM(_FastOptions, nn.LSTM):
         new = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
                       batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
                       proj_size=self.proj_size, device=p.device, dtype=p.dtype)
-        new.load_state_dict(self.state_dict())
+        _copy_weights(self, new)
         new.train(self.training)
         return new
 
@@ -124,6 +131,8 @@ class LSTM(_FastOptions, nn.LSTM):
                 kind = "batched 3-D" if is_batched else "unbatched 2-D"
                 raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
                                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            if isinstance(hx, (tuple, list)) and len(hx) != 2:
+                raise RuntimeError("lstm expects two hidden states")
             if not is_batched:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         if batch_sizes is not None:
@@ -200,13 +209,13 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         p = module.weight_ih
         new = cls(module.input_size, module.hidden_size, bias=module.bias, device=p.device, dtype=p.dtype,
                   backend=backend)
-        new.load_state_dict(module.state_dict())
+        _copy_weights(module, new)
         return new
 
     def to_torch(self) -> nn.LSTMCell:
         p = self.weight_ih
         new = nn.LSTMCell(self.input_size, self.hidden_size, bias=self.bias, device=p.device, dtype=p.dtype)
-        new.load_state_dict(self.state_dict())
+        _copy_weights(self, new)
         return new
 
     def forward(self, input, hx=None):
@@ -224,6 +233,12 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        # torch's lstm_cell op checks these (after the Python checks above)
+        if not isinstance(hx, (tuple, list)):
+            raise TypeError(f"lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not "
+                            f"{type(hx).__name__}")
+        if len(hx) != 2:
+            raise RuntimeError("lstm_cell expects two hidden states")
         _check_cell_args(self, input, hx)
         _, h, c = lstm_projected(input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
                                  self.bias_hh, backend=self.backend)

@@ -223,3 +223,31 @@ def test_empty_sequence_functional(backend, P):
     assert torch.equal(h0.grad, torch.ones_like(h0)) and torch.equal(c0.grad, 2 * torch.ones_like(c0))
     for w in (w_ih, w_hh) + ((w_hr,) if w_hr is not None else ()):
         assert w.grad is None or torch.count_nonzero(w.grad) == 0
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_saturated_gates_match_torch(backend):
+    """Pre-activations far past saturation (and inf) give torch.nn.LSTM's values: gates
+    at exactly 0 or 1, zero derivatives (NaN where torch has 0 * inf)."""
+    dtype = torch.float32
+    require(backend, DEVICE, dtype, T=1, B=2, H=1)
+    ref = torch.nn.LSTM(1, 1).to(DEVICE, dtype)
+    with torch.no_grad():
+        ref.weight_ih_l0.fill_(1.0)
+        ref.weight_hh_l0.zero_()
+        ref.bias_ih_l0.zero_()
+        ref.bias_hh_l0.zero_()
+    ours = from_torch(ref, backend)
+    results = []
+    for module in (ref, ours):
+        x = torch.tensor([[[20.0], [float("inf")]]], device=DEVICE, dtype=dtype, requires_grad=True)
+        _, (h, c) = module(x)
+        (h.sum() + c.sum()).backward()
+        results.append([h.detach(), c.detach(), x.grad, module.weight_ih_l0.grad])
+    for name, got, want in zip(("h_n", "c_n", "d_x", "d_w_ih"), results[1], results[0]):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{name}: NaN pattern {got} vs {want}"
+        finite = ~torch.isnan(want)
+        if name == "h_n":  # o * tanh(c) = tanh(1): not saturated, equal to rounding only
+            assert_close(got[finite], want[finite], dtype, name)
+        else:  # exact 1, 0 from saturation
+            assert torch.equal(got[finite], want[finite]), f"{name}: {got} vs {want}"

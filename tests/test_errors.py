@@ -28,6 +28,8 @@ FORWARD_CASES = [
     ("proj_h0_size", dict(proj_size=2), lambda: (_x(T, B, I), (_x(1, B, H), _x(1, B, H)))),
     ("bidir_layers", dict(bidirectional=True), lambda: (_x(T, B, I), (_x(1, B, H), _x(1, B, H)))),
     ("input_dtype", {}, lambda: (_x(T, B, I, dtype=torch.float64),)),
+    ("hx_three_states", {}, lambda: (_x(T, B, I), (_x(1, B, H), _x(1, B, H), _x(1, B, H)))),
+    ("hx_one_state", {}, lambda: (_x(T, B, I), (_x(1, B, H),))),
     ("empty_sequence", {}, lambda: (_x(0, B, I),)),
     ("empty_sequence_batch_first", dict(batch_first=True), lambda: (_x(B, 0, I),)),
     ("empty_sequence_unbatched", {}, lambda: (_x(0, I),)),
@@ -99,6 +101,10 @@ CELL_CASES = [
     ("c0_batch", lambda: (_x(B, I), (_x(B, H), _x(B + 1, H)))),
     ("h0_hidden", lambda: (_x(B, I), (_x(B, H + 1), _x(B, H)))),
     ("c0_hidden", lambda: (_x(B, I), (_x(B, H), _x(B, H + 1)))),
+    ("three_states", lambda: (_x(B, I), (_x(B, H), _x(B, H), _x(B, H)))),
+    ("one_state", lambda: (_x(B, I), (_x(B, H),))),
+    ("one_state_unbatched", lambda: (_x(I), (_x(H),))),
+    ("hx_not_tuple", lambda: (_x(B, I), _x(B, H))),
 ]
 
 
@@ -114,6 +120,16 @@ def test_state_dtype_mismatch_is_clear():
     ours = lstm_fast.LSTM(I, H)
     with pytest.raises(RuntimeError, match="dtype"):
         ours(_x(T, B, I), (_x(1, B, H, dtype=torch.float64), _x(1, B, H)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba", "cpp"])
+def test_weight_dtype_mix_is_refused(backend):
+    """One float64 weight in a float32 module: torch.nn.LSTM fails (inside oneDNN); no
+    backend may compute it silently in float32."""
+    ours = lstm_fast.LSTM(I, H, backend=backend)
+    ours.weight_hh_l0 = torch.nn.Parameter(ours.weight_hh_l0.detach().double())
+    with pytest.raises(RuntimeError, match=r"weight_hh dtype \(torch.float64\) does not match input dtype"):
+        ours(_x(T, B, I))
 
 
 def test_unknown_backend_name():

@@ -52,6 +52,19 @@ def test_from_torch_and_to_torch_keep_config_and_weights():
     assert torch.equal(fast_cell.to_torch().weight_hh, cell.weight_hh)
 
 
+def test_from_torch_and_to_torch_keep_frozen_parameters_frozen():
+    ref = torch.nn.LSTM(4, 6, num_layers=2)
+    ref.weight_hh_l0.requires_grad_(False)
+    ref.bias_ih_l1.requires_grad_(False)
+    frozen = {"weight_hh_l0", "bias_ih_l1"}
+    for module in (lstm_fast.LSTM.from_torch(ref), lstm_fast.LSTM.from_torch(ref).to_torch()):
+        assert {n for n, p in module.named_parameters() if not p.requires_grad} == frozen
+    cell = torch.nn.LSTMCell(3, 4)
+    cell.weight_ih.requires_grad_(False)
+    for module in (lstm_fast.LSTMCell.from_torch(cell), lstm_fast.LSTMCell.from_torch(cell).to_torch()):
+        assert [n for n, p in module.named_parameters() if not p.requires_grad] == ["weight_ih"]
+
+
 def test_forget_bias_is_added_to_the_forget_slice_only():
     torch.manual_seed(0)
     plain = lstm_fast.LSTM(3, 4, num_layers=2)

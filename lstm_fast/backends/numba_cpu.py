@@ -746,6 +746,12 @@ def _intrinsics(numba):
             "_vload": vload, "_vstore": vstore, "_vsplat": vsplat, "_vfma": vfma}
 
 
+# LLVM fast-math flags of every kernel and activation. nnan/ninf are left out so that
+# NaN and inf propagate as in torch: with them (fastmath=True) LLVM folded the
+# activation's saturation test to true for a NaN input, giving tanh(NaN) = 1.
+_FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
+
+
 def _load():
     """Import numba, register the activations and jit the kernels (once per process)."""
     global _loaded
@@ -764,8 +770,9 @@ def _load():
         q0, q2, q4, q6 = (f32(v) for v in _TANH_Q)
         half = f32(0.5)
 
+        one = f32(1.0)
+
         def tanh32(x):
-            x = min(max(x, -clamp), clamp)
             x2 = x * x
             p = x2 * p13 + p11
             p = x2 * p + p9
@@ -776,15 +783,19 @@ def _load():
             q = x2 * q6 + q4
             q = x2 * q + q2
             q = x2 * q + q0
-            return x * p / q
+            # Past the clamp: exactly +-1, as torch gives (true tanh is within 2.7e-7 of
+            # it), so saturated gates get exactly zero derivative and sigmoid(-inf) = 0;
+            # the rational part (inf/inf there for huge x) is not taken. NaN fails both
+            # tests and stays NaN through x * p / q (clamping x first lost it).
+            return one if x >= clamp else (-one if x <= -clamp else x * p / q)
 
-        @overload(_tanh, jit_options={"fastmath": True, "error_model": "numpy"})
+        @overload(_tanh, jit_options={"fastmath": _FASTMATH, "error_model": "numpy"})
         def _ov_tanh(x):
             if x == types.float32:
                 return tanh32
             return lambda x: np.tanh(x)
 
-        @overload(_sigmoid, jit_options={"fastmath": True, "error_model": "numpy"})
+        @overload(_sigmoid, jit_options={"fastmath": _FASTMATH, "error_model": "numpy"})
         def _ov_sigmoid(x):
             if x == types.float32:
                 return lambda x: half * _tanh(half * x) + half
@@ -801,8 +812,7 @@ def _load():
         g = globals()
         g.update(_intrinsics(numba))
         g["prange"] = numba.prange
-        # nnan/ninf are left out so that NaN and inf propagate as in torch.
-        fm = {"contract", "reassoc", "nsz", "arcp", "afn"}
+        fm = _FASTMATH
         for name in _KERNELS + _PARALLEL_KERNELS:
             opts = dict(nogil=True, fastmath=fm, error_model="numpy", boundscheck=False)
             if name in _PARALLEL_KERNELS:
@@ -964,6 +974,8 @@ class NumbaBackend(Backend):
             return False, f"numba backend runs on CPU only, got device {device}"
         if dtype not in _DTYPES:
             return False, f"numba backend supports float32 and float64, got {dtype}"
+        if torch.jit.is_tracing():
+            return False, "numba kernels run outside torch, so torch.jit.trace cannot record them (cpp can)"
         return True, "CPU float32/float64"
 
     @staticmethod
