@@ -769,7 +769,6 @@ def _load():
         p1, p3, p5, p7, p9, p11, p13 = (f32(v) for v in _TANH_P)
         q0, q2, q4, q6 = (f32(v) for v in _TANH_Q)
         half = f32(0.5)
-
         one = f32(1.0)
 
         def tanh32(x):
@@ -812,9 +811,8 @@ def _load():
         g = globals()
         g.update(_intrinsics(numba))
         g["prange"] = numba.prange
-        fm = _FASTMATH
         for name in _KERNELS + _PARALLEL_KERNELS:
-            opts = dict(nogil=True, fastmath=fm, error_model="numpy", boundscheck=False)
+            opts = dict(nogil=True, fastmath=_FASTMATH, error_model="numpy", boundscheck=False)
             if name in _PARALLEL_KERNELS:
                 opts["parallel"] = True
             else:
