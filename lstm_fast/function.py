@@ -61,6 +61,17 @@ def _bias(b_ih, b_hh):
 
 
 def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend):
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As torch.nn.LSTM under autocast: on CUDA cuDNN's LSTM runs wholly in the autocast
+        # dtype (ATen casts input, states and weights for it); elsewhere the LSTM is not on
+        # autocast's lower-precision list and runs in the weights' dtype. Then the
+        # recurrence runs with autocast off, so every backend sees one dtype.
+        dtype = torch.get_autocast_dtype(device_type) if device_type == "cuda" else w_hh.dtype
+        x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr = (
+            None if t is None else t.to(dtype) for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr))
+        with torch.autocast(device_type, enabled=False):
+            return _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
     for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
                     ("weight_hr", w_hr)):
         # torch.nn.LSTM fails on such a mix too (inside oneDNN or cuBLAS); no backend may

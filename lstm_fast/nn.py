@@ -197,7 +197,7 @@ def _check_state_placement(input, hx):
         if state.device != input.device:
             raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
                                f"{input.device} and hidden tensor at {state.device}")
-        if state.dtype != input.dtype:
+        if state.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
             raise RuntimeError(f"lstm_fast: {name} dtype ({state.dtype}) does not match input dtype ({input.dtype})")
 
 
@@ -258,6 +258,6 @@ def _check_cell_args(cell, input, hx):
             raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {state.size(1)}, "
                                f"expected {cell.hidden_size}")
     _check_state_placement(input, hx)
-    if input.dtype != cell.weight_ih.dtype:
+    if input.dtype != cell.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
         raise RuntimeError(f"lstm_fast: input dtype ({input.dtype}) does not match weight dtype "
                            f"({cell.weight_ih.dtype})")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
+import lstm_fast
 from helpers import BACKEND_NAMES, assert_close, check_against, device_of_tests, from_torch, require
 
 DEVICE = device_of_tests()
@@ -251,3 +252,32 @@ def test_saturated_gates_match_torch(backend):
             assert_close(got[finite], want[finite], dtype, name)
         else:  # exact 1, 0 from saturation
             assert torch.equal(got[finite], want[finite]), f"{name}: {got} vs {want}"
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_cpu_autocast_runs_in_the_weights_dtype(backend):
+    """Under CPU autocast the LSTM is not a lower-precision op: every backend computes in
+    the weights' dtype, whatever dtype the input arrives in (an autocast layer before it
+    hands over bfloat16), and returns that dtype."""
+    if DEVICE.type != "cpu":
+        pytest.skip("CPU autocast")
+    dtype = torch.float32
+    require(backend, DEVICE, dtype, T=3, B=2, H=6)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(4, 6, num_layers=2)
+    ours = from_torch(ref, backend)
+    cell = lstm_fast.LSTMCell.from_torch(torch.nn.LSTMCell(4, 6), backend=backend)
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        want, (wh, wc) = ours(x.bfloat16().float())
+        want_cell = cell(x[0].bfloat16().float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for given in (x.bfloat16().float(), x.bfloat16()):
+                got, (gh, gc) = ours(given)
+                for name, a, b in (("output", got, want), ("h_n", gh, wh), ("c_n", gc, wc)):
+                    assert a.dtype == torch.float32, name
+                    assert_close(a, b, dtype, name)
+                got_cell = cell(given[0])
+                for a, b in zip(got_cell, want_cell):
+                    assert a.dtype == torch.float32
+                    assert_close(a, b, dtype, "LSTMCell")
