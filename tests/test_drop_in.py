@@ -281,3 +281,25 @@ def test_cpu_autocast_runs_in_the_weights_dtype(backend):
                 for a, b in zip(got_cell, want_cell):
                     assert a.dtype == torch.float32
                     assert_close(a, b, dtype, "LSTMCell")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_autocast_matches_torch(backend):
+    """Under CUDA autocast torch runs its LSTM in float16 (input, states and weights cast);
+    so do we: same output dtypes, values within float16 rounding of torch's."""
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA device")
+    require(backend, DEVICE, torch.float16, T=5, B=4, H=32)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(16, 32, num_layers=2).to(DEVICE)
+    ours = from_torch(ref, backend)
+    x = torch.randn(5, 4, 16, device=DEVICE)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        want, (wh, wc) = ref(x)
+        got, (gh, gc) = ours(x)
+    for name, a, b in (("output", got, want), ("h_n", gh, wh), ("c_n", gc, wc)):
+        assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
+        # float16 eps is 9.8e-4; two implementations differ by a few ulps per step and
+        # layer, so 2e-2 bounds them on |values| < 1 over 5 steps and 2 layers
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
