@@ -206,7 +206,7 @@ class TritonBackend(Backend):
             cells = alloc(T + 1, B, H, dtype=torch.float32, device=dev)
             cells[h0_slot] = c0
         bs = batch_sizes.tolist() if packed else None
-        if T == 0:
+        if T == 0 or B == 0:  # nothing to compute: no launch with an empty grid
             return y, h0.clone(), c0.clone(), ((gates, cells, y_ext) if need_grad else ())
 
         if self.use_sequence(sizes, dtype):
@@ -283,7 +283,7 @@ class TritonBackend(Backend):
             dc0 = torch.empty(B, H, dtype=torch.float32, device=dev)
             bs_dev = (batch_sizes.to(device=dev, dtype=torch.int32) if packed
                       else torch.empty(1, dtype=torch.int32, device=dev))
-            if T > 0:
+            if T > 0 and B > 0:
                 seq_k.lstm_bwd_seq_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]),)](
                     gates, cells, w, grad_y, grad_hn.float().contiguous(), grad_cn.float().contiguous(),
                     bs_dev, d_gates, dh0, dc0,
