@@ -257,7 +257,4 @@ def _check_cell_args(cell, input, hx):
         if state.size(1) != cell.hidden_size:
             raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {state.size(1)}, "
                                f"expected {cell.hidden_size}")
-    _check_state_placement(input, hx)
-    if input.dtype != cell.weight_ih.dtype and not torch.is_autocast_enabled(input.device.type):
-        raise RuntimeError(f"lstm_fast: input dtype ({input.dtype}) does not match weight dtype "
-                           f"({cell.weight_ih.dtype})")
+    _check_state_placement(input, hx)  # input vs weight dtype: function._run checks it for every caller
