@@ -95,9 +95,9 @@ def _drive_backend(cases):
         mk = lambda *shape: torch.empty(*shape, dtype=dtype, device=meta)  # noqa: E731
         gx, h0, c0, w_hh = mk(T, B, 4 * H), mk(B, P), mk(B, H), mk(4 * H, P)
         w_hr = mk(P, H) if P != H else None
-        y, h_n, c_n, saved = b._forward(gx, h0, c0, w_hh, w_hr, bs, reverse, True)
-        b._forward(gx, h0, c0, w_hh, w_hr, bs, reverse, False)
-        b._backward(saved, mk(T, B, P), mk(B, P), mk(B, H), h0, c0, w_hh, w_hr, bs, reverse)
+        y, h_n, c_n, saved = b.forward(gx, h0, c0, w_hh, w_hr, bs, reverse, True)
+        b.forward(gx, h0, c0, w_hh, w_hr, bs, reverse, False)
+        b.backward(saved, mk(T, B, P), mk(B, P), mk(B, H), h0, c0, w_hh, w_hr, bs, reverse)
 
 
 def _signature(fn, named, config):
