@@ -6,6 +6,9 @@ hands it to the backend chosen for the call.
 """
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 
 from .backends import select_backend
@@ -60,6 +63,33 @@ def _bias(b_ih, b_hh):
     return b_hh
 
 
+def outside_graph(fn):
+    """Decorator: fn runs with torch.compile kept out of it and of every frame it calls.
+
+    Traced code gets a graph break at the call; eager code that torch.compile is
+    watching (a frame it declined, whose callees it would compile one by one) runs
+    plainly. torch.compiler.disable is applied only once torch.compile has been used:
+    it imports torch._dynamo (2 s), which importing lstm_fast should not.
+    """
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args)
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args)
+
+    return call
+
+
+@outside_graph
+def _apply_outside_graph(*args):
+    return LSTMRecurrence.apply(*args)
+
+
 def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend):
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -85,8 +115,13 @@ def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr))
     opt = [None if t is None else t.contiguous() for t in (w_ih, b_ih, b_hh, w_hr)]
-    return LSTMRecurrence.apply(x.contiguous(), opt[0], opt[1], opt[2], h0.contiguous(), c0.contiguous(),
-                                w_hh.contiguous(), opt[3], batch_sizes, reverse, chosen, need_grad)
+    args = (x.contiguous(), opt[0], opt[1], opt[2], h0.contiguous(), c0.contiguous(), w_hh.contiguous(), opt[3],
+            batch_sizes, reverse, chosen, need_grad)
+    if chosen.traceable or not torch.compiler.is_compiling():
+        return LSTMRecurrence.apply(*args)
+    # numba's and Triton's launchers are Python around foreign kernels, which dynamo
+    # cannot follow: under torch.compile the recurrence is an eager island
+    return _apply_outside_graph(*args)
 
 
 def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=False, backend=None):

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .backends import BACKEND_NAMES
-from .function import lstm_projected
+from .function import lstm_projected, outside_graph
 
 
 def _check_backend_name(backend):
@@ -101,6 +101,14 @@ class LSTM(_FastOptions, nn.LSTM):
         return get("weight_ih"), get("weight_hh"), b_ih, b_hh, w_hr
 
     def forward(self, input, hx=None):
+        if torch.compiler.is_compiling():  # traced (torch._dynamo.config.allow_rnn = True)
+            return self._forward(input, hx)
+        # torch.compile declines nn.LSTM and its subclasses by default and runs them
+        # eagerly, as it does torch's own LSTM; without this it would still compile each
+        # function the forward calls, separately and for every new shape.
+        return _forward_outside_graph(self, input, hx)
+
+    def _forward(self, input, hx=None):
         orig_input = input
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -185,6 +193,11 @@ class LSTM(_FastOptions, nn.LSTM):
         return output, hidden
 
 
+@outside_graph
+def _forward_outside_graph(module, input, hx):
+    return module._forward(input, hx)
+
+
 def _lengths_from_batch_sizes(batch_sizes):
     # length of sorted sequence b = number of steps whose batch size exceeds b
     B = int(batch_sizes[0])
@@ -229,8 +242,9 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         if not is_batched:
             input = input.unsqueeze(0)
         if hx is None:
-            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-            hx = (zeros, zeros)
+            zeros = lambda: torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype,  # noqa: E731
+                                        device=input.device)
+            hx = (zeros(), zeros())  # two tensors: torch.compile refuses one tensor passed twice
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         # torch's lstm_cell op checks these (after the Python checks above)

@@ -9,7 +9,7 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import lstm_fast
-from helpers import BACKEND_NAMES, assert_close, check_against, device_of_tests, from_torch, require
+from helpers import BACKEND_NAMES, CellAsLSTM, assert_close, check_against, device_of_tests, from_torch, require
 
 DEVICE = device_of_tests()
 DTYPES = [torch.float64, torch.float32]
@@ -126,23 +126,12 @@ def test_lstm_cell(backend, dtype):
     ours = lstm_fast.LSTMCell.from_torch(ref, backend=backend)
     x = torch.randn(3, 4, device=DEVICE, dtype=dtype)
     h0, c0 = torch.randn(3, 6, device=DEVICE, dtype=dtype), torch.randn(3, 6, device=DEVICE, dtype=dtype)
-    class AsLSTM(torch.nn.Module):
-        """Presents a cell as (output, (h, c)) so check_against can compare it."""
-
-        def __init__(self, cell):
-            super().__init__()
-            self.cell = cell
-
-        def forward(self, inp, hx):
-            h, c = self.cell(inp, hx)
-            return h * 1.0, (h, c)
-
     def build():
         leaves = {"input": x.clone().requires_grad_(), "h0": h0.clone().requires_grad_(),
                   "c0": c0.clone().requires_grad_()}
         return leaves["input"], (leaves["h0"], leaves["c0"]), leaves
 
-    check_against(AsLSTM(ref), AsLSTM(ours), build, dtype, f"{backend}/cell")
+    check_against(CellAsLSTM(ref), CellAsLSTM(ours), build, dtype, f"{backend}/cell")
     # unbatched cell, no state
     torch.testing.assert_close(ours(x[0]), ref(x[0]))
 

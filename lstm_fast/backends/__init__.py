@@ -38,6 +38,10 @@ AUTO_ORDER = {
 }
 
 _instances: dict[str, Backend] = {}
+# is_available() per backend, asked once per process: the answer depends on imports,
+# the compiled extension and the visible devices, none of which change; and a cached
+# answer is a plain lookup that torch.compile can trace through.
+_availability: dict[str, tuple[bool, str]] = {}
 _load_errors: dict[str, str] = {}
 _logged_choices: set = set()
 
@@ -65,9 +69,15 @@ def get_backend(name: str) -> Backend:
     return _instances[name]
 
 
+def _is_available(name: str) -> tuple[bool, str]:
+    if name not in _availability:
+        _availability[name] = get_backend(name).is_available()
+    return _availability[name]
+
+
 def available_backends() -> dict[str, tuple[bool, str]]:
     """Every backend with (available, reason)."""
-    return {name: get_backend(name).is_available() for name in BACKEND_NAMES}
+    return {name: _is_available(name) for name in BACKEND_NAMES}
 
 
 def default_backend_name() -> str:
@@ -83,7 +93,7 @@ def select_backend(name: str | None, device: torch.device, dtype: torch.dtype, s
     name = name or default_backend_name()
     if name != "auto":
         backend = get_backend(name)
-        ok, why = backend.is_available()
+        ok, why = _is_available(name)
         if not ok:
             raise RuntimeError(f"lstm_fast backend '{name}' is not available: {why}")
         ok, why = backend.supports(device, dtype, sizes)
@@ -93,7 +103,7 @@ def select_backend(name: str | None, device: torch.device, dtype: torch.dtype, s
     reasons = []
     for candidate in AUTO_ORDER.get(device.type, ("reference",)):
         backend = get_backend(candidate)
-        ok, why = backend.is_available()
+        ok, why = _is_available(candidate)
         if ok:
             ok, why = backend.supports(device, dtype, sizes)
         if ok:

@@ -52,6 +52,10 @@ class Backend:
     """Base class; subclasses override everything but the helpers."""
 
     name = "?"
+    # Whether torch.compile may trace into forward/backward: true when they are made of
+    # torch ops (ATen, or custom ops with fake kernels). Otherwise the call runs eagerly
+    # as its own island (one graph break per layer-direction).
+    traceable = False
 
     def is_available(self) -> tuple[bool, str]:
         raise NotImplementedError

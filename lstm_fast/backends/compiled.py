@@ -16,6 +16,7 @@ from .base import Backend, LayerSizes
 class _CompiledBackend(Backend):
     device_type = "?"
     dtypes: tuple = ()
+    traceable = True  # custom ops with fake kernels (lstm_fast/_ops.py)
 
     def is_available(self):
         ok, how = _ops.load()

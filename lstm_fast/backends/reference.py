@@ -17,6 +17,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class ReferenceBackend(Backend):
     name = "reference"
+    # traceable stays False: torch.compile would unroll the Python time loop (a graph of
+    # T steps, recompiled for every new T)
 
     def is_available(self):
         return True, "plain PyTorch ops"

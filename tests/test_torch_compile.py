@@ -1,0 +1,104 @@
+"""torch.compile on models that hold lstm_fast modules, for every backend.
+
+torch.compile declines nn.LSTM and its subclasses unless
+torch._dynamo.config.allow_rnn is set, and runs them eagerly; lstm_fast.LSTM
+then runs wholly outside dynamo. LSTMCell, the functional API and LSTM under
+allow_rnn are traced: backends made of torch ops (cpp, cuda: custom ops with
+fake kernels) land in the graph, so fullgraph=True works; numba, Triton and the
+reference run as an eager island (a graph break). Results must equal
+torch.nn's, gradients included.
+
+Most tests compile with the "aot_eager" backend: it runs dynamo and AOTAutograd
+(the tracing that meets our code: fake kernels, the autograd.Function) without
+Inductor's code generation, which takes tens of seconds per graph on a small
+CPU; one test uses Inductor itself.
+"""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import lstm_fast
+from helpers import BACKEND_NAMES, CellAsLSTM, check_against, device_of_tests, from_torch, get_backend, require
+
+DEVICE = device_of_tests()
+DTYPE = torch.float32
+KWARGS = dict(input_size=5, hidden_size=6, proj_size=2, num_layers=2, bidirectional=True, batch_first=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _lstm_build(B, T):
+    def build():
+        x = torch.randn(B, T, 5, device=DEVICE, dtype=DTYPE, requires_grad=True)
+        h0 = torch.randn(4, B, 2, device=DEVICE, dtype=DTYPE, requires_grad=True)
+        c0 = torch.randn(4, B, 6, device=DEVICE, dtype=DTYPE, requires_grad=True)
+        return x, (h0, c0), {"input": x, "h0": h0, "c0": c0}
+    return build
+
+
+def _cell_build():
+    x = torch.randn(3, 4, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    h0 = torch.randn(3, 6, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    c0 = torch.randn(3, 6, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    return x, (h0, c0), {"input": x, "h0": h0, "c0": c0}
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_compiled_model_runs_the_lstm_eagerly_and_matches(backend):
+    require(backend, DEVICE, DTYPE, T=4, B=3, H=6, P=2)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(**KWARGS, device=DEVICE, dtype=DTYPE)
+    compiled = torch.compile(from_torch(ref, backend), backend="aot_eager")
+    for B, T in ((3, 4), (2, 5), (1, 3)):  # new shapes must not recompile anything of ours
+        check_against(ref, compiled, _lstm_build(B, T), DTYPE, f"{backend} compiled B={B} T={T}")
+    # Declined like nn.LSTM, and none of the functions its forward calls compiled one
+    # by one (they were: 11 graphs for these shapes, then dynamo's recompile limit).
+    assert counters["stats"].get("unique_graphs", 0) == 0, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_traced_cell_matches(backend):
+    require(backend, DEVICE, DTYPE, T=1, B=3, H=6)
+    torch.manual_seed(1)
+    ref = torch.nn.LSTMCell(4, 6, device=DEVICE, dtype=DTYPE)
+    ours = lstm_fast.LSTMCell.from_torch(ref, backend=backend)
+    # Only backends made of torch ops fit in one graph; the others break it once.
+    fullgraph = get_backend(backend).traceable
+    compiled = torch.compile(CellAsLSTM(ours), backend="aot_eager", fullgraph=fullgraph)
+    check_against(CellAsLSTM(ref), compiled, _cell_build, DTYPE, f"{backend} traced cell")
+    assert counters["stats"]["unique_graphs"] >= 1  # it was traced, not declined
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKEND_NAMES if get_backend(b).traceable])
+def test_lstm_in_one_graph_under_allow_rnn(backend):
+    require(backend, DEVICE, DTYPE, T=4, B=3, H=6, P=2)
+    torch.manual_seed(2)
+    ref = torch.nn.LSTM(**KWARGS, device=DEVICE, dtype=DTYPE)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(from_torch(ref, backend), backend="aot_eager", fullgraph=True)
+        check_against(ref, compiled, _lstm_build(3, 4), DTYPE, f"{backend} allow_rnn fullgraph")
+
+
+def test_inductor_compiles_a_cell_step_with_the_compiled_op():
+    backend = "cuda" if DEVICE.type == "cuda" else "cpp"
+    require(backend, DEVICE, DTYPE, T=1, B=3, H=6)
+    torch.manual_seed(3)
+    ref = torch.nn.LSTMCell(4, 6, device=DEVICE, dtype=DTYPE)
+    ours = lstm_fast.LSTMCell.from_torch(ref, backend=backend)
+
+    def step(x, hx):  # a cell plus the pointwise work inductor fuses around it
+        h, c = ours(torch.tanh(x), hx)
+        return h * 2.0 + 1.0, c
+
+    compiled = torch.compile(step, fullgraph=True)
+    x, hx, _ = _cell_build()
+    h, c = compiled(x, hx)
+    h_ref, c_ref = ref(torch.tanh(x), hx)
+    torch.testing.assert_close(h, h_ref * 2.0 + 1.0, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(c, c_ref, rtol=2e-5, atol=2e-5)
