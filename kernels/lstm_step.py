@@ -10,6 +10,8 @@ Dimension glossary
     G   4H: gates i, f, g, o stacked in nn.LSTM's order
     B_BUCKET  power-of-two bucket of B: only the autotune key (runtime int, unused
         by the code, so a new B never recompiles)
+    acc the accumulation dtype of gates, cell states and gradients: fp32, or fp64
+        when the activations are fp64 (read from p_c's type, nothing to pass)
     S   slots of a state buffer; the launcher decides which slot a step reads
         and writes, so the same kernel serves the saving (T+1 slots) and the
         inference (2 ping-pong slots) layouts
@@ -86,14 +88,15 @@ def lstm_fwd_step_kernel(
     p_w_hh,   # [G, P] recurrent weight (nn.LSTM layout), activation dtype
     p_h_in,   # [S, B, P] hidden states; slot_h_in holds h_{t-1}
     p_h_out,  # [S', B, H] slot_h_out receives o*tanh(c_t) (h_t itself without projection)
-    p_c,      # [S'', B, H] fp32 cell states; reads slot_c_in, writes slot_c_out
-    p_gates,  # [T, B, G] fp32 activations i, f, g, o saved for backward (SAVE only)
+    p_c,      # [S'', B, H] acc cell states; reads slot_c_in, writes slot_c_out
+    p_gates,  # [T, B, G] acc activations i, f, g, o saved for backward (SAVE only)
     B, N, t, slot_h_in, slot_h_out, slot_c_in, slot_c_out,
     B_BUCKET, H: tl.constexpr, P: tl.constexpr,
     SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     G: tl.constexpr = 4 * H
+    ACC: tl.constexpr = p_c.dtype.element_ty  # fp32, or fp64 for fp64 input
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -104,10 +107,10 @@ def lstm_fwd_step_kernel(
 
     # Gate pre-activations start from gx[t]; gate q of unit j is column q*H + j.
     o_gx = t.to(tl.int64) * B * G + o_b[:, None] * G + o_j[None, :]
-    acc_i = tl.load(p_gx + o_gx, mask=m_bj, other=0.0).to(tl.float32)
-    acc_f = tl.load(p_gx + o_gx + H, mask=m_bj, other=0.0).to(tl.float32)
-    acc_g = tl.load(p_gx + o_gx + 2 * H, mask=m_bj, other=0.0).to(tl.float32)
-    acc_o = tl.load(p_gx + o_gx + 3 * H, mask=m_bj, other=0.0).to(tl.float32)
+    acc_i = tl.load(p_gx + o_gx, mask=m_bj, other=0.0).to(ACC)
+    acc_f = tl.load(p_gx + o_gx + H, mask=m_bj, other=0.0).to(ACC)
+    acc_g = tl.load(p_gx + o_gx + 2 * H, mask=m_bj, other=0.0).to(ACC)
+    acc_o = tl.load(p_gx + o_gx + 3 * H, mask=m_bj, other=0.0).to(ACC)
 
     # + h_{t-1} @ W_hh^T, K = P in chunks; W^T[k, q*H + j] = w_hh[q*H + j, k].
     p_h_prev = p_h_in + slot_h_in.to(tl.int64) * B * P
@@ -149,15 +152,15 @@ def lstm_fwd_step_kernel(
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["B", "N", "t", "B_BUCKET", "slot_c", "slot_c_prev"])
 def lstm_bwd_step_kernel(
-    p_gates,    # [T, B, G] fp32 saved activations i, f, g, o
-    p_c,        # [S, B, H] fp32 saved cell states: slot_c = c_t, slot_c_prev = c_{t-1}
+    p_gates,    # [T, B, G] acc saved activations i, f, g, o
+    p_c,        # [S, B, H] acc saved cell states: slot_c = c_t, slot_c_prev = c_{t-1}
     p_w_hh,     # [G, P] recurrent weight, activation dtype
-    p_dh,       # [B, H] fp32 gradient reaching h_t from later steps (already through W_hr with projection)
+    p_dh,       # [B, H] acc gradient reaching h_t from later steps (already through W_hr with projection)
     p_gy,       # [T, B, H] gradient of the output y, activation dtype (ADD_GY only)
-    p_dc,       # [B, H] fp32 gradient reaching c_t from later steps
-    p_dgates,   # [T, B, G] fp32 out: gradient of the gate pre-activations
-    p_dh_prev,  # [B, P] fp32 out: dh_{t-1} = d_gates @ W_hh
-    p_dc_prev,  # [B, H] fp32 out: dc_{t-1} = d_c * f
+    p_dc,       # [B, H] acc gradient reaching c_t from later steps
+    p_dgates,   # [T, B, G] acc out: gradient of the gate pre-activations
+    p_dh_prev,  # [B, P] acc out: dh_{t-1} = d_gates @ W_hh
+    p_dc_prev,  # [B, H] acc out: dc_{t-1} = d_c * f
     B, N, t, slot_c, slot_c_prev,
     B_BUCKET, H: tl.constexpr, P: tl.constexpr,
     ADD_GY: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -179,7 +182,7 @@ def lstm_bwd_step_kernel(
     p_dgates_t = p_dgates + t.to(tl.int64) * B * G
     p_c_t = p_c + slot_c.to(tl.int64) * B * H
     p_c_prev = p_c + slot_c_prev.to(tl.int64) * B * H
-    acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=p_dh_prev.dtype.element_ty)
     for k0 in range(0, H, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < H
@@ -194,7 +197,7 @@ def lstm_bwd_step_kernel(
         b_c_prev = tl.load(p_c_prev + o_bk, mask=m_bk, other=0.0)
         b_dh = tl.load(p_dh + o_bk, mask=m_bk, other=0.0)
         if ADD_GY:
-            b_dh += tl.load(p_gy + t.to(tl.int64) * B * H + o_bk, mask=m_bk, other=0.0).to(tl.float32)
+            b_dh += tl.load(p_gy + t.to(tl.int64) * B * H + o_bk, mask=m_bk, other=0.0).to(b_dh.dtype)
         b_dc = tl.load(p_dc + o_bk, mask=m_bk, other=0.0)
 
         b_tc = tanh(b_c)

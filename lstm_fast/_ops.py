@@ -21,16 +21,13 @@ import threading
 
 import torch
 
+from .backends.base import acc_dtype
+
 log = logging.getLogger("lstm_fast")
 
 _lock = threading.Lock()
 _state: tuple[bool, str] | None = None
 _fakes_registered = False
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # gates, cells and the cell state stay in fp32 for half/bfloat16 input
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def csrc_dir() -> str | None:
@@ -117,7 +114,7 @@ def _register_fakes() -> None:
     def _forward_fake(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
         T, B, G = gx.shape
         H, P = G // 4, h0.shape[1]
-        acc = _acc_dtype(gx.dtype)
+        acc = acc_dtype(gx.dtype)
         y = gx.new_empty((T, B, P))
         if need_grad:
             gates, cells = gx.new_empty((T, B, G), dtype=acc), gx.new_empty((T, B, H), dtype=acc)

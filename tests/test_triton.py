@@ -8,6 +8,7 @@ and H stay tiny.
 
 On a GPU (tests marked `gpu`): float32 (tf32 and ieee), float16 and bfloat16
 against a float64 reference, allowed twice cuDNN's own error in that dtype.
+float64 (step path only) runs against the reference on either.
 """
 import contextlib
 import os
@@ -28,6 +29,7 @@ HAS_CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu") if INTERP else torch.device("cuda")
 TOL32 = dict(rtol=2e-5, atol=2e-5)  # fp32, T <= 5: independent orders of summation land ~1e-6 apart
+TOL64 = dict(rtol=1e-9, atol=1e-9)  # fp64: ~1e-16 rounding, the same amplification; 10^6 headroom
 
 
 @pytest.fixture
@@ -111,6 +113,22 @@ def test_interpreter_matches_reference(triton_backend, path, name, T, B, H, P, p
         torch.testing.assert_close(ours[k], ref[k], **TOL32, msg=lambda m, k=k: f"{name}/{path} {k}: {m}")
 
 
+@pytest.mark.parametrize("name,T,B,H,P,packed,reverse", CASES + PROJ_CASES, ids=[c[0] for c in CASES + PROJ_CASES])
+def test_float64_matches_reference(triton_backend, name, T, B, H, P, packed, reverse):
+    """float64 accumulates in float64 (gates, cells, gradients) on the step path, which
+    auto picks: the sequence kernel has no float64 variant and says so."""
+    sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
+    assert triton_backend.supports(DEVICE, torch.float64, sizes)[0]
+    assert not triton_backend.use_sequence(sizes, torch.float64)
+    bs = _batch_sizes(T, B, seed=T * 100 + B) if packed else None
+    leaves = _inputs(T, B, H, P, torch.float64, DEVICE)
+    ref = _run("reference", leaves, bs, reverse)
+    ours = _run("triton", leaves, bs, reverse)
+    for k in ref:
+        assert ours[k].dtype == torch.float64, k
+        torch.testing.assert_close(ours[k], ref[k], **TOL64, msg=lambda m, k=k: f"{name} {k}: {m}")
+
+
 @pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
 @pytest.mark.parametrize("path", ["step", "sequence"])
 @pytest.mark.parametrize("packed,reverse", [(False, False), (True, False), (False, True)])
@@ -168,7 +186,11 @@ def test_dispatch_and_limits(triton_backend):
     ok, why = b.supports(DEVICE, f32, big)
     assert not ok and f"H <= {limit}" in why
     b.path = "auto"
-    assert not b.supports(DEVICE, torch.float64, small)[0]
+    assert b.supports(DEVICE, torch.float64, small)[0] and not b.use_sequence(small, torch.float64)
+    b.path = "sequence"
+    ok, why = b.supports(DEVICE, torch.float64, small)
+    assert not ok and "float64" in why
+    b.path = "auto"
     other = torch.device("cuda") if INTERP else torch.device("cpu")
     ok, why = b.supports(other, torch.float32, small)
     assert not ok and why

@@ -39,7 +39,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from lstm_fast.backends.triton_gpu import TritonBackend  # noqa: E402
 
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
+_PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
         torch.int64: "*i64"}
 
 
@@ -75,13 +75,16 @@ QUICK_CASES = [
     (torch.float16, None, "step", 96, 40, True, False),
     (torch.bfloat16, None, "sequence", 48, 48, True, False),
     (torch.bfloat16, None, "step", 200, 200, False, True),
+    (torch.float64, None, "step", 96, 40, True, False),  # float64: step path only
 ]
 FULL_CASES = [(dtype, prec, path, H, P, packed, reverse)
               for dtype, precs in ((torch.float32, ("tf32", "ieee", "tf32x3")), (torch.float16, (None,)),
                                    (torch.bfloat16, (None,)))
               for prec in precs
               for path, H, P in (("sequence", 48, 48), ("step", 48, 48), ("step", 96, 40), ("step", 200, 200))
-              for packed, reverse in ((False, False), (False, True), (True, False))]
+              for packed, reverse in ((False, False), (False, True), (True, False))] + [
+    (torch.float64, None, "step", H, P, packed, reverse)
+    for H, P in ((48, 48), (96, 40), (200, 200)) for packed, reverse in ((False, False), (False, True), (True, False))]
 
 
 def _drive_backend(cases):

@@ -93,6 +93,11 @@ class Backend:
         return f"<lstm_fast backend {self.name}>"
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of gates, cell state and accumulation: float32 for 16-bit input, else its own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def step_order(T: int, reverse: bool) -> range:
     """Time indices in processing order."""
     return range(T - 1, -1, -1) if reverse else range(T)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Backend, LayerSizes, weight_grads
+from .base import Backend, LayerSizes, acc_dtype, weight_grads
 
 PATHS = ("auto", "step", "sequence")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -137,6 +137,8 @@ class TritonBackend(Backend):
             raise ValueError(f"triton backend path {self.path!r}: choose one of {', '.join(PATHS)}")
 
     def sequence_ok(self, sizes: LayerSizes, dtype) -> tuple[bool, str]:
+        if dtype == torch.float64:  # a float64 W_hh tile set would fit only H <= 32: not worth a variant
+            return False, "the sequence kernel holds W_hh on chip in 32 or 16 bits, not float64"
         if sizes.has_proj:
             return False, "the sequence kernel has no projection (proj_size > 0)"
         limit = seq_max_h(dtype)
@@ -158,8 +160,8 @@ class TritonBackend(Backend):
                 return False, "bfloat16 arithmetic is wrong in the Triton interpreter"
         elif device.type != "cuda":
             return False, f"Triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs CPU tensors)"
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return False, f"dtype {dtype} not supported (float32, float16, bfloat16)"
+        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            return False, f"dtype {dtype} not supported (float32, float64, float16, bfloat16)"
         if 4 * sizes.H * sizes.P >= 2 ** 31:
             return False, "W_hh has 2^31 elements or more (int32 weight offsets)"
         if self.path == "sequence":
@@ -172,7 +174,7 @@ class TritonBackend(Backend):
 
     def dot_precision(self, dtype) -> str:
         if dtype != torch.float32:
-            return "ieee"  # 16-bit operands: the flag does not apply
+            return "ieee"  # 16- and 64-bit operands: the flag does not apply
         choice = self.fp32_precision or _torch_fp32_precision()
         if choice not in FP32_PRECISIONS:
             raise ValueError(f"fp32_precision {choice!r}: choose one of {', '.join(FP32_PRECISIONS)}")
@@ -188,6 +190,7 @@ class TritonBackend(Backend):
         T, B, G = gx.shape
         H, P = G // 4, h0.shape[1]
         dtype, dev = gx.dtype, gx.device
+        acc = acc_dtype(dtype)  # gates and cell states: float32, or float64 for float64 input
         w = w_hh.to(dtype).contiguous()
         prec = self.dot_precision(dtype)
         packed = batch_sizes is not None
@@ -200,10 +203,10 @@ class TritonBackend(Backend):
         h0_slot = T if reverse else 0
         y_ext[h0_slot] = h0
         y = y_ext[:T] if reverse else y_ext[1:]
-        gates = alloc(T, B, G, dtype=torch.float32, device=dev) if need_grad else None
+        gates = alloc(T, B, G, dtype=acc, device=dev) if need_grad else None
         cells = None
         if need_grad:  # cells_ext: same slot layout as y_ext
-            cells = alloc(T + 1, B, H, dtype=torch.float32, device=dev)
+            cells = alloc(T + 1, B, H, dtype=acc, device=dev)
             cells[h0_slot] = c0
         bs = batch_sizes.tolist() if packed else None
         if T == 0 or B == 0:  # nothing to compute: no launch with an empty grid
@@ -211,7 +214,7 @@ class TritonBackend(Backend):
 
         if self.use_sequence(sizes, dtype):
             h_n = torch.empty(B, H, dtype=h0.dtype, device=dev)
-            c_n = torch.empty(B, H, dtype=torch.float32, device=dev)
+            c_n = torch.empty(B, H, dtype=acc, device=dev)
             bs_dev = (batch_sizes.to(device=dev, dtype=torch.int32) if packed
                       else torch.empty(1, dtype=torch.int32, device=dev))
             dummy = y_ext
@@ -225,7 +228,7 @@ class TritonBackend(Backend):
 
         # Step path. Without saving, the cell state ping-pongs between 2 slots.
         if not need_grad:
-            cells = torch.empty(2, B, H, dtype=torch.float32, device=dev)
+            cells = torch.empty(2, B, H, dtype=acc, device=dev)
             cells[0] = c0
         hpre = torch.empty(1, B, H, dtype=dtype, device=dev) if w_hr is not None else None
         w_hr_t = w_hr.to(dtype).t() if w_hr is not None else None
@@ -270,36 +273,37 @@ class TritonBackend(Backend):
         T, B, G = gates.shape
         H, P = G // 4, h0.shape[1]
         dtype, dev = grad_y.dtype, grad_y.device
+        acc = gates.dtype  # float32, or float64 for float64 input (as in forward)
         w = w_hh.to(y_ext.dtype).contiguous()
         prec = self.dot_precision(y_ext.dtype)
         packed = batch_sizes is not None
         sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
         grad_y = grad_y.to(y_ext.dtype).contiguous()
-        d_gates = (torch.zeros if packed else torch.empty)(T, B, G, dtype=torch.float32, device=dev)
+        d_gates = (torch.zeros if packed else torch.empty)(T, B, G, dtype=acc, device=dev)
         d_r_all = None
 
         if self.use_sequence(sizes, y_ext.dtype):
-            dh0 = torch.empty(B, H, dtype=torch.float32, device=dev)
-            dc0 = torch.empty(B, H, dtype=torch.float32, device=dev)
+            dh0 = torch.empty(B, H, dtype=acc, device=dev)
+            dc0 = torch.empty(B, H, dtype=acc, device=dev)
             bs_dev = (batch_sizes.to(device=dev, dtype=torch.int32) if packed
                       else torch.empty(1, dtype=torch.int32, device=dev))
             if T > 0 and B > 0:
                 seq_k.lstm_bwd_seq_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]),)](
-                    gates, cells, w, grad_y, grad_hn.float().contiguous(), grad_cn.float().contiguous(),
+                    gates, cells, w, grad_y, grad_hn.to(acc).contiguous(), grad_cn.to(acc).contiguous(),
                     bs_dev, d_gates, dh0, dc0,
                     T, B, H=H, HP=max(16, _next_pow2(H)), B_BUCKET=step_k.bucket(B),
                     REVERSE=bool(reverse), PACKED=packed, DOT_PRECISION=prec)
             else:
-                dh0, dc0 = grad_hn.float(), grad_cn.float()
+                dh0, dc0 = grad_hn.to(acc), grad_cn.to(acc)
         else:
             # Ping-pong gradient buffers. Rows inactive at a step were inactive
             # at every later step too, so both copies still hold grad_hn/grad_cn.
-            dh = grad_hn.float().unsqueeze(0).repeat(2, 1, 1)
-            dc = grad_cn.float().unsqueeze(0).repeat(2, 1, 1)
+            dh = grad_hn.to(acc).unsqueeze(0).repeat(2, 1, 1)
+            dc = grad_cn.to(acc).unsqueeze(0).repeat(2, 1, 1)
             if w_hr is not None:
-                d_r_all = torch.zeros(T, B, P, dtype=torch.float32, device=dev)
-                dh_proj = torch.empty(B, H, dtype=torch.float32, device=dev)
-                w_hr_f = w_hr.float()
+                d_r_all = torch.zeros(T, B, P, dtype=acc, device=dev)
+                dh_proj = torch.empty(B, H, dtype=acc, device=dev)
+                w_hr_f = w_hr.to(acc)
             bs = batch_sizes.tolist() if packed else None
             bb = step_k.bucket(B)
             order = list(range(T - 1, -1, -1) if reverse else range(T))
