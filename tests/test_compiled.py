@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lstm_fast.backends import get_backend
-from lstm_fast.function import input_projection, lstm_recurrence
+from lstm_fast.function import lstm_projected, lstm_recurrence
 
 CPP_OK, CPP_WHY = get_backend("cpp").is_available()
 CUDA_OK, CUDA_WHY = get_backend("cuda").is_available()
@@ -66,12 +66,14 @@ def make_inputs(T, B, H, P, packed, dtype, device="cpu", seed=0, requires_grad=T
     return gx, h0, c0, w_hh, w_hr, bs
 
 
-def run(backend, inputs, reverse, seed=1):
-    """Outputs and all gradients under random upstream gradients on y, h_n and c_n."""
+def run(backend, inputs, reverse, seed=1, upstream_dtype=None):
+    """Outputs and all gradients under random upstream gradients on y, h_n and c_n
+    (their values rounded to upstream_dtype first, if given)."""
     gx, h0, c0, w_hh, w_hr, bs = inputs
     y, h_n, c_n = lstm_recurrence(gx, h0, c0, w_hh, w_hr, batch_sizes=bs, reverse=reverse, backend=backend)
     gen = torch.Generator().manual_seed(seed)
-    ups = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype).to(t.device) for t in (y, h_n, c_n)]
+    ups = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(upstream_dtype or t.dtype).to(t.dtype)
+           .to(t.device) for t in (y, h_n, c_n)]
     loss = sum((t * u).sum() for t, u in zip((y, h_n, c_n), ups))
     leaves = [t for t in (gx, h0, c0, w_hh, w_hr) if t is not None]
     grads = torch.autograd.grad(loss, leaves)
@@ -94,6 +96,23 @@ def test_cpp_matches_reference(T, B, H, P, packed, reverse, dtype):
         bs = inputs[5]
         for t in range(T):
             assert torch.count_nonzero(ours["y"][t, int(bs[t]):]).item() == 0
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("T,B,H,P,packed,reverse", [c for c in CASES if c[0] > 1])
+def test_cpp_half_precision_is_the_float32_result_rounded(T, B, H, P, packed, reverse, dtype):
+    """16-bit input runs in float32: every result is the float32 computation on the
+    widened inputs, rounded once to the input dtype (so within one unit in the last
+    place of it, plus float32 noise)."""
+    inputs = make_inputs(T, B, H, P, packed, dtype)
+    wide = [t.detach().float().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in inputs]
+    ours, ref = run("cpp", inputs, reverse), run("reference", wide, reverse, upstream_dtype=dtype)
+    for name in ref:
+        assert ours[name].dtype == dtype, name
+        torch.testing.assert_close(ours[name].float(), ref[name], rtol=ULP[dtype], atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 # Above the cpp backend's split threshold (B*4H*P >= 8192, csrc/lstm_cpu.cpp):
@@ -246,11 +265,12 @@ def test_cpp_forward_projected_rejects_bad_input():
         torch.ops.lstm_fast.lstm_forward_projected(x[0], w_ih, b, h0, c0, w_hh, None, None, False, False)
 
 
-# ----------------------------------------------------------------------------- CUDA
+# ----------------------------------------------- low precision against torch's own error
 
 # Whole-layer errors against a float64 reference: ours must stay within 2x
-# cuDNN's own error in the same dtype (plus one unit in the last place, so a
-# lucky, near-exact cuDNN value cannot fail the test).
+# torch.nn.LSTM's own error in the same dtype on the same device (cuDNN on a GPU,
+# ATen/oneDNN on CPU), plus one unit in the last place, so a lucky, near-exact
+# torch value cannot fail the test.
 @pytest.fixture
 def no_tf32():
     """fp32 GEMMs in full fp32 on both sides of a comparison."""
@@ -261,10 +281,12 @@ def no_tf32():
 
 
 ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+ERROR_NAMES = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_ih", "d_b_hh", "d_w_hr"]
 
 
-def layer_errors_vs_fp64(dtype, T, B, I, H, P):
-    """(ours, cudnn) max relative errors per quantity, whole layer incl. input projection."""
+def layer_errors_vs_fp64(backend, device, dtype, T, B, I, H, P):
+    """(ours, torch's) max relative errors per quantity (ERROR_NAMES), one whole layer
+    with its input projection, as lstm_fast.LSTM runs it."""
     torch.manual_seed(0)
     lstm64 = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).double()
     x64 = torch.randn(T, B, I, dtype=torch.float64)
@@ -273,37 +295,52 @@ def layer_errors_vs_fp64(dtype, T, B, I, H, P):
            torch.randn(1, B, H, dtype=torch.float64)]
     names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"] + (["weight_hr_l0"] if P != H else [])
 
-    def ours(dev, dt):
+    def ours(backend, dev, dt):
         p = {n: getattr(lstm64, n).detach().to(dev, dt).requires_grad_() for n in names}
         x = x64.to(dev, dt).requires_grad_()
         h0, c0 = h064[0].to(dev, dt).requires_grad_(), c064[0].to(dev, dt).requires_grad_()
-        gx = input_projection(x, p["weight_ih_l0"], p["bias_ih_l0"], p["bias_hh_l0"])
-        backend = "cuda" if dev == "cuda" else "reference"
-        y, h_n, c_n = lstm_recurrence(gx, h0, c0, p["weight_hh_l0"], p.get("weight_hr_l0"), backend=backend)
+        y, h_n, c_n = lstm_projected(x, h0, c0, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
+                                     p["bias_hh_l0"], p.get("weight_hr_l0"), backend=backend)
         outs = [y, h_n.unsqueeze(0), c_n.unsqueeze(0)]
         loss = sum((o * u.to(dev, dt)).sum() for o, u in zip(outs, ups))
         grads = torch.autograd.grad(loss, [x, h0, c0] + [p[n] for n in names])
         return [o.double().cpu() for o in outs] + [g.double().cpu() for g in grads]
 
-    def cudnn(dt):
-        m = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).to("cuda", dt)
+    def by_torch(dt):
+        m = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).to(device, dt)
         m.load_state_dict({k: v.to(dt) for k, v in lstm64.state_dict().items()})
-        x = x64.to("cuda", dt).requires_grad_()
-        h0, c0 = h064.to("cuda", dt).requires_grad_(), c064.to("cuda", dt).requires_grad_()
+        x = x64.to(device, dt).requires_grad_()
+        h0, c0 = h064.to(device, dt).requires_grad_(), c064.to(device, dt).requires_grad_()
         y, (h_n, c_n) = m(x, (h0, c0))
         outs = [y, h_n, c_n]
-        loss = sum((o * u.to("cuda", dt)).sum() for o, u in zip(outs, ups))
+        loss = sum((o * u.to(device, dt)).sum() for o, u in zip(outs, ups))
         grads = torch.autograd.grad(loss, [x, h0, c0] + [getattr(m, n) for n in names])
         grads = [grads[0], grads[1][0], grads[2][0], *grads[3:]]
         return [o.double().cpu() for o in outs] + [g.double().cpu() for g in grads]
 
-    ref = ours("cpu", torch.float64)
+    ref = ours("reference", "cpu", torch.float64)
 
     def err(vals):
         return [((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for a, r in zip(vals, ref)]
 
-    return err(ours("cuda", dtype)), err(cudnn(dtype))
+    return err(ours(backend, device, dtype)), err(by_torch(dtype))
 
+
+def assert_within_2x_torch(ours, by_torch, dtype):
+    for name, e_ours, e_torch in zip(ERROR_NAMES, ours, by_torch):
+        assert e_ours <= 2 * e_torch + ULP[dtype], f"{name}: ours {e_ours:.2e} vs torch {e_torch:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("P", [32, 24], ids=["noproj", "proj"])
+@needs_cpp
+def test_cpp_half_precision_within_2x_torch(dtype, P):
+    """cpp widens 16-bit input to float32; its error must be no worse than torch's CPU LSTM."""
+    ours, by_torch = layer_errors_vs_fp64("cpp", "cpu", dtype, T=12, B=5, I=16, H=32, P=P)
+    assert_within_2x_torch(ours, by_torch, dtype)
+
+
+# ----------------------------------------------------------------------------- CUDA
 
 def test_cuda_refuses_bfloat16_before_sm80(monkeypatch):
     """supports() decides from the device's capability alone (no GPU needed to check it)."""
@@ -328,10 +365,8 @@ def test_cuda_backend_available_on_a_gpu():
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_error_within_2x_cudnn(dtype, P, no_tf32):
-    ours, cud = layer_errors_vs_fp64(dtype, T=20, B=8, I=32, H=64, P=P)
-    names = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_ih", "d_b_hh", "d_w_hr"]
-    for name, e_ours, e_cudnn in zip(names, ours, cud):
-        assert e_ours <= 2 * e_cudnn + ULP[dtype], f"{name}: ours {e_ours:.2e} vs cuDNN {e_cudnn:.2e}"
+    ours, cudnn = layer_errors_vs_fp64("cuda", "cuda", dtype, T=20, B=8, I=32, H=64, P=P)
+    assert_within_2x_torch(ours, cudnn, dtype)
 
 
 @pytest.mark.parametrize("T,B,H,P,packed,reverse", CASES)
