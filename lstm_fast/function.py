@@ -112,7 +112,9 @@ def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
     H = w_hh.shape[0] // 4
     sizes = LayerSizes(T=T, B=B, H=H, P=h0.shape[-1], packed=batch_sizes is not None, reverse=reverse)
     chosen = select_backend(backend, x.device, x.dtype, sizes)
-    need_grad = torch.is_grad_enabled() and any(
+    # A trace is one graph for both grad modes (torch.jit.trace checks it by tracing
+    # again under no_grad), so while tracing only requires_grad decides.
+    need_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and any(
         t is not None and t.requires_grad for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr))
     opt = [None if t is None else t.contiguous() for t in (w_ih, b_ih, b_hh, w_hr)]
     args = (x.contiguous(), opt[0], opt[1], opt[2], h0.contiguous(), c0.contiguous(), w_hh.contiguous(), opt[3],

@@ -315,11 +315,3 @@ def test_workqueue_layer():
         "assert not bad\n")
     env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
-
-
-def test_declines_torch_jit_trace(monkeypatch):
-    """Its kernels run outside torch, so a trace could not record them: supports() says so."""
-    b = get_backend("numba")
-    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
-    ok, why = b.supports(torch.device("cpu"), torch.float32, LayerSizes(T=2, B=1, H=4, P=4))
-    assert not ok and "torch.jit.trace" in why

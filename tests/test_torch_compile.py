@@ -1,4 +1,5 @@
-"""torch.compile on models that hold lstm_fast modules, for every backend.
+"""torch.compile, torch.export and torch.jit.trace on models that hold lstm_fast
+modules, for every backend.
 
 torch.compile declines nn.LSTM and its subclasses unless
 torch._dynamo.config.allow_rnn is set, and runs them eagerly; lstm_fast.LSTM
@@ -7,6 +8,10 @@ allow_rnn are traced: backends made of torch ops (cpp, cuda: custom ops with
 fake kernels) land in the graph, so fullgraph=True works; numba, Triton and the
 reference run as an eager island (a graph break). Results must equal
 torch.nn's, gradients included.
+
+torch.jit.trace and torch.export record a graph of torch ops only, so numba and
+Triton, whose kernels are not torch ops, decline them with that reason (a named
+backend raises, "auto" takes the next one).
 
 Most tests compile with the "aot_eager" backend: it runs dynamo and AOTAutograd
 (the tracing that meets our code: fake kernels, the autograd.Function) without
@@ -102,3 +107,38 @@ def test_inductor_compiles_a_cell_step_with_the_compiled_op():
     h_ref, c_ref = ref(torch.tanh(x), hx)
     torch.testing.assert_close(h, h_ref * 2.0 + 1.0, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(c, c_ref, rtol=2e-5, atol=2e-5)
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, backend=None):
+        super().__init__()
+        self.lstm = lstm_fast.LSTM(5, 7, batch_first=True, backend=backend)
+        self.fc = torch.nn.Linear(7, 2)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x)[0])
+
+
+def _record(recorder, model, x):
+    if recorder == "jit.trace":
+        return torch.jit.trace(model, (x,))
+    return torch.export.export(model, (x,)).module()
+
+
+@pytest.mark.parametrize("recorder", ["jit.trace", "export"])
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_graph_recorders_refuse_kernels_outside_torch(backend, recorder):
+    require(backend, DEVICE, DTYPE, T=4, B=3, H=7)
+    model = _Head(backend).to(DEVICE)
+    # recorded without them, the graph would replay the first call's output for any input
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' does not support this call: .*cannot record"):
+        _record(recorder, model, torch.randn(3, 4, 5, device=DEVICE))
+
+
+@pytest.mark.parametrize("recorder", ["jit.trace", "export"])
+def test_graph_recorders_record_the_automatic_choice(recorder):
+    torch.manual_seed(4)
+    model = _Head().to(DEVICE)
+    graph = _record(recorder, model, torch.randn(3, 4, 5, device=DEVICE))
+    x = torch.randn(3, 4, 5, device=DEVICE)  # new values: the graph must compute them, not replay
+    torch.testing.assert_close(graph(x), model(x), rtol=2e-5, atol=2e-5)

@@ -93,6 +93,19 @@ class Backend:
         return f"<lstm_fast backend {self.name}>"
 
 
+def graph_recorder() -> str | None:
+    """The graph recorder tracing this call (torch.jit.trace or torch.export), or None.
+
+    Their graphs hold torch ops only: a backend whose kernels are not torch ops
+    (numba, Triton) would be left out of the recording, so it must decline.
+    """
+    if torch.jit.is_tracing():
+        return "torch.jit.trace"
+    if torch.compiler.is_exporting():
+        return "torch.export"
+    return None
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of gates, cell state and accumulation: float32 for 16-bit input, else its own."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

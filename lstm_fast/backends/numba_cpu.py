@@ -28,7 +28,7 @@ import threading
 import numpy as np
 import torch
 
-from .base import Backend, LayerSizes, weight_grads
+from .base import Backend, LayerSizes, graph_recorder, weight_grads
 
 # Bytes of one SIMD vector of the product kernels (AVX2). On CPUs with narrower
 # vectors LLVM splits each operation; the packing is the same.
@@ -972,8 +972,9 @@ class NumbaBackend(Backend):
             return False, f"numba backend runs on CPU only, got device {device}"
         if dtype not in _DTYPES:
             return False, f"numba backend supports float32 and float64, got {dtype}"
-        if torch.jit.is_tracing():
-            return False, "numba kernels run outside torch, so torch.jit.trace cannot record them (cpp can)"
+        recorder = graph_recorder()
+        if recorder:
+            return False, f"numba kernels run outside torch, so {recorder} cannot record them (cpp can)"
         return True, "CPU float32/float64"
 
     @staticmethod

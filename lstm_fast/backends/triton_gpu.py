@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Backend, LayerSizes, acc_dtype, weight_grads
+from .base import Backend, LayerSizes, acc_dtype, graph_recorder, weight_grads
 
 PATHS = ("auto", "step", "sequence")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -162,6 +162,9 @@ class TritonBackend(Backend):
             return False, f"Triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs CPU tensors)"
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             return False, f"dtype {dtype} not supported (float32, float64, float16, bfloat16)"
+        recorder = graph_recorder()
+        if recorder:
+            return False, f"Triton kernels are not torch ops, so {recorder} cannot record them (cuda can)"
         if 4 * sizes.H * sizes.P >= 2 ** 31:
             return False, "W_hh has 2^31 elements or more (int32 weight offsets)"
         if self.path == "sequence":
