@@ -101,7 +101,8 @@ def graph_recorder() -> str | None:
     """
     if torch.jit.is_tracing():
         return "torch.jit.trace"
-    if torch.compiler.is_exporting():
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    if is_exporting is not None and is_exporting():
         return "torch.export"
     return None
 
