@@ -26,6 +26,9 @@ import lstm_fast
 from helpers import BACKEND_NAMES, CellAsLSTM, check_against, device_of_tests, from_torch, get_backend, require
 
 DEVICE = device_of_tests()
+# Part of the GPU run too (-m gpu): there the cuda backend enters the graph and
+# triton runs as an eager island.
+pytestmark = pytest.mark.gpu
 DTYPE = torch.float32
 KWARGS = dict(input_size=5, hidden_size=6, proj_size=2, num_layers=2, bidirectional=True, batch_first=True)
 

@@ -113,6 +113,7 @@ def test_interpreter_matches_reference(triton_backend, path, name, T, B, H, P, p
         torch.testing.assert_close(ours[k], ref[k], **TOL32, msg=lambda m, k=k: f"{name}/{path} {k}: {m}")
 
 
+@pytest.mark.gpu  # on the GPU run: the float64 kernels on CUDA
 @pytest.mark.parametrize("name,T,B,H,P,packed,reverse", CASES + PROJ_CASES, ids=[c[0] for c in CASES + PROJ_CASES])
 def test_float64_matches_reference(triton_backend, name, T, B, H, P, packed, reverse):
     """float64 accumulates in float64 (gates, cells, gradients) on the step path, which
