@@ -112,6 +112,11 @@ def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
     H = w_hh.shape[0] // 4
     sizes = LayerSizes(T=T, B=B, H=H, P=h0.shape[-1], packed=batch_sizes is not None, reverse=reverse)
     chosen = select_backend(backend, x.device, x.dtype, sizes)
+    if chosen.widens_16bit and x.dtype in (torch.float16, torch.bfloat16):
+        # The backend computes in float32: widen here, and autograd's casts round the
+        # outputs and, in backward, the gradients back to the 16-bit dtype.
+        wide = [None if t is None else t.float() for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr)]
+        return tuple(t.to(x.dtype) for t in _run(*wide, batch_sizes, reverse, chosen.name))
     # A trace is one graph for both grad modes (torch.jit.trace checks it by tracing
     # again under no_grad), so while tracing only requires_grad decides.
     need_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and any(

@@ -6,6 +6,7 @@ from torch.nn.utils.rnn import PackedSequence
 import lstm_fast
 from lstm_fast.backends import BACKEND_NAMES, get_backend  # noqa: F401 (re-exported for tests)
 from lstm_fast.backends.base import LayerSizes
+from lstm_fast.function import lstm_projected
 
 # Tolerances. float64: both sides agree to rounding (~1e-16) amplified by the
 # recurrence and the T*B-term sums of the weight gradients; 1e-9 leaves 10^6
@@ -88,3 +89,58 @@ class CellAsLSTM(torch.nn.Module):
 
 def from_torch(ref, backend):
     return lstm_fast.LSTM.from_torch(ref, backend=backend)
+
+
+# Whole-layer errors against a float64 reference: in a low-precision dtype ours must
+# stay within 2x torch.nn.LSTM's own error in that dtype on the same device (cuDNN on
+# a GPU, ATen/oneDNN on CPU), plus one unit in the last place, so a lucky, near-exact
+# torch value cannot fail the test.
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+ERROR_NAMES = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_ih", "d_b_hh", "d_w_hr"]
+
+
+def layer_errors_vs_fp64(backend, device, dtype, T, B, I, H, P):
+    """(ours, torch's) max relative errors per quantity (ERROR_NAMES), one whole layer
+    with its input projection, as lstm_fast.LSTM runs it."""
+    torch.manual_seed(0)
+    lstm64 = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).double()
+    x64 = torch.randn(T, B, I, dtype=torch.float64)
+    h064, c064 = torch.randn(1, B, P, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64)
+    ups = [torch.randn(T, B, P, dtype=torch.float64), torch.randn(1, B, P, dtype=torch.float64),
+           torch.randn(1, B, H, dtype=torch.float64)]
+    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"] + (["weight_hr_l0"] if P != H else [])
+
+    def ours(backend, dev, dt):
+        p = {n: getattr(lstm64, n).detach().to(dev, dt).requires_grad_() for n in names}
+        x = x64.to(dev, dt).requires_grad_()
+        h0, c0 = h064[0].to(dev, dt).requires_grad_(), c064[0].to(dev, dt).requires_grad_()
+        y, h_n, c_n = lstm_projected(x, h0, c0, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
+                                     p["bias_hh_l0"], p.get("weight_hr_l0"), backend=backend)
+        outs = [y, h_n.unsqueeze(0), c_n.unsqueeze(0)]
+        loss = sum((o * u.to(dev, dt)).sum() for o, u in zip(outs, ups))
+        grads = torch.autograd.grad(loss, [x, h0, c0] + [p[n] for n in names])
+        return [o.double().cpu() for o in outs] + [g.double().cpu() for g in grads]
+
+    def by_torch(dt):
+        m = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).to(device, dt)
+        m.load_state_dict({k: v.to(dt) for k, v in lstm64.state_dict().items()})
+        x = x64.to(device, dt).requires_grad_()
+        h0, c0 = h064.to(device, dt).requires_grad_(), c064.to(device, dt).requires_grad_()
+        y, (h_n, c_n) = m(x, (h0, c0))
+        outs = [y, h_n, c_n]
+        loss = sum((o * u.to(device, dt)).sum() for o, u in zip(outs, ups))
+        grads = torch.autograd.grad(loss, [x, h0, c0] + [getattr(m, n) for n in names])
+        grads = [grads[0], grads[1][0], grads[2][0], *grads[3:]]
+        return [o.double().cpu() for o in outs] + [g.double().cpu() for g in grads]
+
+    ref = ours("reference", "cpu", torch.float64)
+
+    def err(vals):
+        return [((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for a, r in zip(vals, ref)]
+
+    return err(ours(backend, device, dtype)), err(by_torch(dtype))
+
+
+def assert_within_2x_torch(ours, by_torch, dtype):
+    for name, e_ours, e_torch in zip(ERROR_NAMES, ours, by_torch):
+        assert e_ours <= 2 * e_torch + ULP[dtype], f"{name}: ours {e_ours:.2e} vs torch {e_torch:.2e}"

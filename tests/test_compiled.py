@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import ULP, assert_within_2x_torch, layer_errors_vs_fp64
 from lstm_fast.backends import get_backend
-from lstm_fast.function import lstm_projected, lstm_recurrence
+from lstm_fast.function import lstm_recurrence
 
 CPP_OK, CPP_WHY = get_backend("cpp").is_available()
 CUDA_OK, CUDA_WHY = get_backend("cuda").is_available()
@@ -265,12 +266,8 @@ def test_cpp_forward_projected_rejects_bad_input():
         torch.ops.lstm_fast.lstm_forward_projected(x[0], w_ih, b, h0, c0, w_hh, None, None, False, False)
 
 
-# ----------------------------------------------- low precision against torch's own error
+# ----------------------------------------------------------------------------- CUDA
 
-# Whole-layer errors against a float64 reference: ours must stay within 2x
-# torch.nn.LSTM's own error in the same dtype on the same device (cuDNN on a GPU,
-# ATen/oneDNN on CPU), plus one unit in the last place, so a lucky, near-exact
-# torch value cannot fail the test.
 @pytest.fixture
 def no_tf32():
     """fp32 GEMMs in full fp32 on both sides of a comparison."""
@@ -279,68 +276,6 @@ def no_tf32():
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
-
-ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
-ERROR_NAMES = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_ih", "d_b_hh", "d_w_hr"]
-
-
-def layer_errors_vs_fp64(backend, device, dtype, T, B, I, H, P):
-    """(ours, torch's) max relative errors per quantity (ERROR_NAMES), one whole layer
-    with its input projection, as lstm_fast.LSTM runs it."""
-    torch.manual_seed(0)
-    lstm64 = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).double()
-    x64 = torch.randn(T, B, I, dtype=torch.float64)
-    h064, c064 = torch.randn(1, B, P, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64)
-    ups = [torch.randn(T, B, P, dtype=torch.float64), torch.randn(1, B, P, dtype=torch.float64),
-           torch.randn(1, B, H, dtype=torch.float64)]
-    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"] + (["weight_hr_l0"] if P != H else [])
-
-    def ours(backend, dev, dt):
-        p = {n: getattr(lstm64, n).detach().to(dev, dt).requires_grad_() for n in names}
-        x = x64.to(dev, dt).requires_grad_()
-        h0, c0 = h064[0].to(dev, dt).requires_grad_(), c064[0].to(dev, dt).requires_grad_()
-        y, h_n, c_n = lstm_projected(x, h0, c0, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
-                                     p["bias_hh_l0"], p.get("weight_hr_l0"), backend=backend)
-        outs = [y, h_n.unsqueeze(0), c_n.unsqueeze(0)]
-        loss = sum((o * u.to(dev, dt)).sum() for o, u in zip(outs, ups))
-        grads = torch.autograd.grad(loss, [x, h0, c0] + [p[n] for n in names])
-        return [o.double().cpu() for o in outs] + [g.double().cpu() for g in grads]
-
-    def by_torch(dt):
-        m = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).to(device, dt)
-        m.load_state_dict({k: v.to(dt) for k, v in lstm64.state_dict().items()})
-        x = x64.to(device, dt).requires_grad_()
-        h0, c0 = h064.to(device, dt).requires_grad_(), c064.to(device, dt).requires_grad_()
-        y, (h_n, c_n) = m(x, (h0, c0))
-        outs = [y, h_n, c_n]
-        loss = sum((o * u.to(device, dt)).sum() for o, u in zip(outs, ups))
-        grads = torch.autograd.grad(loss, [x, h0, c0] + [getattr(m, n) for n in names])
-        grads = [grads[0], grads[1][0], grads[2][0], *grads[3:]]
-        return [o.double().cpu() for o in outs] + [g.double().cpu() for g in grads]
-
-    ref = ours("reference", "cpu", torch.float64)
-
-    def err(vals):
-        return [((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for a, r in zip(vals, ref)]
-
-    return err(ours(backend, device, dtype)), err(by_torch(dtype))
-
-
-def assert_within_2x_torch(ours, by_torch, dtype):
-    for name, e_ours, e_torch in zip(ERROR_NAMES, ours, by_torch):
-        assert e_ours <= 2 * e_torch + ULP[dtype], f"{name}: ours {e_ours:.2e} vs torch {e_torch:.2e}"
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("P", [32, 24], ids=["noproj", "proj"])
-@needs_cpp
-def test_cpp_half_precision_within_2x_torch(dtype, P):
-    """cpp widens 16-bit input to float32; its error must be no worse than torch's CPU LSTM."""
-    ours, by_torch = layer_errors_vs_fp64("cpp", "cpu", dtype, T=12, B=5, I=16, H=32, P=P)
-    assert_within_2x_torch(ours, by_torch, dtype)
-
-
-# ----------------------------------------------------------------------------- CUDA
 
 def test_cuda_refuses_bfloat16_before_sm80(monkeypatch):
     """supports() decides from the device's capability alone (no GPU needed to check it)."""

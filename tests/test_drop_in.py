@@ -9,7 +9,8 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import lstm_fast
-from helpers import BACKEND_NAMES, CellAsLSTM, assert_close, check_against, device_of_tests, from_torch, require
+from helpers import (BACKEND_NAMES, CellAsLSTM, assert_close, assert_within_2x_torch, check_against, device_of_tests,
+                     from_torch, layer_errors_vs_fp64, require)
 
 DEVICE = device_of_tests()
 DTYPES = [torch.float64, torch.float32]
@@ -58,6 +59,18 @@ def test_batched(backend, name, kwargs, T, B, dtype, with_state):
         return leaves["input"], hx, leaves
 
     check_against(ref, ours, build, dtype, f"{backend}/{name}")
+
+
+@pytest.mark.gpu  # on the GPU run: cuda and triton against cuDNN
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("P", [32, 24], ids=["noproj", "proj"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_half_precision_error_within_2x_torch(backend, dtype, P):
+    """16-bit input, one whole layer: every output and gradient no further from a float64
+    reference than twice torch.nn.LSTM's own distance in that dtype on this device."""
+    require(backend, DEVICE, dtype, T=12, B=5, H=32, P=P)
+    ours, by_torch = layer_errors_vs_fp64(backend, DEVICE.type, dtype, T=12, B=5, I=16, H=32, P=P)
+    assert_within_2x_torch(ours, by_torch, dtype)
 
 
 UNBATCHED = [c for c in CONFIGS if c[0] in ("plain", "batch_first", "proj_stacked_bidir_bf")]

@@ -56,6 +56,9 @@ class Backend:
     # torch ops (ATen, or custom ops with fake kernels). Otherwise the call runs eagerly
     # as its own island (one graph break per layer-direction).
     traceable = False
+    # Whether float16/bfloat16 calls run in float32: function._run widens the inputs
+    # and rounds the results back (autograd's casts do the same for the gradients).
+    widens_16bit = False
 
     def is_available(self) -> tuple[bool, str]:
         raise NotImplementedError

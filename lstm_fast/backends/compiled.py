@@ -52,63 +52,23 @@ class CppBackend(_CompiledBackend):
     """C++ time loop on CPU: per step, each thread computes the gates of its hidden units
     (packed W_hh slab, register-blocked kernel) and their state update; one barrier per step.
 
-    float16/bfloat16 run in float32 (inputs widened, outputs and gradients rounded back):
-    the C++ loop has no 16-bit arithmetic, and float32 accumulation is what the GPU
-    backends use too. torch's own CPU LSTM in these dtypes is slow where the CPU has no
-    16-bit matrix units: bench/reports/cpu-amd-epyc-2c-half times cpp 7-9x faster for
-    inference and 16-47x for training on the 2-core EPYC.
+    float16/bfloat16 run in float32 (widens_16bit): the C++ loop has no 16-bit
+    arithmetic, and float32 accumulation is what the GPU backends use too. torch's own
+    CPU LSTM in these dtypes is slow where the CPU has no 16-bit matrix units:
+    bench/reports/cpu-amd-epyc-2c-half times cpp 7-9x faster for inference and 16-47x
+    for training on the 2-core EPYC.
     """
 
     name = "cpp"
     device_type = "cpu"
     dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-    def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
-        if gx.dtype not in _HALF:
-            return super().forward(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
-        y, h_n, c_n, saved = super().forward(*_fp32(gx, h0, c0, w_hh, w_hr), batch_sizes, reverse, need_grad)
-        return (*_to(gx.dtype, y, h_n, c_n), saved)  # saved stays float32 for backward
+    widens_16bit = True
 
     def forward_projected(self, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
         # each thread projects its own gate columns before the time loop (lstm.h)
-        low = x.dtype if x.dtype in _HALF else None
-        if low:
-            x, w_ih, bias, h0, c0, w_hh, w_hr = _fp32(x, w_ih, bias, h0, c0, w_hh, w_hr)
         y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward_projected(
             x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, bool(reverse), bool(need_grad))
-        saved = (gates, cells, y) if need_grad else ()
-        return (*_to(low, y, h_n, c_n), saved)
-
-    def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
-        if grad_y.dtype not in _HALF:
-            return super().backward(saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse)
-        grads = super().backward(saved, *_fp32(grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr), batch_sizes, reverse)
-        return _to(grad_y.dtype, *grads)
-
-    def backward_projected(self, saved, grad_y, grad_hn, grad_cn, x, w_ih, h0, c0, w_hh, w_hr, batch_sizes,
-                           reverse, need_dx, need_w_ih, need_bias):
-        # the projection's gradient GEMMs too run on the float32 gate gradients
-        low = grad_y.dtype if grad_y.dtype in _HALF else None
-        if low:
-            grad_y, grad_hn, grad_cn, x, w_ih, h0, c0, w_hh, w_hr = _fp32(grad_y, grad_hn, grad_cn, x, w_ih, h0, c0,
-                                                                          w_hh, w_hr)
-        grads = super().backward_projected(saved, grad_y, grad_hn, grad_cn, x, w_ih, h0, c0, w_hh, w_hr,
-                                           batch_sizes, reverse, need_dx, need_w_ih, need_bias)
-        return _to(low, *grads)
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _fp32(*tensors):
-    return tuple(None if t is None else t.float() for t in tensors)
-
-
-def _to(dtype, *tensors):
-    """The tensors in dtype (None: unchanged); None entries stay None."""
-    if dtype is None:
-        return tensors
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+        return y, h_n, c_n, ((gates, cells, y) if need_grad else ())
 
 
 class CudaBackend(_CompiledBackend):

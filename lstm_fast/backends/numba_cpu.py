@@ -959,6 +959,7 @@ def _launch(parallel, worker, nc, *args):
 
 class NumbaBackend(Backend):
     name = "numba"
+    widens_16bit = True  # float16/bfloat16 calls run in float32 (function._run)
 
     def is_available(self):
         try:
@@ -970,12 +971,12 @@ class NumbaBackend(Backend):
     def supports(self, device, dtype, sizes: LayerSizes):
         if torch.device(device).type != "cpu":
             return False, f"numba backend runs on CPU only, got device {device}"
-        if dtype not in _DTYPES:
-            return False, f"numba backend supports float32 and float64, got {dtype}"
+        if dtype not in _DTYPES and dtype not in (torch.float16, torch.bfloat16):
+            return False, f"numba backend supports float32, float64 (and 16-bit, in float32), got {dtype}"
         recorder = graph_recorder()
         if recorder:
             return False, f"numba kernels run outside torch, so {recorder} cannot record them (cpp can)"
-        return True, "CPU float32/float64"
+        return True, "CPU float32/float64 (16-bit widened to float32)"
 
     @staticmethod
     def _plan(T, B, H, P, batch_sizes):
