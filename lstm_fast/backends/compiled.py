@@ -55,7 +55,7 @@ class CppBackend(_CompiledBackend):
     float16/bfloat16 run in float32 (widens_16bit): the C++ loop has no 16-bit
     arithmetic, and float32 accumulation is what the GPU backends use too. torch's own
     CPU LSTM in these dtypes is slow where the CPU has no 16-bit matrix units:
-    bench/reports/cpu-amd-epyc-2c-half times cpp 7-9x faster for inference and 16-47x
+    bench/reports/cpu-amd-epyc-2c-half times cpp 7-9x faster for inference and 18-44x
     for training on the 2-core EPYC.
     """
 
