@@ -120,7 +120,9 @@ def test_supports():
     sizes = LayerSizes(T=2, B=2, H=4, P=4)
     assert backend.supports(torch.device("cpu"), torch.float32, sizes)[0]
     assert backend.supports(torch.device("cpu"), torch.float64, sizes)[0]
-    for device, dtype in [("cuda", torch.float32), ("cpu", torch.float16), ("cpu", torch.bfloat16)]:
+    for dtype in (torch.float16, torch.bfloat16):  # computed in float32 (function._run widens)
+        assert backend.supports(torch.device("cpu"), dtype, sizes)[0] and backend.widens_16bit
+    for device, dtype in [("cuda", torch.float32), ("cpu", torch.int32), ("cpu", torch.complex64)]:
         ok, why = backend.supports(torch.device(device), dtype, sizes)
         assert not ok and why
 
