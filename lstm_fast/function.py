@@ -12,7 +12,7 @@ import sys
 import torch
 
 from .backends import select_backend
-from .backends.base import LayerSizes
+from .backends.base import HALF_DTYPES, LayerSizes
 
 
 class LSTMRecurrence(torch.autograd.Function):
@@ -112,7 +112,7 @@ def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
     H = w_hh.shape[0] // 4
     sizes = LayerSizes(T=T, B=B, H=H, P=h0.shape[-1], packed=batch_sizes is not None, reverse=reverse)
     chosen = select_backend(backend, x.device, x.dtype, sizes)
-    if chosen.widens_16bit and x.dtype in (torch.float16, torch.bfloat16):
+    if chosen.widens_16bit and x.dtype in HALF_DTYPES:
         # The backend computes in float32: widen here, and autograd's casts round the
         # outputs and, in backward, the gradients back to the 16-bit dtype.
         wide = [None if t is None else t.float() for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr)]

@@ -110,9 +110,12 @@ def graph_recorder() -> str | None:
     return None
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of gates, cell state and accumulation: float32 for 16-bit input, else its own."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def step_order(T: int, reverse: bool) -> range:

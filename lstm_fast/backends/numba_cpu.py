@@ -28,7 +28,7 @@ import threading
 import numpy as np
 import torch
 
-from .base import Backend, LayerSizes, graph_recorder, weight_grads
+from .base import HALF_DTYPES, Backend, LayerSizes, graph_recorder, weight_grads
 
 # Bytes of one SIMD vector of the product kernels (AVX2). On CPUs with narrower
 # vectors LLVM splits each operation; the packing is the same.
@@ -971,7 +971,7 @@ class NumbaBackend(Backend):
     def supports(self, device, dtype, sizes: LayerSizes):
         if torch.device(device).type != "cpu":
             return False, f"numba backend runs on CPU only, got device {device}"
-        if dtype not in _DTYPES and dtype not in (torch.float16, torch.bfloat16):
+        if dtype not in _DTYPES and dtype not in HALF_DTYPES:
             return False, f"numba backend supports float32, float64 (and 16-bit, in float32), got {dtype}"
         recorder = graph_recorder()
         if recorder:

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, LayerSizes, active_rows, step_order, weight_grads
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from .base import Backend, LayerSizes, acc_dtype, active_rows, step_order, weight_grads
 
 
 class ReferenceBackend(Backend):
@@ -31,7 +27,7 @@ class ReferenceBackend(Backend):
     def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
         T, B, G = gx.shape
         H = G // 4
-        acc = compute_dtype(gx.dtype)
+        acc = acc_dtype(gx.dtype)
         w_hh_a = w_hh.to(acc)
         w_hr_a = None if w_hr is None else w_hr.to(acc)
         h = h0.to(acc).clone()
