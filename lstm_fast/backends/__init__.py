@@ -42,7 +42,6 @@ _instances: dict[str, Backend] = {}
 # the compiled extension and the visible devices, none of which change; and a cached
 # answer is a plain lookup that torch.compile can trace through.
 _availability: dict[str, tuple[bool, str]] = {}
-_load_errors: dict[str, str] = {}
 _logged_choices: set = set()
 
 
