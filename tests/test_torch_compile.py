@@ -18,6 +18,9 @@ Most tests compile with the "aot_eager" backend: it runs dynamo and AOTAutograd
 Inductor's code generation, which takes tens of seconds per graph on a small
 CPU; one test uses Inductor itself.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -91,6 +94,32 @@ def test_lstm_in_one_graph_under_allow_rnn(backend):
     with torch._dynamo.config.patch(allow_rnn=True):
         compiled = torch.compile(from_torch(ref, backend), backend="aot_eager", fullgraph=True)
         check_against(ref, compiled, _lstm_build(3, 4), DTYPE, f"{backend} allow_rnn fullgraph")
+
+
+def test_first_use_inside_a_fullgraph_compile():
+    """The first lstm_fast call of a process may be inside torch.compile(fullgraph=True):
+    backend objects exist from import and availability is a trace-time constant, so
+    no import or lock lands in the trace (a fresh process, so nothing is cached)."""
+    backend = "cuda" if DEVICE.type == "cuda" else "cpp"
+    require(backend, DEVICE, DTYPE, T=1, B=3, H=6)
+    code = f"""
+import torch, lstm_fast
+cell = lstm_fast.LSTMCell(4, 6).to("{DEVICE.type}")
+f = torch.compile(cell, backend="aot_eager", fullgraph=True)
+x = torch.randn(3, 4, device="{DEVICE.type}", requires_grad=True)
+h, c = f(x)
+h.sum().backward()
+ref = torch.nn.LSTMCell(4, 6).to("{DEVICE.type}")
+ref.load_state_dict(cell.state_dict())
+x2 = x.detach().clone().requires_grad_()
+h2, _ = ref(x2)
+h2.sum().backward()
+torch.testing.assert_close(h, h2, rtol=2e-5, atol=2e-5)
+torch.testing.assert_close(x.grad, x2.grad, rtol=2e-5, atol=2e-5)
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
 
 def test_inductor_compiles_a_cell_step_with_the_compiled_op():

@@ -1,7 +1,8 @@
 """Backend registry and the automatic choice.
 
-Each backend lives in its own module, imported lazily so that a missing
-dependency (numba, triton, the compiled extension) only disables that backend.
+Each backend lives in its own module, cheap to import: its heavy dependency
+(numba, triton, the compiled extension) is imported by is_available(), so a
+missing one only disables that backend.
 """
 from __future__ import annotations
 
@@ -56,21 +57,42 @@ class _Unloadable(Backend):
         return False, self.reason
 
 
+def _load(name: str) -> Backend:
+    module, cls = _SPECS[name]
+    try:
+        return getattr(importlib.import_module(module), cls)()
+    except Exception as exc:  # a broken optional backend must not break the package
+        return _Unloadable(name, f"failed to load {module}: {type(exc).__name__}: {exc}")
+
+
 def get_backend(name: str) -> Backend:
     if name not in _SPECS:
         raise ValueError(f"unknown lstm_fast backend {name!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
     if name not in _instances:
-        module, cls = _SPECS[name]
-        try:
-            _instances[name] = getattr(importlib.import_module(module), cls)()
-        except Exception as exc:  # a broken optional backend must not break the package
-            _instances[name] = _Unloadable(name, f"failed to load {module}: {type(exc).__name__}: {exc}")
+        _instances[name] = _load(name)
     return _instances[name]
+
+
+def _probe(name: str) -> tuple[bool, str]:
+    """is_available() of one backend: imports its dependencies, loads or builds the
+    extension. Marked as dynamo's assume_constant_result (the attribute that
+    decorator sets, without importing torch._dynamo here): torch.compile runs it
+    at trace time and keeps the answer as a constant, instead of failing on the
+    imports and locks inside when a compiled function is the first to use lstm_fast."""
+    return get_backend(name).is_available()
+
+
+_probe._dynamo_marked_constant = True
+
+# The backend objects exist from import on (their modules are cheap to import), so
+# code traced by torch.compile only looks them up.
+for _name in BACKEND_NAMES:
+    get_backend(_name)
 
 
 def _is_available(name: str) -> tuple[bool, str]:
     if name not in _availability:
-        _availability[name] = get_backend(name).is_available()
+        _availability[name] = _probe(name)
     return _availability[name]
 
 
@@ -107,7 +129,7 @@ def select_backend(name: str | None, device: torch.device, dtype: torch.dtype, s
             ok, why = backend.supports(device, dtype, sizes)
         if ok:
             key = (candidate, device.type, dtype)
-            if key not in _logged_choices:
+            if key not in _logged_choices and not torch.compiler.is_compiling():
                 _logged_choices.add(key)
                 log.debug("lstm_fast: backend %s chosen for %s %s", candidate, device.type, dtype)
             return backend
