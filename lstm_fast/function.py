@@ -13,6 +13,7 @@ import torch
 
 from .backends import select_backend
 from .backends.base import HALF_DTYPES, LayerSizes
+from .backends.reference import ReferenceBackend
 
 
 class LSTMRecurrence(torch.autograd.Function):
@@ -32,16 +33,18 @@ class LSTMRecurrence(torch.autograd.Function):
         y, h_n, c_n, saved = out
         ctx.backend, ctx.batch_sizes, ctx.reverse = backend, batch_sizes, reverse
         if need_grad:
-            ctx.save_for_backward(x if w_ih is not None else None, w_ih, h0, c0, w_hh, w_hr, *saved)
+            # x is saved in both forms: backward_projected needs the layer input, and the
+            # differentiable backward recomputes from whichever x was given
+            ctx.save_for_backward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, *saved)
         return y, h_n, c_n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_hn, grad_cn):
-        # once_differentiable: the backends' backward is not itself differentiable, so a
-        # second derivative through it (create_graph=True, then backward again) raises
-        # instead of silently missing terms (it gave 0 or a wrong value before).
-        x, w_ih, h0, c0, w_hh, w_hr, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients must themselves be differentiable, which the
+            # backends' fused backward is not
+            return _differentiable_backward(ctx, grad_y, grad_hn, grad_cn)
+        x, w_ih, _, _, h0, c0, w_hh, w_hr, *saved = ctx.saved_tensors
         upstream = (tuple(saved), grad_y.contiguous(), grad_hn.contiguous(), grad_cn.contiguous())
         need = ctx.needs_input_grad
         if w_ih is None:
@@ -55,6 +58,27 @@ class LSTMRecurrence(torch.autograd.Function):
         grads = [d_x, d_w_ih, d_b, d_b, d_h0, d_c0, d_w_hh, d_w_hr]
         grads = [g if n else None for g, n in zip(grads, need)]
         return (*grads, None, None, None, None)
+
+
+def _differentiable_backward(ctx, grad_y, grad_hn, grad_cn):
+    """The recurrence's gradients as a graph of torch ops, for second derivatives.
+
+    Recomputes the layer from the saved inputs with the reference's out-of-place
+    loop and differentiates it with create_graph=True: the returned gradients
+    depend differentiably on the inputs and on grad_y/grad_hn/grad_cn. As slow
+    as a Python loop over the steps; only create_graph=True takes this path.
+    """
+    inputs = ctx.saved_tensors[:8]
+    x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr = inputs
+    need = ctx.needs_input_grad[:8]
+    with torch.enable_grad():
+        gx = x if w_ih is None else torch.nn.functional.linear(x, w_ih, _bias(b_ih, b_hh))
+        outputs = ReferenceBackend.forward_differentiable(gx, h0, c0, w_hh, w_hr, ctx.batch_sizes, ctx.reverse)
+        wanted = [t for t, n in zip(inputs, need) if n]
+        found = iter(torch.autograd.grad(outputs, wanted, (grad_y, grad_hn, grad_cn), create_graph=True,
+                                         allow_unused=True))
+    grads = [next(found) if n else None for n in need]
+    return (*grads, None, None, None, None)
 
 
 def _bias(b_ih, b_hh):

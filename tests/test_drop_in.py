@@ -9,6 +9,7 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import lstm_fast
+from lstm_fast.function import lstm_projected
 from helpers import (BACKEND_NAMES, CellAsLSTM, assert_close, assert_within_2x_torch, check_against, device_of_tests,
                      from_torch, layer_errors_vs_fp64, require)
 
@@ -170,26 +171,77 @@ def test_nan_and_inf_propagate(backend, dtype):
         assert_close(a[finite], b[finite], dtype, name)
 
 
+SECOND_ORDER_CONFIGS = [
+    ("plain", dict(input_size=3, hidden_size=5), False),
+    ("proj_bidir_stacked", dict(input_size=3, hidden_size=4, proj_size=2, num_layers=2, bidirectional=True), False),
+    ("packed", dict(input_size=3, hidden_size=5), True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,kwargs,packed", SECOND_ORDER_CONFIGS, ids=[c[0] for c in SECOND_ORDER_CONFIGS])
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
-def test_create_graph_first_order_and_no_silent_second_order(backend):
-    """create_graph=True gives torch.nn.LSTM's first-order gradients; differentiating
-    them again raises (the recurrence's backward is once-differentiable) instead of
-    returning a second derivative with terms missing."""
-    dtype = torch.float64 if backend != "triton" or DEVICE.type == "cuda" else torch.float32
-    require(backend, DEVICE, dtype, T=4, B=2, H=5)
+def test_second_order_gradient_penalty(backend, name, kwargs, packed):
+    """A gradient penalty (create_graph=True, then backward through the gradient)
+    gives torch.nn.LSTM's second-order gradients for the input, both states and
+    every parameter; the first-order gradient taken with create_graph matches too."""
+    dtype = torch.float64
+    L, P, H = _sizes(kwargs)
+    require(backend, DEVICE, dtype, T=4, B=3, H=H, P=P, packed=packed)
     torch.manual_seed(0)
-    ref = torch.nn.LSTM(3, 5).to(DEVICE, dtype)
+    ref = torch.nn.LSTM(**kwargs, device=DEVICE, dtype=dtype)
     ours = from_torch(ref, backend)
-    x0 = torch.randn(4, 2, 3, device=DEVICE, dtype=dtype)
-    grads = []
+    x0 = torch.randn(4, 3, kwargs["input_size"], device=DEVICE, dtype=dtype)
+    s0 = (torch.randn(L, 3, P, device=DEVICE, dtype=dtype), torch.randn(L, 3, H, device=DEVICE, dtype=dtype))
+    results = []
     for module in (ref, ours):
-        x = x0.clone().requires_grad_(True)
-        y, _ = module(x)
-        g, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-        grads.append(g)
-    assert_close(grads[1].detach(), grads[0].detach(), dtype, "d_x with create_graph")
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grads[1].pow(2).sum().backward()
+        # cuDNN's LSTM has no double backward; torch's own loop on CUDA has
+        with torch.backends.cudnn.flags(enabled=False):
+            x, h0, c0 = (t.clone().requires_grad_(True) for t in (x0, *s0))
+            inp = pack_sequence([x[:4, 0], x[:3, 1], x[:2, 2]]) if packed else x
+            out, (h_n, c_n) = module(inp, (h0, c0))
+            out = out.data if packed else out
+            loss = out.pow(2).sum() + h_n.pow(3).sum() + c_n.sin().sum()
+            g_x, g_h0 = torch.autograd.grad(loss, (x, h0), create_graph=True)
+            penalty = g_x.pow(2).sum() + (g_h0 * g_x.sum()).sum()
+            wrt = [x, h0, c0, *module.parameters()]
+            results.append((g_x.detach(), torch.autograd.grad(penalty, wrt, allow_unused=True)))
+    (g_ref, second_ref), (g_ours, second_ours) = results
+    assert_close(g_ours, g_ref, dtype, "d_x with create_graph")
+    names = ["x", "h0", "c0"] + [n for n, _ in ref.named_parameters()]
+    for n, a, b in zip(names, second_ours, second_ref):
+        assert (a is None) == (b is None), f"{n}: second-order gradient presence differs"
+        if b is not None:
+            assert_close(a, b, dtype, f"second-order grad {n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("entry", ["projected", "recurrence"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_gradgradcheck_layer(backend, entry):
+    """Second derivatives of one layer with projection, reverse direction, also with
+    respect to the upstream gradients, against finite differences (float64); through
+    the layer input (lstm_projected) and through a precomputed gx (lstm_recurrence)."""
+    dtype = torch.float64
+    require(backend, DEVICE, dtype, T=3, B=2, H=3, P=2)
+    torch.manual_seed(0)
+    T, B, I, H, P = 3, 2, 2, 3, 2
+
+    def randn(*shape):
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)
+
+    if entry == "projected":
+        args = [randn(*s) for s in ((T, B, I), (B, P), (B, H), (4 * H, I), (4 * H, P), (4 * H,), (4 * H,), (P, H))]
+
+        def layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+            return lstm_projected(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse=True, backend=backend)
+    else:
+        args = [randn(*s) for s in ((T, B, 4 * H), (B, P), (B, H), (4 * H, P), (P, H))]
+
+        def layer(gx, h0, c0, w_hh, w_hr):
+            return lstm_fast.lstm_recurrence(gx, h0, c0, w_hh, w_hr, reverse=True, backend=backend)
+
+    assert torch.autograd.gradgradcheck(layer, args)
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)

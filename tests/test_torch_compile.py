@@ -74,8 +74,14 @@ def test_compiled_model_runs_the_lstm_eagerly_and_matches(backend):
 
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
-def test_traced_cell_matches(backend):
+def test_traced_cell_matches(backend, monkeypatch):
     require(backend, DEVICE, DTYPE, T=1, B=3, H=6)
+
+    def slow_path(*args):
+        raise AssertionError("compiled backward took the create_graph recomputation")
+
+    # first-order training must run the backend's fused backward
+    monkeypatch.setattr(lstm_fast.function, "_differentiable_backward", slow_path)
     torch.manual_seed(1)
     ref = torch.nn.LSTMCell(4, 6, device=DEVICE, dtype=DTYPE)
     ours = lstm_fast.LSTMCell.from_torch(ref, backend=backend)

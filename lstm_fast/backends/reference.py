@@ -54,6 +54,32 @@ class ReferenceBackend(Backend):
         saved = (gates_all, cells, y) if need_grad else ()
         return y, h.to(h0.dtype), c.to(c0.dtype), saved
 
+    @staticmethod
+    def forward_differentiable(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+        """forward() built from out-of-place torch ops only, so autograd can differentiate
+        it to any order (the recurrence's backward recomputes through it for second
+        derivatives). Returns y [T, B, P], h_n [B, P], c_n [B, H]."""
+        T, B, _ = gx.shape
+        acc = acc_dtype(gx.dtype)
+        w_hh_a = w_hh.to(acc)
+        w_hr_a = None if w_hr is None else w_hr.to(acc)
+        h, c = h0.to(acc), c0.to(acc)
+        ys = [None] * T
+        for t in step_order(T, reverse):
+            n = active_rows(batch_sizes, t, B)
+            z = torch.addmm(gx[t, :n].to(acc), h[:n], w_hh_a.t())
+            i, f, g, o = z.chunk(4, 1)
+            c_new = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
+            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            if w_hr_a is not None:
+                h_new = h_new.mm(w_hr_a.t())
+            # inactive rows (packed input) keep their state and output zeros
+            c = torch.cat([c_new, c[n:]])
+            h = torch.cat([h_new, h[n:]])
+            ys[t] = torch.cat([h_new, h_new.new_zeros(B - n, h_new.shape[1])]).to(gx.dtype)
+        y = torch.stack(ys) if T else gx.new_zeros(0, B, h0.shape[1])
+        return y, h.to(h0.dtype), c.to(c0.dtype)
+
     def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
         gates_all, cells, y = saved
         T, B, G = gates_all.shape
