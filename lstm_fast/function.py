@@ -25,12 +25,8 @@ class LSTMRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend, need_grad):
-        if w_ih is None:
-            out = backend.forward(x, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
-        else:
-            out = backend.forward_projected(x, w_ih, _bias(b_ih, b_hh), h0, c0, w_hh, w_hr, batch_sizes, reverse,
-                                            need_grad)
-        y, h_n, c_n, saved = out
+        y, h_n, c_n, saved = _backend_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                                              backend, need_grad)
         ctx.backend, ctx.batch_sizes, ctx.reverse = backend, batch_sizes, reverse
         if need_grad:
             # x is saved in both forms: backward_projected needs the layer input, and the
@@ -81,6 +77,19 @@ def _differentiable_backward(ctx, grad_y, grad_hn, grad_cn):
     return (*grads, None, None, None, None)
 
 
+def _backend_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend, need_grad):
+    if w_ih is None:
+        return backend.forward(x, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+    return backend.forward_projected(x, w_ih, _bias(b_ih, b_hh), h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                                     need_grad)
+
+
+def _forward_without_grad(*args):
+    """The recurrence when nothing needs a gradient: no autograd.Function around it,
+    whose bookkeeping costs about 10 us a call (felt by one-step LSTMCell loops)."""
+    return _backend_forward(*args)[:3]
+
+
 def _bias(b_ih, b_hh):
     if b_ih is not None:
         return b_ih + b_hh if b_hh is not None else b_ih
@@ -110,8 +119,8 @@ def outside_graph(fn):
 
 
 @outside_graph
-def _apply_outside_graph(*args):
-    return LSTMRecurrence.apply(*args)
+def _call_outside_graph(fn, *args):
+    return fn(*args)
 
 
 def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend):
@@ -126,12 +135,9 @@ def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
             None if t is None else t.to(dtype) for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr))
         with torch.autocast(device_type, enabled=False):
             return _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
-    for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
-                    ("weight_hr", w_hr)):
-        # torch.nn.LSTM fails on such a mix too (inside oneDNN or cuBLAS); no backend may
-        # silently compute it in another precision
-        if w is not None and w.dtype != x.dtype:
-            raise RuntimeError(f"lstm_fast: {name} dtype ({w.dtype}) does not match input dtype ({x.dtype})")
+    dtype = x.dtype
+    if not all(w is None or w.dtype == dtype for w in (w_ih, w_hh, b_ih, b_hh, w_hr)):
+        _raise_weight_dtype_mismatch(x, w_ih, w_hh, b_ih, b_hh, w_hr)
     T, B = x.shape[:2]
     H = w_hh.shape[0] // 4
     sizes = LayerSizes(T=T, B=B, H=H, P=h0.shape[-1], packed=batch_sizes is not None, reverse=reverse)
@@ -143,16 +149,27 @@ def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
         return tuple(t.to(x.dtype) for t in _run(*wide, batch_sizes, reverse, chosen.name))
     # A trace is one graph for both grad modes (torch.jit.trace checks it by tracing
     # again under no_grad), so while tracing only requires_grad decides.
-    need_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and any(
-        t is not None and t.requires_grad for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr))
+    need_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and (
+        x.requires_grad or h0.requires_grad or c0.requires_grad or w_hh.requires_grad
+        or any(t is not None and t.requires_grad for t in (w_ih, b_ih, b_hh, w_hr)))
     opt = [None if t is None else t.contiguous() for t in (w_ih, b_ih, b_hh, w_hr)]
     args = (x.contiguous(), opt[0], opt[1], opt[2], h0.contiguous(), c0.contiguous(), w_hh.contiguous(), opt[3],
             batch_sizes, reverse, chosen, need_grad)
+    recurrence = LSTMRecurrence.apply if need_grad else _forward_without_grad
     if chosen.traceable or not torch.compiler.is_compiling():
-        return LSTMRecurrence.apply(*args)
+        return recurrence(*args)
     # numba's and Triton's launchers are Python around foreign kernels, which dynamo
     # cannot follow: under torch.compile the recurrence is an eager island
-    return _apply_outside_graph(*args)
+    return _call_outside_graph(recurrence, *args)
+
+
+def _raise_weight_dtype_mismatch(x, w_ih, w_hh, b_ih, b_hh, w_hr):
+    # torch.nn.LSTM fails on such a mix too (inside oneDNN or cuBLAS); no backend may
+    # silently compute it in another precision
+    for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
+                    ("weight_hr", w_hr)):
+        if w is not None and w.dtype != x.dtype:
+            raise RuntimeError(f"lstm_fast: {name} dtype ({w.dtype}) does not match input dtype ({x.dtype})")
 
 
 def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=False, backend=None):

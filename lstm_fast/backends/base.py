@@ -28,13 +28,12 @@ the base class does it with torch around forward / backward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 
-@dataclass(frozen=True)
-class LayerSizes:
+class LayerSizes(NamedTuple):  # a NamedTuple: built on every call, 3x cheaper than a dataclass
     T: int
     B: int
     H: int
