@@ -232,6 +232,18 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         return new
 
     def forward(self, input, hx=None):
+        # A cell stepped in a Python loop pays this method's cost every step: the usual
+        # call (2-D input, a (h, c) pair of the right shapes, device and dtype) is
+        # recognised first with a few cheap tests; anything else takes the full checks.
+        if type(hx) is tuple and len(hx) == 2 and input.dim() == 2:
+            h, c = hx
+            size = (input.shape[0], self.hidden_size)
+            if (input.shape[1] == self.input_size and h.shape == size and c.shape == size
+                    and h.device == input.device and c.device == input.device
+                    and h.dtype == input.dtype and c.dtype == input.dtype):
+                _, h, c = lstm_projected(input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih,
+                                         self.bias_hh, backend=self.backend)
+                return h, c
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
