@@ -215,7 +215,6 @@ def test_second_order_gradient_penalty(backend, name, kwargs, packed):
             assert_close(a, b, dtype, f"second-order grad {n}")
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("entry", ["projected", "recurrence"])
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_gradgradcheck_layer(backend, entry):
