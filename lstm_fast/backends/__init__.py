@@ -29,9 +29,9 @@ BACKEND_NAMES = tuple(_SPECS)
 
 # Automatic choice: the first backend in this order that is available and
 # supports the call. CPU: cpp before numba because bench/reports/cpu-amd-epyc-2c
-# (python -m bench --quick, 2-core AMD EPYC) timed cpp at least as fast in all 15
-# fp32 rows (geomean vs oneDNN 1.25x inference / 1.24x training, numba 1.10x /
-# 1.08x; equal at T100 B32 H256 inference and T50 B16 H512 training).
+# (python -m bench --quick, 2-core AMD EPYC) timed cpp faster in 14 of 15 fp32
+# rows and within 2% in the last (T100 B32 H256 inference); geomean vs oneDNN
+# 1.27x inference / 1.21x training, numba 1.15x / 1.09x.
 # GPU: the designed order, not yet measured (no GPU report).
 AUTO_ORDER = {
     "cpu": ("cpp", "numba", "reference"),
