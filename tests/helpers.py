@@ -1,4 +1,6 @@
 """Shared pieces of the test suite: which backends run here and how to compare."""
+import contextlib
+
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence
@@ -16,6 +18,24 @@ TOL = {
     torch.float64: dict(rtol=1e-9, atol=1e-9),
     torch.float32: dict(rtol=2e-5, atol=2e-5),
 }
+
+
+@contextlib.contextmanager
+def tf32(enabled):
+    """TF32 on or off for cuBLAS and cuDNN alike, restored afterwards. torch
+    refuses to read the legacy flags once the new fp32_precision API was used;
+    then nothing is restored."""
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        old = (m.allow_tf32, c.allow_tf32)
+    except RuntimeError:
+        old = None
+    m.allow_tf32 = c.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        if old is not None:
+            m.allow_tf32, c.allow_tf32 = old
 
 
 def device_of_tests():

@@ -268,15 +268,6 @@ def test_cpp_forward_projected_rejects_bad_input():
 
 # ----------------------------------------------------------------------------- CUDA
 
-@pytest.fixture
-def no_tf32():
-    """fp32 GEMMs in full fp32 on both sides of a comparison."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 def test_cuda_refuses_bfloat16_before_sm80(monkeypatch):
     """supports() decides from the device's capability alone (no GPU needed to check it)."""
     from lstm_fast.backends.base import LayerSizes
@@ -299,7 +290,7 @@ def test_cuda_backend_available_on_a_gpu():
 @pytest.mark.parametrize("P", [64, 48], ids=["noproj", "proj"])
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_error_within_2x_cudnn(dtype, P, no_tf32):
+def test_cuda_error_within_2x_cudnn(dtype, P):
     ours, cudnn = layer_errors_vs_fp64("cuda", "cuda", dtype, T=20, B=8, I=32, H=64, P=P)
     assert_within_2x_torch(ours, cudnn, dtype)
 
@@ -325,7 +316,7 @@ LOWP_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=
 @pytest.mark.parametrize("T,B,H,P,packed,reverse", [c for c in CASES if c[4] or c[5] or c[2] != c[3]])
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_low_precision_packed_reverse_proj(T, B, H, P, packed, reverse, dtype, no_tf32):
+def test_cuda_low_precision_packed_reverse_proj(T, B, H, P, packed, reverse, dtype):
     inputs64 = make_inputs(T, B, H, P, packed, torch.float64, "cuda")
     inputs = tuple(t.detach().to(dtype).requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
                    else t for t in inputs64)

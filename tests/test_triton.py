@@ -10,7 +10,6 @@ On a GPU (tests marked `gpu`): float32 (tf32 and ieee), float16 and bfloat16
 against a float64 reference, allowed twice cuDNN's own error in that dtype.
 float64 (step path only) runs against the reference on either.
 """
-import contextlib
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ if not torch.cuda.is_available():
 
 from lstm_fast.backends import get_backend  # noqa: E402
 from lstm_fast.backends.base import LayerSizes  # noqa: E402
+from helpers import tf32  # noqa: E402
 from lstm_fast.function import lstm_layer, lstm_recurrence  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -229,24 +229,6 @@ def test_kernels_compile_for_sm90():
 gpu = pytest.mark.skipif(not HAS_CUDA or INTERP, reason="needs a CUDA device (and TRITON_INTERPRET unset)")
 
 
-@contextlib.contextmanager
-def _tf32(enabled):
-    """TF32 on or off for cuBLAS and cuDNN alike, restored afterwards. torch
-    refuses to read the legacy flags once the new fp32_precision API was used;
-    then nothing is restored."""
-    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
-    try:
-        old = (m.allow_tf32, c.allow_tf32)
-    except RuntimeError:
-        old = None
-    m.allow_tf32 = c.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        if old is not None:
-            m.allow_tf32, c.allow_tf32 = old
-
-
 def _lstm_grads(fn, x, h0, c0, params, upstream):
     """Outputs and gradients (x, h0, c0, each param) of one call, as float64."""
     x, h0, c0 = (t.detach().requires_grad_() for t in (x, h0, c0))
@@ -302,7 +284,7 @@ def test_gpu_vs_cudnn_error(triton_backend, dtype, precision, path, H, P):
     x64, h064, c064 = r(T, B, I), r(B, P), r(B, H)
     upstream = [r(T, B, P), r(B, P), r(B, H)]
 
-    with _tf32(precision == "tf32"):
+    with tf32(precision == "tf32"):
         truth = _lstm_grads(_cudnn, x64, h064, c064, params64, upstream)
         low = [t.to(dtype) for t in (x64, h064, c064)]
         lowp = [p.to(dtype) for p in params64]
@@ -324,7 +306,7 @@ def test_gpu_fp32_ieee_matches_reference(triton_backend, path, packed, reverse):
     """Same check as the interpreter tests, on the GPU with exact fp32 dots."""
     triton_backend.path = path
     triton_backend.fp32_precision = "ieee"
-    with _tf32(False):
+    with tf32(False):
         T, B, H = 7, 19, 33
         bs = _batch_sizes(T, B, seed=11) if packed else None
         leaves = _inputs(T, B, H, H, torch.float32, DEVICE)
