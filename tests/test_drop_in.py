@@ -46,8 +46,11 @@ def test_batched(backend, name, kwargs, T, B, dtype, with_state):
     L, P, H = _sizes(kwargs)
     require(backend, DEVICE, dtype, T=T, B=B, H=H, P=P)
     torch.manual_seed(0)
-    ref = torch.nn.LSTM(**kwargs, device=DEVICE, dtype=dtype).eval()
-    ours = from_torch(ref, backend).eval()
+    # Train mode, so that on a GPU the reference is cuDNN, whose backward refuses eval
+    # mode; the dropout config needs eval mode, and there torch's own CUDA loop runs.
+    eval_mode = kwargs.get("dropout", 0) > 0
+    ref = torch.nn.LSTM(**kwargs, device=DEVICE, dtype=dtype).train(not eval_mode)
+    ours = from_torch(ref, backend).train(not eval_mode)
 
     def build():
         shape = (B, T, kwargs["input_size"]) if kwargs.get("batch_first") else (T, B, kwargs["input_size"])
@@ -59,7 +62,8 @@ def test_batched(backend, name, kwargs, T, B, dtype, with_state):
             hx = (leaves["h0"], leaves["c0"])
         return leaves["input"], hx, leaves
 
-    check_against(ref, ours, build, dtype, f"{backend}/{name}")
+    with torch.backends.cudnn.flags(enabled=not eval_mode):
+        check_against(ref, ours, build, dtype, f"{backend}/{name}")
 
 
 @pytest.mark.gpu  # on the GPU run: cuda and triton against cuDNN

@@ -105,12 +105,13 @@ def test_lstm_in_one_graph_under_allow_rnn(backend):
 def test_first_use_inside_a_fullgraph_compile():
     """The first lstm_fast call of a process may be inside torch.compile(fullgraph=True):
     backend objects exist from import and availability is a trace-time constant, so
-    no import or lock lands in the trace (a fresh process, so nothing is cached)."""
+    no import or lock lands in the trace (a fresh process, so nothing is cached).
+    The backend is named: on a GPU "auto" takes triton, an eager island."""
     backend = "cuda" if DEVICE.type == "cuda" else "cpp"
     require(backend, DEVICE, DTYPE, T=1, B=3, H=6)
     code = f"""
 import torch, lstm_fast
-cell = lstm_fast.LSTMCell(4, 6).to("{DEVICE.type}")
+cell = lstm_fast.LSTMCell(4, 6, backend="{backend}").to("{DEVICE.type}")
 f = torch.compile(cell, backend="aot_eager", fullgraph=True)
 x = torch.randn(3, 4, device="{DEVICE.type}", requires_grad=True)
 h, c = f(x)
