@@ -245,9 +245,11 @@ def _cudnn(x, h0, c0, params):
     return y, (h[0], c[0])
 
 
-def _ours(x, h0, c0, params):
-    w_ih, w_hh, b_ih, b_hh, *rest = params
-    return lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, rest[0] if rest else None, backend="triton")
+def _layer(backend):
+    def run(x, h0, c0, params):
+        w_ih, w_hh, b_ih, b_hh, *rest = params
+        return lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, rest[0] if rest else None, backend=backend)
+    return run
 
 
 GPU_NAMES = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_ih", "d_b_hh", "d_w_hr"]
@@ -264,7 +266,10 @@ GPU_NAMES = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_
 def test_gpu_vs_cudnn_error(triton_backend, dtype, precision, path, H, P):
     """Our distance from a float64 reference <= 2x cuDNN's in the same dtype and
     TF32 setting, for every output and gradient (plus one ulp of the result's
-    scale, so an exactly-rounded cuDNN value does not demand the impossible)."""
+    scale, so an exactly-rounded cuDNN value does not demand the impossible).
+    With TF32 allowed cuDNN may still keep some of its GEMMs in full fp32, so
+    there the baseline is the larger of cuDNN's error and that of the same layer in
+    plain torch ops (the reference backend: every GEMM through cuBLAS in TF32)."""
     triton_backend.path = path
     triton_backend.fp32_precision = precision
     T, B, I = 24, 10, 96
@@ -288,14 +293,16 @@ def test_gpu_vs_cudnn_error(triton_backend, dtype, precision, path, H, P):
         truth = _lstm_grads(_cudnn, x64, h064, c064, params64, upstream)
         low = [t.to(dtype) for t in (x64, h064, c064)]
         lowp = [p.to(dtype) for p in params64]
-        theirs = _lstm_grads(_cudnn, *low, lowp, upstream)
-        ours = _lstm_grads(_ours, *low, lowp, upstream)
+        baselines = [_lstm_grads(_cudnn, *low, lowp, upstream)]
+        if precision == "tf32":
+            baselines.append(_lstm_grads(_layer("reference"), *low, lowp, upstream))
+        ours = _lstm_grads(_layer("triton"), *low, lowp, upstream)
     eps = torch.finfo(dtype).eps
-    for name, t, a, b in zip(GPU_NAMES, truth, ours, theirs):
+    for k, (name, t, a) in enumerate(zip(GPU_NAMES, truth, ours)):
         err_ours = (a - t).abs().max().item()
-        err_cudnn = (b - t).abs().max().item()
-        bound = 2 * err_cudnn + eps * t.abs().max().item()
-        assert err_ours <= bound, f"{name}: ours {err_ours:.3e} > 2 x cuDNN {err_cudnn:.3e} (+1 ulp)"
+        err_base = max((b[k] - t).abs().max().item() for b in baselines)
+        bound = 2 * err_base + eps * t.abs().max().item()
+        assert err_ours <= bound, f"{name}: ours {err_ours:.3e} > 2 x baseline {err_base:.3e} (+1 ulp)"
 
 
 @gpu
