@@ -34,8 +34,8 @@ def parse_args(argv):
     p.add_argument("--backends", help="comma-separated backends to time (default: every available one that is "
                                       "a performance path on this device)")
     p.add_argument("--configs", help="named sets joined by ',' (reference, sweep, stacked, extra, quick-cpu, "
-                                     "full-cpu, quick-gpu, full-gpu, sweep-gpu, tiny) and/or spec strings "
-                                     "'T=..,B=..,H=..[,I=..,L=..,bi=1,proj=..,modes=training+inference];...'")
+                                     "full-cpu, cell, quick-gpu, full-gpu, sweep-gpu, tiny) and/or spec strings "
+                                     "'T=..,B=..,H=..[,I=..,L=..,bi=1,proj=..,cell=1,modes=training+inference];...'")
     p.add_argument("--dtype", help="comma-separated: fp32, tf32 (GPU: fp32 with TF32 on), fp16, bf16, fp64")
     p.add_argument("--modes", help="comma-separated: inference, training")
     p.add_argument("--out", help="results folder (default bench/results/<timestamp>/)")

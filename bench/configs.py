@@ -22,8 +22,15 @@ class Shape:
     L: int = 1
     bidir: bool = False
     proj: int = 0
+    # One LSTMCell stepped T times in a Python loop (torch.nn.LSTMCell vs lstm_fast's)
+    # instead of one LSTM call over the sequence: the per-call cost users of cells pay.
+    cell: bool = False
     modes: tuple = MODES
     tags: tuple = field(default=(), compare=False)
+
+    def __post_init__(self):
+        if self.cell and (self.L != 1 or self.bidir or self.proj):
+            raise ValueError(f"a cell config is one layer, one direction, no projection: {self}")
 
     @property
     def name(self) -> str:
@@ -34,16 +41,19 @@ class Shape:
             s += " bi"
         if self.proj:
             s += f" P{self.proj}"
+        if self.cell:
+            s += " cell"
         return s
 
     @property
     def family(self) -> str:
         """The shape without its sizes I and H: points of one hidden-size sweep share it."""
-        return f"T{self.T} B{self.B} L{self.L}{' bi' if self.bidir else ''}{' proj' if self.proj else ''}"
+        return (f"T{self.T} B{self.B} L{self.L}{' bi' if self.bidir else ''}{' proj' if self.proj else ''}"
+                f"{' cell' if self.cell else ''}")
 
 
-def S(T, B, H, I=None, L=1, bidir=False, proj=0, modes=MODES, tags=()):  # noqa: E741
-    return Shape(T=T, B=B, I=H if I is None else I, H=H, L=L, bidir=bidir, proj=proj,
+def S(T, B, H, I=None, L=1, bidir=False, proj=0, cell=False, modes=MODES, tags=()):  # noqa: E741
+    return Shape(T=T, B=B, I=H if I is None else I, H=H, L=L, bidir=bidir, proj=proj, cell=cell,
                  modes=tuple(modes), tags=tuple(tags))
 
 
@@ -56,6 +66,9 @@ REFERENCE_CPU = [
 # Hidden-size sweep for the plot; T and B small enough for the 3-minute quick run on 2 cores.
 SWEEP_CPU = [S(50, 16, h, tags=("sweep",)) for h in (64, 128, 256, 512)]
 STACKED_CPU = [S(50, 16, 128, L=2, bidir=True)]
+# LSTMCell stepped in a Python loop: a tiny cell (per-call overhead), a mid-size and a
+# large one (the fused step's work).
+CELL_CPU = [S(50, 1, 64, cell=True), S(50, 8, 256, cell=True), S(50, 32, 512, cell=True)]
 EXTRA_CPU = [
     S(100, 32, 1024, tags=("sweep-large",)),
     S(100, 64, 256),
@@ -81,7 +94,8 @@ NAMED = {
     "sweep-gpu": SWEEP_GPU,
     "quick-gpu": [SWEEP_GPU[1], SWEEP_GPU[3], LATENCY_GPU[0], STACKED_GPU[1]],
     "full-gpu": SWEEP_GPU + LATENCY_GPU + THROUGHPUT_GPU + STACKED_GPU,
-    "tiny": [S(8, 4, 32), S(8, 4, 32, L=2, bidir=True)],  # smoke tests of the harness itself
+    "cell": CELL_CPU,
+    "tiny": [S(8, 4, 32), S(8, 4, 32, L=2, bidir=True), S(4, 2, 16, cell=True)],  # smoke tests of the harness
 }
 
 
@@ -97,11 +111,11 @@ def default_dtypes(device: str, quick: bool) -> list[str]:
 
 _KEYS = {"t": "T", "b": "B", "i": "I", "h": "H", "l": "L", "layers": "L", "num_layers": "L",
          "bi": "bidir", "bidir": "bidir", "bidirectional": "bidir", "p": "proj", "proj": "proj",
-         "proj_size": "proj", "modes": "modes", "mode": "modes"}
+         "proj_size": "proj", "modes": "modes", "mode": "modes", "cell": "cell"}
 
 
 def parse_spec(spec: str) -> list[Shape]:
-    """'T=100,B=32,H=256[,I=..,L=2,bi=1,proj=64,modes=training]' items separated by ';'.
+    """'T=100,B=32,H=256[,I=..,L=2,bi=1,proj=64,cell=1,modes=training]' items separated by ';'.
 
     I defaults to H; modes is '+'-separated (training+inference).
     """
@@ -124,7 +138,7 @@ def parse_spec(spec: str) -> list[Shape]:
                 if bad:
                     raise ValueError(f"unknown mode(s) {bad}; choose from {MODES}")
                 kw[key] = modes
-            elif key == "bidir":
+            elif key in ("bidir", "cell"):
                 kw[key] = v.lower() in ("1", "true", "yes", "y")
             else:
                 kw[key] = int(v)

@@ -36,10 +36,42 @@ class Options:
         self.tight = False  # set for runs with a time budget
 
 
-def make_module(name: str, base: torch.nn.LSTM):
+class CellLoop(torch.nn.Module):
+    """An LSTMCell stepped over x [T, B, I] in a Python loop, presented as an LSTM
+    layer: (y [T, B, H], (h_T, c_T)) from zero states."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    @property
+    def weight_hh_l0(self):  # what outputs_of checks
+        return self.cell.weight_hh
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], self.cell.hidden_size)
+        state = (h, torch.zeros_like(h))
+        ys = []
+        for t in range(x.shape[0]):
+            state = self.cell(x[t], state)
+            ys.append(state[0])
+        return torch.stack(ys), state
+
+
+def make_base(shape, device, dtype):
+    """torch's module for one configuration: nn.LSTM, or an nn.LSTMCell loop."""
+    if shape.cell:
+        return CellLoop(torch.nn.LSTMCell(shape.I, shape.H, device=device, dtype=dtype))
+    base = torch.nn.LSTM(shape.I, shape.H, shape.L, bidirectional=shape.bidir, proj_size=shape.proj)
+    return base.to(device=device, dtype=dtype)
+
+
+def make_module(name: str, base):
     if name == BASELINE:
         return base
     import lstm_fast
+    if isinstance(base, CellLoop):
+        return CellLoop(lstm_fast.LSTMCell.from_torch(base.cell, backend=name))
     return lstm_fast.LSTM.from_torch(base, backend=name)
 
 
@@ -155,7 +187,7 @@ def _status_of(exc: BaseException) -> tuple[str, str]:
 def base_row(shape: Shape, dtype: str, mode: str, name: str) -> dict:
     return {"config": shape.name, "family": shape.family, "tags": list(shape.tags),
             "T": shape.T, "B": shape.B, "I": shape.I, "H": shape.H, "L": shape.L,
-            "bidir": shape.bidir, "proj": shape.proj, "dtype": dtype, "mode": mode,
+            "bidir": shape.bidir, "proj": shape.proj, "cell": shape.cell, "dtype": dtype, "mode": mode,
             "backend": name, "status": "ok", "reason": "", "flops": lstm_flops(shape, mode),
             "cudnn_persistent": cudnn_persistent(shape, dtype)}
 
@@ -168,8 +200,7 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
     with tf32(dtype == "tf32" if device == "cuda" else None):
         torch.manual_seed(opts.seed)
         tdtype = TORCH_DTYPES[dtype]
-        base = torch.nn.LSTM(shape.I, shape.H, shape.L, bidirectional=shape.bidir, proj_size=shape.proj)
-        base = base.to(device=device, dtype=tdtype)
+        base = make_base(shape, device, tdtype)
         x = torch.randn(shape.T, shape.B, shape.I, device=device, dtype=tdtype)
         out_w = (shape.proj or shape.H) * (2 if shape.bidir else 1)
         gy = torch.randn(shape.T, shape.B, out_w, device=device, dtype=tdtype)

@@ -22,7 +22,7 @@ pytest.importorskip("pytest_benchmark")
 
 from bench import configs as cfg  # noqa: E402
 from bench.machine import TORCH_DTYPES, tf32, usable_cores  # noqa: E402
-from bench.measure import BASELINE, make_module, make_step  # noqa: E402
+from bench.measure import BASELINE, make_base, make_module, make_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -64,8 +64,7 @@ def test_lstm(benchmark, shape, dtype, mode, runner):
     with tf32(dtype == "tf32" if DEVICE == "cuda" else None):
         torch.manual_seed(0)
         tdtype = TORCH_DTYPES[dtype]
-        base = torch.nn.LSTM(shape.I, shape.H, shape.L, bidirectional=shape.bidir, proj_size=shape.proj)
-        base = base.to(device=DEVICE, dtype=tdtype).train(mode == "training")
+        base = make_base(shape, DEVICE, tdtype).train(mode == "training")
         x = torch.randn(shape.T, shape.B, shape.I, device=DEVICE, dtype=tdtype, requires_grad=mode == "training")
         width = (shape.proj or shape.H) * (2 if shape.bidir else 1)
         gy = torch.randn(shape.T, shape.B, width, device=DEVICE, dtype=tdtype)

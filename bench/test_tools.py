@@ -20,6 +20,10 @@ def test_spec_parsing():
         cfg.parse_spec("T=1,B=1")
     with pytest.raises(ValueError):
         cfg.parse_spec("T=1,B=1,H=4,foo=3")
+    cell, = cfg.parse_spec("T=50,B=8,H=256,cell=1")
+    assert cell.cell and cell.name == "T50 B8 I256 H256 cell" and cell != cfg.S(50, 8, 256)
+    with pytest.raises(ValueError):  # a cell is one layer, one direction, no projection
+        cfg.parse_spec("T=5,B=1,H=8,cell=1,L=2")
 
 
 def test_named_sets_and_reference_configs():
@@ -94,7 +98,7 @@ def test_run_end_to_end_never_crashes_on_a_failing_backend(tmp_path, monkeypatch
     real = measure.make_module
 
     def flaky(name, base):
-        if name == "reference" and base.num_layers == 2:
+        if name == "reference" and getattr(base, "num_layers", 1) == 2:  # the cell loop has none
             raise NotImplementedError("reference refuses 2 layers (test)")
         return real(name, base)
     monkeypatch.setattr(measure, "make_module", flaky)
@@ -110,6 +114,7 @@ def test_run_end_to_end_never_crashes_on_a_failing_backend(tmp_path, monkeypatch
     assert bad and all(r["status"] == "unsupported" and r["L"] == 2 and r["backend"] == "reference" for r in bad)
     good = [r for r in rows if r["status"] == "ok" and r["backend"] == "reference"]
     assert good and all(r["speedup"] > 0 and r["max_rel_err"] < 1e-4 for r in good)
+    assert any(r["cell"] for r in good)  # the LSTMCell loop config ran and was checked
 
 
 def test_numba_breakdown_table(capsys):
