@@ -16,10 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/add.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -442,75 +439,6 @@ void backward_loop(const Plan& p, const T* grad_y, T* dh, T* dc, const T* gates,
   }
 }
 
-// One time step (T = 1: an LSTMCell call, a streaming step). The time loop's
-// per-call set-up, packing W_hh (and W_ih) into thread slabs, is paid for one
-// product only, which made lstm_fast.LSTMCell 0.6-0.97x of torch.nn.LSTMCell's
-// speed (bench/reports/cpu-amd-epyc-2c-cell); here the products are ATen GEMMs on
-// the unpacked weights and only the gate math is ours. Rows n.. of a packed batch
-// are left alone (y, gates and cells of those rows stay zero, c keeps its value).
-// Tensors: gx [1,B,4H] (input projection with bias) ; h0 [B,P] ; c [B,H] in: c0,
-// out: c_1 ; w_hh [4H,P] ; w_hr [P,H] or undefined ; y [1,B,P] out ; gates
-// [1,B,4H] and cells [1,B,H] out or undefined.
-template <typename T>
-void forward_single_step(const Plan& p, const Tensor& gx, const Tensor& h0, Tensor& c, const Tensor& w_hh,
-                         const Tensor& w_hr, Tensor& y, Tensor& gates, Tensor& cells) {
-  const int64_t n = p.active[0], H = p.H, G = 4 * H, P = p.P;
-  if (n == 0) return;
-  const Tensor z = at::mm(h0.narrow(0, 0, n), w_hh.t());  // [n, 4H]
-  const Tensor hpre = w_hr.defined() ? at::empty({n, H}, h0.options()) : Tensor();
-  T* hout = w_hr.defined() ? hpre.data_ptr<T>() : y.data_ptr<T>();
-  const T* zp = z.const_data_ptr<T>();
-  const T* gxp = gx.const_data_ptr<T>();
-  T* cp = c.data_ptr<T>();
-  T* cellp = cells.defined() ? cells.data_ptr<T>() : nullptr;
-  T* gatep = gates.defined() ? gates.data_ptr<T>() : nullptr;
-  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / G), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      forward_row<T>(zp + b * G, H, gxp + b * G, H, cp + b * H, hout + b * H, cellp ? cellp + b * H : nullptr,
-                     gatep ? gatep + b * G : nullptr, H, H);
-    }
-  });
-  if (w_hr.defined()) y.select(0, 0).narrow(0, 0, n).copy_(at::mm(hpre, w_hr.t()));
-  (void)P;
-}
-
-// Backward of forward_single_step. Tensors: grad_y [1,B,P] ; dh [B,P] in: grad_hn,
-// out: d_h0 ; dc [B,H] in: grad_cn, out: d_c0 ; gates [1,B,4H], cells [1,B,H] ;
-// c0 [B,H] ; w_hh [4H,P] ; w_hr [P,H] or undefined ; d_gx [1,B,4H] out ; d_r
-// [1,B,P] and hpre [1,B,H] out only with w_hr. Rows n.. are left alone.
-template <typename T>
-void backward_single_step(const Plan& p, const Tensor& grad_y, Tensor& dh, Tensor& dc, const Tensor& gates,
-                          const Tensor& cells, const Tensor& c0, const Tensor& w_hh, const Tensor& w_hr,
-                          Tensor& d_gx, Tensor& d_r, Tensor& hpre) {
-  const int64_t n = p.active[0], H = p.H, G = 4 * H, P = p.P;
-  if (n == 0) return;
-  // gradient reaching h_1 before the projection: dh + grad_y, through W_hr with one
-  Tensor dhpre;
-  const T* gy = grad_y.const_data_ptr<T>();
-  if (w_hr.defined()) {
-    Tensor drt = d_r.select(0, 0).narrow(0, 0, n);
-    at::add_out(drt, dh.narrow(0, 0, n), grad_y.select(0, 0).narrow(0, 0, n));
-    dhpre = at::mm(drt, w_hr);  // [n, H]
-    gy = nullptr;
-  } else {
-    dhpre = dh.narrow(0, 0, n);
-  }
-  const T* dhp = dhpre.const_data_ptr<T>();
-  const T* gp = gates.const_data_ptr<T>();
-  const T* cellp = cells.const_data_ptr<T>();
-  const T* c0p = c0.const_data_ptr<T>();
-  T* dcp = dc.data_ptr<T>();
-  T* dgp = d_gx.data_ptr<T>();
-  T* hpp = w_hr.defined() ? hpre.data_ptr<T>() : nullptr;
-  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / G), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      backward_row<T>(gp + b * G, H, cellp + b * H, c0p + b * H, dhp + b * H, gy ? gy + b * P : nullptr,
-                      dcp + b * H, dgp + b * G, hpp ? hpp + b * H : nullptr, H);
-    }
-  });
-  dh.narrow(0, 0, n).copy_(at::mm(d_gx.select(0, 0).narrow(0, 0, n), w_hh));  // dh_0 = dgates @ W_hh
-}
-
 void check_cpu(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "lstm_fast cpu: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
@@ -544,17 +472,6 @@ Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const Tensor& w_ih_, co
   Tensor gates = need_grad ? alloc({T, B, G}) : at::empty({0}, opts);
   Tensor cells = need_grad ? alloc({T, B, H}) : at::empty({0}, opts);
   Tensor hpre = proj ? at::empty({B, H}, opts) : Tensor();
-  if (T == 1) {
-    const Tensor gx1 = !fused             ? gx.select(0, 0)
-                       : bias.defined() ? at::addmm(bias, x.select(0, 0), w_ih.t())
-                                        : at::mm(x.select(0, 0), w_ih.t());
-    Tensor none;
-    AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_forward_cpu", [&] {
-      forward_single_step<scalar_t>(p, gx1, h0, c, w_hh, w_hr, y, need_grad ? gates : none,
-                                    need_grad ? cells : none);
-    });
-    return {y, final_hidden(y, h0, p), c, gates, cells};
-  }
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_forward_cpu", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
     forward_loop<scalar_t>(p, ptr(gx), ptr(x), I, ptr(w_ih), ptr(bias), ptr(h0), ptr(c), ptr(w_hh), ptr(w_hr),
@@ -617,10 +534,6 @@ Tensor5 lstm_backward_cpu(const Tensor& grad_y_, const Tensor& grad_hn, const Te
   Tensor hpre = proj ? alloc({T, B, H}) : Tensor();
   Tensor dhbuf = proj ? at::empty({B, H}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_backward_cpu", [&] {
-    if (T == 1) {
-      backward_single_step<scalar_t>(p, grad_y, dh, dc, gates, cells, c0, w_hh, w_hr, d_gx, d_r, hpre);
-      return;
-    }
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
     backward_loop<scalar_t>(p, ptr(grad_y), ptr(dh), ptr(dc), ptr(gates), ptr(cells), ptr(c0), ptr(w_hh),
                             ptr(w_hr), ptr(d_gx), ptr(d_r), ptr(hpre), ptr(dhbuf));

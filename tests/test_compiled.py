@@ -35,7 +35,7 @@ CASES = [
     (6, 3, 8, 5, False, False),   # projection
     (6, 3, 8, 5, False, True),    # projection, reverse
     (7, 4, 8, 5, True, False),    # projection, packed
-    (1, 3, 8, 8, False, False),   # T=1: the single-step path (ATen GEMMs, no slabs)
+    (1, 3, 8, 8, False, False),   # T=1
     (1, 3, 8, 5, False, True),    # T=1 with projection, reverse
     (1, 5, 33, 17, True, False),  # T=1 packed, projection, vector tail
     (5, 1, 8, 8, False, False),   # B=1
@@ -104,8 +104,8 @@ def test_cpp_matches_reference(T, B, H, P, packed, reverse, dtype):
 @needs_cpp
 @pytest.mark.parametrize("P", [8, 5], ids=["noproj", "proj"])
 def test_cpp_single_step_with_inactive_rows(P):
-    """The op's contract allows rows past batch_sizes[0] at T=1 (the single-step path):
-    they keep their state, get y = 0 and zero gradients, as in the reference."""
+    """The op's contract allows rows past batch_sizes[0] (packed input never has them,
+    the op's callers may): they keep their state, get y = 0 and zero gradients."""
     gx, h0, c0, w_hh, w_hr, _ = make_inputs(1, 5, 8, P, False, torch.float64)
     inputs = (gx, h0, c0, w_hh, w_hr, torch.tensor([2]))
     ours, ref = run("cpp", inputs, False), run("reference", inputs, False)
