@@ -51,6 +51,8 @@ def load_reports(folder, link_base=ROOT):
 def report_section(rep) -> str:
     m, run = rep["machine"], rep["run"]
     base = "torch.nn.LSTM (cuDNN)" if m.get("device") == "cuda" else "torch.nn.LSTM (oneDNN)"
+    if any(r.get("cell") for r in rep["rows"]):
+        base += "; torch.nn.LSTMCell for `cell` configs"
     commit = (m.get("git", {}).get("commit") or "?")[:10]
     timed = [n for n, b in rep.get("backends", {}).items() if b.get("timed")]
     left = [f"{n} ({_clip(b.get('note', ''))})" for n, b in rep.get("backends", {}).items() if not b.get("timed")]

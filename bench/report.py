@@ -13,8 +13,11 @@ CSV_FIELDS = ["config", "T", "B", "I", "H", "L", "bidir", "proj", "dtype", "mode
               "floor_ms", "x_floor", "speedup", "peak_mem_mb", "max_rel_err", "err_flag", "reason"]
 
 
-def baseline_label(info: dict) -> str:
-    return "torch.nn.LSTM (cuDNN)" if info.get("device") == "cuda" else "torch.nn.LSTM (oneDNN)"
+def baseline_label(info: dict, rows=()) -> str:
+    label = "torch.nn.LSTM (cuDNN)" if info.get("device") == "cuda" else "torch.nn.LSTM (oneDNN)"
+    if any(r.get("cell") for r in rows):  # cell configs loop torch's own cell
+        label += "; for `cell` configs torch.nn.LSTMCell in the same Python loop"
+    return label
 
 
 def write_json(path, report):
@@ -100,7 +103,7 @@ def header_md(report) -> str:
         "`fp32` on GPU = TF32 off for both",
         f"- load average start → end: {info.get('loadavg_start')} → {info.get('loadavg_end')}",
         f"- measured matmul rate (best of a square {sizes} product, at start and end): {peaks or 'not measured'}",
-        f"- baseline: {baseline_label(info)}, same weights (`lstm_fast.LSTM.from_torch`), input projection "
+        f"- baseline: {baseline_label(info, report.get('rows', ()))}, same weights (`lstm_fast.LSTM.from_torch`), input projection "
         "included on both sides; times are the median of interleaved repeats [min–max]; training = "
         "forward + backward to the input and every weight",
         f"- wall time of the run: {meta.get('wall_s', 0):.0f} s"
