@@ -25,60 +25,15 @@ class ReferenceBackend(Backend):
         return True, "any device and floating dtype"
 
     def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
-        T, B, G = gx.shape
-        H = G // 4
-        acc = acc_dtype(gx.dtype)
-        w_hh_a = w_hh.to(acc)
-        w_hr_a = None if w_hr is None else w_hr.to(acc)
-        h = h0.to(acc).clone()
-        c = c0.to(acc).clone()
-        P = h.shape[1]
-        y = gx.new_zeros(T, B, P)
-        gates_all = gx.new_zeros(T, B, G, dtype=acc) if need_grad else None
-        cells = gx.new_zeros(T, B, H, dtype=acc) if need_grad else None
-        for t in step_order(T, reverse):
-            n = active_rows(batch_sizes, t, B)
-            z = torch.addmm(gx[t, :n].to(acc), h[:n], w_hh_a.t())
-            i, f, g, o = z.chunk(4, 1)
-            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-            c_new = f * c[:n] + i * g
-            h_new = o * torch.tanh(c_new)
-            if w_hr_a is not None:
-                h_new = h_new.mm(w_hr_a.t())
-            c[:n] = c_new
-            h[:n] = h_new
-            y[t, :n] = h_new.to(y.dtype)
-            if need_grad:
-                gates_all[t, :n] = torch.cat([i, f, g, o], 1)
-                cells[t, :n] = c_new
-        saved = (gates_all, cells, y) if need_grad else ()
-        return y, h.to(h0.dtype), c.to(c0.dtype), saved
+        y, h_n, c_n, acts = _steps(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, keep=need_grad)
+        return y, h_n, c_n, ((*acts, y) if need_grad else ())
 
     @staticmethod
     def forward_differentiable(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse):
-        """forward() built from out-of-place torch ops only, so autograd can differentiate
-        it to any order (the recurrence's backward recomputes through it for second
-        derivatives). Returns y [T, B, P], h_n [B, P], c_n [B, H]."""
-        T, B, _ = gx.shape
-        acc = acc_dtype(gx.dtype)
-        w_hh_a = w_hh.to(acc)
-        w_hr_a = None if w_hr is None else w_hr.to(acc)
-        h, c = h0.to(acc), c0.to(acc)
-        ys = [None] * T
-        for t in step_order(T, reverse):
-            n = active_rows(batch_sizes, t, B)
-            z = torch.addmm(gx[t, :n].to(acc), h[:n], w_hh_a.t())
-            i, f, g, o = z.chunk(4, 1)
-            c_new = torch.sigmoid(f) * c[:n] + torch.sigmoid(i) * torch.tanh(g)
-            h_new = torch.sigmoid(o) * torch.tanh(c_new)
-            if w_hr_a is not None:
-                h_new = h_new.mm(w_hr_a.t())
-            # inactive rows (packed input) keep their state and output zeros
-            c = torch.cat([c_new, c[n:]])
-            h = torch.cat([h_new, h[n:]])
-            ys[t] = torch.cat([h_new, h_new.new_zeros(B - n, h_new.shape[1])]).to(gx.dtype)
-        y = torch.stack(ys) if T else gx.new_zeros(0, B, h0.shape[1])
-        return y, h.to(h0.dtype), c.to(c0.dtype)
+        """forward() without saving: out-of-place torch ops only, so autograd can
+        differentiate it to any order (the recurrence's backward recomputes through it
+        for second derivatives). Returns y [T, B, P], h_n [B, P], c_n [B, H]."""
+        return _steps(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, keep=False)[:3]
 
     def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
         gates_all, cells, y = saved
@@ -122,3 +77,43 @@ class ReferenceBackend(Backend):
         d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre)
         return (d_gates.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype),
                 d_w_hh.to(w_hh.dtype), None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
+
+
+def _steps(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, keep):
+    """The time loop, out of place. Returns y [T, B, P], h_n [B, P], c_n [B, H] and,
+    when keep, (gates [T, B, 4H] activated i,f,g,o, cells [T, B, H]) in the
+    accumulation dtype, else (). Rows inactive at a step (packed input) keep their
+    state and get zeros in y, gates and cells."""
+    T, B, G = gx.shape
+    acc = acc_dtype(gx.dtype)
+    w_hh_a = w_hh.to(acc)
+    w_hr_a = None if w_hr is None else w_hr.to(acc)
+    h, c = h0.to(acc), c0.to(acc)
+    ys, gates, cells = [None] * T, [None] * T, [None] * T
+
+    def padded(rows):  # rows [n, k] -> [B, k], zeros below
+        return torch.cat([rows, rows.new_zeros(B - rows.shape[0], rows.shape[1])])
+
+    for t in step_order(T, reverse):
+        n = active_rows(batch_sizes, t, B)
+        z = torch.addmm(gx[t, :n].to(acc), h[:n], w_hh_a.t())
+        i, f, g, o = z.chunk(4, 1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c[:n] + i * g
+        h_new = o * torch.tanh(c_new)
+        if w_hr_a is not None:
+            h_new = h_new.mm(w_hr_a.t())
+        c = torch.cat([c_new, c[n:]])
+        h = torch.cat([h_new, h[n:]])
+        ys[t] = padded(h_new).to(gx.dtype)
+        if keep:
+            gates[t] = padded(torch.cat([i, f, g, o], 1))
+            cells[t] = padded(c_new)
+    if T == 0:
+        H = G // 4
+        y = gx.new_zeros(0, B, h0.shape[1])
+        acts = (gx.new_zeros(0, B, G, dtype=acc), gx.new_zeros(0, B, H, dtype=acc)) if keep else ()
+    else:
+        y = torch.stack(ys)
+        acts = (torch.stack(gates), torch.stack(cells)) if keep else ()
+    return y, h.to(h0.dtype), c.to(c0.dtype), acts
