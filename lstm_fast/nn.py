@@ -234,16 +234,26 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
     def forward(self, input, hx=None):
         # A cell stepped in a Python loop pays this method's cost every step: the usual
         # call (2-D input, a (h, c) pair of the right shapes, device and dtype) is
-        # recognised first with a few cheap tests; anything else takes the full checks.
-        if type(hx) is tuple and len(hx) == 2 and input.dim() == 2:
+        # recognised with a few cheap tests; anything else takes the full checks.
+        usual = type(hx) is tuple and len(hx) == 2 and input.dim() == 2
+        if usual:
             h, c = hx
             size = (input.shape[0], self.hidden_size)
-            if (input.shape[1] == self.input_size and h.shape == size and c.shape == size
-                    and h.device == input.device and c.device == input.device
-                    and h.dtype == input.dtype and c.dtype == input.dtype):
-                _, h, c = lstm_projected(input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih,
-                                         self.bias_hh, backend=self.backend)
-                return h, c
+            usual = (input.shape[1] == self.input_size and h.shape == size and c.shape == size
+                     and h.device == input.device and c.device == input.device
+                     and h.dtype == input.dtype and c.dtype == input.dtype)
+        is_batched = True
+        if not usual:
+            input, hx, is_batched = self._checked_args(input, hx)
+        _, h, c = lstm_projected(input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
+                                 self.bias_hh, backend=self.backend)
+        if not is_batched:
+            h, c = h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def _checked_args(self, input, hx):
+        """torch.nn.LSTMCell's checks and messages; returns the batched input [B, I],
+        (h, c) [B, H] each, and whether the input was batched."""
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
@@ -266,11 +276,7 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         if len(hx) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
         _check_cell_args(self, input, hx)
-        _, h, c = lstm_projected(input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
-                                 self.bias_hh, backend=self.backend)
-        if not is_batched:
-            h, c = h.squeeze(0), c.squeeze(0)
-        return h, c
+        return input, hx, is_batched
 
 
 def _check_cell_args(cell, input, hx):
