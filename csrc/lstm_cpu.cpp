@@ -155,9 +155,10 @@ struct Slab {
 // threads are the OpenMP pool's, which live on): a fresh buffer of that size
 // comes from mmap and page-faults on every call. Forward op, T=1, B=1, 1 thread:
 // H=8 19 -> 12 us, H=128 60 -> 46 us per call. The faults dominate short calls
-// with large weights too (nn.LSTM-style module, T=1, 1 thread: B=8 H=512 8.0 ->
-// 1.7 ms, B=1 H=1024 26 -> 9.8 ms when this went from 1 MiB to 64 MiB), so the
-// cap only bounds what a pool thread keeps: at most three weight-sized slabs.
+// with large weights too (lstm_fast.LSTM, T=1, 1 thread, 2-core EPYC, timed by a
+// script outside bench/: B=8 H=512 8.0 -> 1.7 ms, B=1 H=1024 26 -> 9.8 ms when this
+// went from 1 MiB to 64 MiB), so the cap only bounds what a pool thread keeps: at
+// most three weight-sized slabs.
 constexpr size_t kSlabCacheBytes = size_t(1) << 26;
 
 template <typename T>
