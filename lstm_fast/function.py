@@ -1,93 +1,246 @@
 """THE autograd boundary: one direction of one LSTM layer.
 
-Everything outside (input projection, dropout, layer stacking) is ordinary
-differentiable PyTorch; only the recurrence goes through this Function, which
-hands it to the backend chosen for the call.
+Callers (lstm_fast.LSTM, LSTMCell and the functional entries below) go through
+_run, which settles the dtype (autocast, 16-bit widening) and the backend, then
+runs LSTMRecurrence. Its forward hands the recurrence to the backend, and on the
+projecting entry the input projection too (the backend may fuse it into its own
+loop); only dropout and layer stacking stay outside, in ordinary PyTorch.
 """
 from __future__ import annotations
 
 import functools
 import sys
+from typing import Optional
 
 import torch
 
-from .backends import select_backend
-from .backends.base import HALF_DTYPES, LayerSizes
+from .backends import get_backend, select_backend
+from .backends.base import (HALF_DTYPES, InputProjection, LayerSizes, LSTMState, OutputGrads, ProjectionWanted,
+                            RecurrentWeights, SequenceLayout)
 from .backends.reference import ReferenceBackend
+
+_functorch = torch._C._functorch
+
+
+class RecurrenceCall:
+    """The non-tensor arguments of one LSTMRecurrence call. A plain class, not a
+    NamedTuple: vmap must not look inside it for tensors to batch."""
+
+    __slots__ = ("backend", "layout", "projected", "need_grad")
+
+    def __init__(self, backend, layout: SequenceLayout, projected: bool, need_grad: bool):
+        self.backend, self.layout, self.projected, self.need_grad = backend, layout, projected, need_grad
+
+    def __repr__(self) -> str:  # by content: torch.jit.trace compares graphs, which print it
+        return (f"RecurrenceCall({self.backend.name}, packed={self.layout.batch_sizes is not None}, "
+                f"reverse={self.layout.reverse}, projected={self.projected}, need_grad={self.need_grad})")
 
 
 class LSTMRecurrence(torch.autograd.Function):
-    """(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr) -> (y, h_n, c_n); shapes in backends/base.py.
+    """(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, call) -> (y, h_n, c_n, gates, cells).
 
-    x [T, B, I] is the layer input, projected by the backend (forward_projected); with
-    w_ih None it is the precomputed gx [T, B, 4H] and the biases are None.
+    With call.projected, x [T, B, I] is the layer input and the backend projects it
+    (w_ih [4H, I], bias b_ih + b_hh); otherwise x is the precomputed gx [T, B, 4H] and
+    w_ih, b_ih, b_hh are None. Other shapes in backends/base.py. gates and cells are
+    the backend's saved tensors, outputs only so that setup_context can keep them
+    (torch.func needs forward without ctx); callers use the first three.
     """
 
     @staticmethod
-    def forward(ctx, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend, need_grad):
-        y, h_n, c_n, saved = _backend_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse,
-                                              backend, need_grad)
-        ctx.backend, ctx.batch_sizes, ctx.reverse = backend, batch_sizes, reverse
-        if need_grad:
-            # x is saved in both forms: backward_projected needs the layer input, and the
-            # differentiable backward recomputes from whichever x was given
-            ctx.save_for_backward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, *saved)
-        return y, h_n, c_n
+    def forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, call):
+        y, h_n, c_n, saved = _backend_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, call)
+        gates, cells = saved if saved else (x.new_empty(0), x.new_empty(0))
+        # with no step to run a backend may hand the initial state back as it came
+        h_n, c_n = (t.clone() if t is s else t for t, s in ((h_n, h0), (c_n, c0)))
+        return y, h_n, c_n, gates, cells
 
     @staticmethod
-    def backward(ctx, grad_y, grad_hn, grad_cn):
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradients must themselves be differentiable, which the
-            # backends' fused backward is not
-            return _differentiable_backward(ctx, grad_y, grad_hn, grad_cn)
-        x, w_ih, _, _, h0, c0, w_hh, w_hr, *saved = ctx.saved_tensors
-        upstream = (tuple(saved), grad_y.contiguous(), grad_hn.contiguous(), grad_cn.contiguous())
-        need = ctx.needs_input_grad
-        if w_ih is None:
-            d_x, d_h0, d_c0, d_w_hh, d_w_hr = ctx.backend.backward(*upstream, h0, c0, w_hh, w_hr, ctx.batch_sizes,
-                                                                   ctx.reverse)
-            d_w_ih = d_b = None
+    def setup_context(ctx, inputs, output):
+        *tensors, call = inputs
+        y, _, _, gates, cells = output
+        ctx.call = call
+        ctx.mark_non_differentiable(gates, cells)
+        ctx.set_materialize_grads(False)  # no zero-filled [T, B, 4H] gradient for gates
+        ctx.save_for_backward(*tensors, y, gates, cells)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_hn, grad_cn, _grad_gates, _grad_cells):
+        x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, y, gates, cells = ctx.saved_tensors
+        call = ctx.call
+        grads = tuple(torch.zeros_like(like) if g is None else g.contiguous()
+                      for g, like in ((grad_y, y), (grad_hn, h0), (grad_cn, c0)))
+        need = list(ctx.needs_input_grad[:8])
+        args = (gates, cells, y, *grads, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, call.layout.batch_sizes,
+                call.layout.reverse, call.backend.name, call.projected, need)
+        if torch.compiler.is_compiling():
+            # traced: the backends torch.compile traces into are torch ops (no second derivatives there)
+            d = _recurrence_backward(*args)
+        elif torch.is_grad_enabled() or _functorch.peek_interpreter_stack() is not None:
+            # create_graph=True or torch.func: a Function of its own gives the backward
+            # its derivative and its vmap rule
+            d = _RecurrenceBackward.apply(*args)
+        elif any(_functorch.is_legacy_batchedtensor(g) for g in grads):
+            # torch.autograd.grad(..., is_grads_batched=True) batches through the op
+            d = torch.ops.lstm_fast.recurrence_backward(*args)
         else:
-            d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr = ctx.backend.backward_projected(
-                *upstream, x, w_ih, h0, c0, w_hh, w_hr, ctx.batch_sizes, ctx.reverse, need[0], need[1],
-                need[2] or need[3])
-        grads = [d_x, d_w_ih, d_b, d_b, d_h0, d_c0, d_w_hh, d_w_hr]
-        grads = [g if n else None for g, n in zip(grads, need)]
-        return (*grads, None, None, None, None)
+            d = _recurrence_backward(*args)
+        d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr = (g if n else None for g, n in zip(d, _OP_NEEDS(need)))
+        grads = (d_x, d_w_ih, d_b, d_b, d_h0, d_c0, d_w_hh, d_w_hr)
+        return (*(g if n else None for g, n in zip(grads, need)), None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _loop_over_batch(LSTMRecurrence.apply, info, in_dims, args)
 
 
-def _differentiable_backward(ctx, grad_y, grad_hn, grad_cn):
-    """The recurrence's gradients as a graph of torch ops, for second derivatives.
+def _loop_over_batch(apply, info, in_dims, args):
+    """A vmap rule for kernels that take plain tensors only: one call per element of
+    the vmapped dimension, results stacked along dim 0."""
+    results = [apply(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)))
+               for i in range(info.batch_size)]
+    outputs = tuple(torch.stack(column) for column in zip(*results))
+    return outputs, (0,) * len(outputs)
 
-    Recomputes the layer from the saved inputs with the reference's out-of-place
-    loop and differentiates it with create_graph=True: the returned gradients
-    depend differentiably on the inputs and on grad_y/grad_hn/grad_cn. As slow
-    as a Python loop over the steps; only create_graph=True takes this path.
-    """
-    inputs = ctx.saved_tensors[:8]
-    x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr = inputs
-    need = ctx.needs_input_grad[:8]
+
+def _OP_NEEDS(need):
+    """recurrence_backward's outputs (x, w_ih, bias, h0, c0, w_hh, w_hr) that are asked for."""
+    return (need[0], need[1], need[2] or need[3], *need[4:])
+
+
+def _recurrence_backward(gates, cells, y, grad_y, grad_hn, grad_cn, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr,
+                         batch_sizes, reverse, backend, projected, need):
+    """The backend's fused backward. Returns (d_x, d_w_ih, d_bias, d_h0, d_c0, d_w_hh,
+    d_w_hr), d_x being d_gx on the recurrence-only entry; empty tensors where not asked."""
+    chosen = get_backend(backend)
+    grads, state = OutputGrads(grad_y, grad_hn, grad_cn), LSTMState(h0, c0)
+    weights, layout = RecurrentWeights(w_hh, w_hr), SequenceLayout(batch_sizes, reverse)
+    if projected:
+        wanted = ProjectionWanted(need[0], need[1], need[2] or need[3])
+        d = chosen.backward_projected((gates, cells), y, grads, x, InputProjection(w_ih, _bias(b_ih, b_hh)),
+                                      state, weights, layout, wanted)
+    else:
+        r = chosen.backward((gates, cells), y, grads, state, weights, layout)
+        d = (r.gx, None, None, r.h0, r.c0, r.w_hh, r.w_hr)
+    return tuple(x.new_empty(0) if g is None else g for g in d)
+
+
+_TensorOpt = Optional[torch.Tensor]
+
+
+@torch.library.custom_op("lstm_fast::recurrence_backward", mutates_args=())
+def _recurrence_backward_op(gates: torch.Tensor, cells: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor,
+                            grad_hn: torch.Tensor, grad_cn: torch.Tensor, x: torch.Tensor, w_ih: _TensorOpt,
+                            b_ih: _TensorOpt, b_hh: _TensorOpt, h0: torch.Tensor, c0: torch.Tensor,
+                            w_hh: torch.Tensor, w_hr: _TensorOpt, batch_sizes: _TensorOpt, reverse: bool,
+                            backend: str, projected: bool, need: list[bool]
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor, torch.Tensor]:
+    inputs = (gates, cells, y, grad_y, grad_hn, grad_cn, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr)
+    out = _recurrence_backward(*inputs, batch_sizes, reverse, backend, projected, need)
+    # an op's outputs may not alias its inputs (a backend may hand back grad_hn as d_h0)
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
+    return tuple(g.clone() if g.numel() and g.untyped_storage().data_ptr() in taken else g for g in out)
+
+
+@_recurrence_backward_op.register_fake
+def _(gates, cells, y, grad_y, grad_hn, grad_cn, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+      backend, projected, need):
+    need = _OP_NEEDS(need)
+    G = w_hh.shape[0]
+    if projected:
+        d_x, d_w_ih, d_b = x.new_empty(x.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(G)
+    else:
+        d_x, d_w_ih, d_b = x.new_empty(x.shape), None, None
+    d = (d_x, d_w_ih, d_b, h0.new_empty(h0.shape), c0.new_empty(c0.shape), w_hh.new_empty(w_hh.shape),
+         None if w_hr is None else w_hr.new_empty(w_hr.shape))
+    return tuple(g if g is not None and n else x.new_empty(0) for g, n in zip(d, need))
+
+
+@_recurrence_backward_op.register_vmap
+def _(info, in_dims, *args):
+    return _loop_over_batch(torch.ops.lstm_fast.recurrence_backward, info, in_dims, args)
+
+
+class _RecurrenceBackward(torch.autograd.Function):
+    """LSTMRecurrence's backward as a node of its own, when the gradients must be
+    differentiable (create_graph=True, torch.func) or vmapped: forward is the fused
+    backward (recurrence_backward's arguments), backward the second derivatives."""
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.lstm_fast.recurrence_backward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, batch_sizes, reverse, _, projected, need = inputs
+        ctx.layout, ctx.projected, ctx.need = SequenceLayout(batch_sizes, reverse), projected, need
+        ctx.save_for_backward(*tensors)
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        return _double_backward(ctx, *cotangents)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _loop_over_batch(_RecurrenceBackward.apply, info, in_dims, args)
+
+
+def _double_backward(ctx, *cotangents):
+    """Second derivatives: the first-order gradients recomputed as a graph of torch ops
+    (the reference's out-of-place loop, differentiated with create_graph=True), then
+    differentiated against the cotangents. As slow as a Python loop over the steps;
+    only a backward through the gradients (create_graph=True) comes here."""
+    gates, cells, y, grad_y, grad_hn, grad_cn, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr = ctx.saved_tensors
+    need = _OP_NEEDS(ctx.need)
     with torch.enable_grad():
-        gx = x if w_ih is None else torch.nn.functional.linear(x, w_ih, _bias(b_ih, b_hh))
-        outputs = ReferenceBackend.forward_differentiable(gx, h0, c0, w_hh, w_hr, ctx.batch_sizes, ctx.reverse)
-        wanted = [t for t, n in zip(inputs, need) if n]
-        found = iter(torch.autograd.grad(outputs, wanted, (grad_y, grad_hn, grad_cn), create_graph=True,
-                                         allow_unused=True))
-    grads = [next(found) if n else None for n in need]
-    return (*grads, None, None, None, None)
+        # Each input enters the recomputation through a node of its own (a view), so a
+        # gradient taken at it counts only the paths through this recurrence, not those
+        # through another input derived from it (grad_y = 2 * y, h0 = f(x)); the view
+        # keeps the result differentiable for higher orders.
+        leaves = [None if t is None else t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+                  for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, grad_y, grad_hn, grad_cn)]
+        x_, w_ih_, b_ih_, b_hh_, h0_, c0_, w_hh_, w_hr_, gy_, ghn_, gcn_ = leaves
+        gx = torch.nn.functional.linear(x_, w_ih_, _bias(b_ih_, b_hh_)) if ctx.projected else x_
+        outputs = ReferenceBackend.forward_differentiable(gx, LSTMState(h0_, c0_), RecurrentWeights(w_hh_, w_hr_),
+                                                          ctx.layout)
+        # one leaf per recurrence_backward output: d_bias is the gradient of b_ih (and of b_hh)
+        per_output = (x_, w_ih_, b_ih_ if b_ih_ is not None else b_hh_, h0_, c0_, w_hh_, w_hr_)
+        pairs = [(leaf, cot) for leaf, cot, n in zip(per_output, cotangents, need)
+                 if n and cot is not None and leaf is not None]
+        if not pairs:
+            return (None,) * 19
+        first = torch.autograd.grad(outputs, [leaf for leaf, _ in pairs], (gy_, ghn_, gcn_), create_graph=True,
+                                    allow_unused=True)
+        kept = [(g, cot) for g, (_, cot) in zip(first, pairs) if g is not None]
+        # the op's inputs that ask for a gradient (gates, cells and y get none: the
+        # recomputation already follows every path from the layer's inputs through them)
+        asked = [(i, leaves[i - 6]) for i in range(6, 14) if ctx.needs_input_grad[i] and leaves[i - 6] is not None]
+        asked += [(i, leaves[i + 5]) for i in range(3, 6) if ctx.needs_input_grad[i]]
+        result = [None] * 19
+        if kept and asked:
+            second = torch.autograd.grad([g for g, _ in kept], [leaf for _, leaf in asked], [c for _, c in kept],
+                                         allow_unused=True, create_graph=torch.is_grad_enabled())
+            for (i, _), g in zip(asked, second):
+                result[i] = g
+    return tuple(result)
 
 
-def _backend_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend, need_grad):
-    if w_ih is None:
-        return backend.forward(x, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
-    return backend.forward_projected(x, w_ih, _bias(b_ih, b_hh), h0, c0, w_hh, w_hr, batch_sizes, reverse,
-                                     need_grad)
+def _backend_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, call):
+    state, weights = LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr)
+    if call.projected:
+        return call.backend.forward_projected(x, InputProjection(w_ih, _bias(b_ih, b_hh)), state, weights,
+                                              call.layout, call.need_grad)
+    return call.backend.forward(x, state, weights, call.layout, call.need_grad)
 
 
 def _forward_without_grad(*args):
     """The recurrence when nothing needs a gradient: no autograd.Function around it,
     whose bookkeeping costs about 10 us a call (felt by one-step LSTMCell loops)."""
     return _backend_forward(*args)[:3]
+
+
+def _with_function(*args):
+    return LSTMRecurrence.apply(*args)[:3]
 
 
 def _bias(b_ih, b_hh):
@@ -123,39 +276,42 @@ def _call_outside_graph(fn, *args):
     return fn(*args)
 
 
-def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend):
+def _run(x, projection, state: LSTMState, weights: RecurrentWeights, layout: SequenceLayout, backend):
+    """One layer-direction. projection = (w_ih, b_ih, b_hh) when x [T, B, I] is the layer
+    input, None when x is the precomputed gx [T, B, 4H]. Returns y, h_n, c_n."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # As torch.nn.LSTM under autocast: on CUDA cuDNN's LSTM runs wholly in the autocast
         # dtype (ATen casts input, states and weights for it); elsewhere the LSTM is not on
         # autocast's lower-precision list and runs in the weights' dtype. Then the
         # recurrence runs with autocast off, so every backend sees one dtype.
-        dtype = torch.get_autocast_dtype(device_type) if device_type == "cuda" else w_hh.dtype
-        x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr = (
-            None if t is None else t.to(dtype) for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr))
+        dtype = torch.get_autocast_dtype(device_type) if device_type == "cuda" else weights.w_hh.dtype
+        x, projection, state, weights = _cast(x, dtype), _cast(projection, dtype), _cast(state, dtype), \
+            _cast(weights, dtype)
         with torch.autocast(device_type, enabled=False):
-            return _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
-    dtype = x.dtype
-    if not all(w is None or w.dtype == dtype for w in (w_ih, w_hh, b_ih, b_hh, w_hr)):
-        _raise_weight_dtype_mismatch(x, w_ih, w_hh, b_ih, b_hh, w_hr)
+            return _run(x, projection, state, weights, layout, backend)
+    _check_call(x, projection, state, weights, layout)
     T, B = x.shape[:2]
-    H = w_hh.shape[0] // 4
-    sizes = LayerSizes(T=T, B=B, H=H, P=h0.shape[-1], packed=batch_sizes is not None, reverse=reverse)
+    sizes = LayerSizes(T=T, B=B, H=weights.w_hh.shape[0] // 4, P=state.h.shape[-1],
+                       packed=layout.batch_sizes is not None, reverse=layout.reverse)
     chosen = select_backend(backend, x.device, x.dtype, sizes)
     if chosen.widens_16bit and x.dtype in HALF_DTYPES:
         # The backend computes in float32: widen here, and autograd's casts round the
         # outputs and, in backward, the gradients back to the 16-bit dtype.
-        wide = [None if t is None else t.float() for t in (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr)]
-        return tuple(t.to(x.dtype) for t in _run(*wide, batch_sizes, reverse, chosen.name))
+        wide = (_cast(t, torch.float32) for t in (x, projection, state, weights))
+        return tuple(t.to(x.dtype) for t in _run(*wide, layout, chosen.name))
+    w_ih, b_ih, b_hh = projection if projection is not None else (None, None, None)
+    tensors = (x, w_ih, b_ih, b_hh, *state, *weights)
     # A trace is one graph for both grad modes (torch.jit.trace checks it by tracing
     # again under no_grad), so while tracing only requires_grad decides.
-    need_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and (
-        x.requires_grad or h0.requires_grad or c0.requires_grad or w_hh.requires_grad
-        or any(t is not None and t.requires_grad for t in (w_ih, b_ih, b_hh, w_hr)))
-    opt = [None if t is None else t.contiguous() for t in (w_ih, b_ih, b_hh, w_hr)]
-    args = (x.contiguous(), opt[0], opt[1], opt[2], h0.contiguous(), c0.contiguous(), w_hh.contiguous(), opt[3],
-            batch_sizes, reverse, chosen, need_grad)
-    recurrence = LSTMRecurrence.apply if need_grad else _forward_without_grad
+    need_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and any(
+        t is not None and t.requires_grad for t in tensors)
+    args = (*(None if t is None else t.contiguous() for t in tensors),
+            RecurrenceCall(chosen, layout, projection is not None, need_grad))
+    # under a torch.func transform the kernels must see plain tensors: the Function's vmap rule gives them
+    use_function = need_grad or (_functorch.peek_interpreter_stack() is not None
+                                 and not torch.compiler.is_compiling())
+    recurrence = _with_function if use_function else _forward_without_grad
     if chosen.traceable or not torch.compiler.is_compiling():
         return recurrence(*args)
     # numba's and Triton's launchers are Python around foreign kernels, which dynamo
@@ -163,11 +319,37 @@ def _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
     return _call_outside_graph(recurrence, *args)
 
 
-def _raise_weight_dtype_mismatch(x, w_ih, w_hh, b_ih, b_hh, w_hr):
-    # torch.nn.LSTM fails on such a mix too (inside oneDNN or cuBLAS); no backend may
-    # silently compute it in another precision
-    for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
-                    ("weight_hr", w_hr)):
+def _cast(bundle, dtype):
+    """A tensor, or a tuple of tensors and Nones (keeping its NamedTuple type), in dtype."""
+    if bundle is None or isinstance(bundle, torch.Tensor):
+        return bundle if bundle is None else bundle.to(dtype)
+    values = (None if t is None else t.to(dtype) for t in bundle)
+    return type(bundle)(*values) if hasattr(bundle, "_fields") else tuple(values)
+
+
+def check_state(x, state, check_dtype: bool):
+    """The initial state on x's device and, unless autocast will cast it, in x's dtype
+    (nn.LSTM leaves this to its kernels; the same kind of clear error, up front)."""
+    for name, t in zip(("hx", "cx"), state):
+        if t.device != x.device:
+            raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
+                               f"{x.device} and hidden tensor at {t.device}")
+        if check_dtype and t.dtype != x.dtype:
+            raise RuntimeError(f"lstm_fast: {name} dtype ({t.dtype}) does not match input dtype ({x.dtype})")
+
+
+def _check_call(x, projection, state, weights, layout):
+    """The rules every backend shares, checked once here so that all answer alike."""
+    if layout.reverse and layout.batch_sizes is not None:
+        # the module reverses packed sequences within their lengths itself
+        raise ValueError("lstm_fast: reverse=True with batch_sizes (packed input) is not supported; "
+                         "reverse each sequence within its length and run forward")
+    check_state(x, state, check_dtype=True)
+    w_ih, b_ih, b_hh = projection if projection is not None else (None, None, None)
+    for name, w in (("weight_ih", w_ih), ("weight_hh", weights.w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
+                    ("weight_hr", weights.w_hr)):
+        # torch.nn.LSTM fails on such a mix too (inside oneDNN or cuBLAS); no backend may
+        # silently compute it in another precision
         if w is not None and w.dtype != x.dtype:
             raise RuntimeError(f"lstm_fast: {name} dtype ({w.dtype}) does not match input dtype ({x.dtype})")
 
@@ -178,7 +360,8 @@ def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=Fa
     gx [T, B, 4H], h0 [B, P], c0 [B, H], w_hh [4H, P], w_hr [P, H] or None.
     Returns y [T, B, P], h_n [B, P], c_n [B, H].
     """
-    return _run(gx, None, None, None, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
+    return _run(gx, None, LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr), SequenceLayout(batch_sizes, reverse),
+                backend)
 
 
 def lstm_projected(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None, reverse=False,
@@ -186,7 +369,8 @@ def lstm_projected(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, ba
     """One layer-direction on its time-major input x [T, B, I]: the backend computes the
     input projection (one GEMM for all steps, or fused into its own launch).
     Returns y [T, B, P], h_n [B, P], c_n [B, H]."""
-    return _run(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend)
+    return _run(x, (w_ih, b_ih, b_hh), LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr),
+                SequenceLayout(batch_sizes, reverse), backend)
 
 
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
@@ -205,8 +389,3 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     if batch_first:
         y = y.transpose(0, 1)
     return y, (h_n, c_n)
-
-
-def input_projection(x, w_ih, b_ih=None, b_hh=None):
-    """x [..., I] -> [..., 4H] = x @ W_ih^T + b_ih + b_hh, one GEMM for all steps."""
-    return torch.nn.functional.linear(x, w_ih, _bias(b_ih, b_hh))

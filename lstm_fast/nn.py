@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .backends import BACKEND_NAMES
-from .function import lstm_projected, outside_graph
+from .function import check_state, lstm_projected, outside_graph
 
 
 def _check_backend_name(backend):
@@ -205,13 +205,7 @@ def _lengths_from_batch_sizes(batch_sizes):
 
 
 def _check_state_placement(input, hx):
-    """nn.LSTM leaves these to its C++ kernels; give the same kind of clear error up front."""
-    for name, state in zip(("hx", "cx"), hx):
-        if state.device != input.device:
-            raise RuntimeError(f"Input and hidden tensors are not at the same device, found input tensor at "
-                               f"{input.device} and hidden tensor at {state.device}")
-        if state.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
-            raise RuntimeError(f"lstm_fast: {name} dtype ({state.dtype}) does not match input dtype ({input.dtype})")
+    check_state(input, hx, check_dtype=not torch.is_autocast_enabled(input.device.type))
 
 
 class LSTMCell(_FastOptions, nn.LSTMCell):

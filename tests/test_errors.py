@@ -140,3 +140,29 @@ def test_unknown_backend_name():
 def test_forget_bias_needs_bias():
     with pytest.raises(ValueError, match="forget_bias needs bias=True"):
         lstm_fast.LSTM(I, H, bias=False, forget_bias=1.0)
+
+
+def _functional_backends():
+    return [b for b in lstm_fast.BACKEND_NAMES if b != "cuda"]  # CPU tensors; cuda needs a GPU
+
+
+@pytest.mark.parametrize("backend", _functional_backends())
+def test_functional_packed_reverse_is_refused_alike(backend):
+    """The functional API refuses reverse=True with batch_sizes in every backend, with
+    one message (the module reverses packed sequences within their lengths itself)."""
+    gx, h0, c0, w_hh = _x(T, B, 4 * H), _x(B, H), _x(B, H), _x(4 * H, H)
+    with pytest.raises(ValueError, match=r"reverse=True with batch_sizes \(packed input\) is not supported"):
+        lstm_fast.lstm_recurrence(gx, h0, c0, w_hh, batch_sizes=torch.tensor([2, 1, 1]), reverse=True,
+                                  backend=backend)
+
+
+@pytest.mark.parametrize("backend", _functional_backends())
+@pytest.mark.parametrize("state", ["h0", "c0"])
+def test_functional_state_dtype_mismatch_is_refused_alike(backend, state):
+    """float64 states with float32 input: one rule for all backends, the module's message."""
+    gx, w_hh = _x(T, B, 4 * H), _x(4 * H, H)
+    h0 = _x(B, H, dtype=torch.float64 if state == "h0" else torch.float32)
+    c0 = _x(B, H, dtype=torch.float64 if state == "c0" else torch.float32)
+    name = "hx" if state == "h0" else "cx"
+    with pytest.raises(RuntimeError, match=rf"lstm_fast: {name} dtype \(torch.float64\) does not match input dtype"):
+        lstm_fast.lstm_recurrence(gx, h0, c0, w_hh, backend=backend)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lstm_fast.backends import get_backend
-from lstm_fast.backends.base import LayerSizes
+from lstm_fast.backends.base import LayerSizes, LSTMState, RecurrentWeights, SequenceLayout
 from lstm_fast.function import lstm_recurrence
 
 backend = get_backend("numba")
@@ -110,10 +110,11 @@ def test_gradcheck_float64(proj, packed, reverse):
 
 def test_inference_saves_nothing():
     gx, h0, c0, w_hh, w_hr, _ = make_inputs(3, 4, 8, 8, torch.float32)
-    y, hn, cn, saved = backend.forward(gx.detach(), h0.detach(), c0.detach(), w_hh.detach(), None, None, False, False)
+    state, weights = LSTMState(h0.detach(), c0.detach()), RecurrentWeights(w_hh.detach())
+    y, hn, cn, saved = backend.forward(gx.detach(), state, weights, SequenceLayout(), False)
     assert saved == ()
-    _, _, _, saved = backend.forward(gx.detach(), h0.detach(), c0.detach(), w_hh.detach(), None, None, False, True)
-    assert [tuple(s.shape) for s in saved] == [(3, 4, 32), (3, 4, 8), (3, 4, 8)]
+    _, _, _, saved = backend.forward(gx.detach(), state, weights, SequenceLayout(), True)
+    assert [tuple(s.shape) for s in saved] == [(3, 4, 32), (3, 4, 8)]
 
 
 def test_supports():

@@ -81,7 +81,7 @@ def test_traced_cell_matches(backend, monkeypatch):
         raise AssertionError("compiled backward took the create_graph recomputation")
 
     # first-order training must run the backend's fused backward
-    monkeypatch.setattr(lstm_fast.function, "_differentiable_backward", slow_path)
+    monkeypatch.setattr(lstm_fast.function, "_double_backward", slow_path)
     torch.manual_seed(1)
     ref = torch.nn.LSTMCell(4, 6, device=DEVICE, dtype=DTYPE)
     ours = lstm_fast.LSTMCell.from_torch(ref, backend=backend)

@@ -37,6 +37,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
+from lstm_fast.backends.base import LSTMState, OutputGrads, RecurrentWeights, SequenceLayout  # noqa: E402
 from lstm_fast.backends.triton_gpu import TritonBackend  # noqa: E402
 
 _PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
@@ -98,9 +99,10 @@ def _drive_backend(cases):
         mk = lambda *shape: torch.empty(*shape, dtype=dtype, device=meta)  # noqa: E731
         gx, h0, c0, w_hh = mk(T, B, 4 * H), mk(B, P), mk(B, H), mk(4 * H, P)
         w_hr = mk(P, H) if P != H else None
-        y, h_n, c_n, saved = b.forward(gx, h0, c0, w_hh, w_hr, bs, reverse, True)
-        b.forward(gx, h0, c0, w_hh, w_hr, bs, reverse, False)
-        b.backward(saved, mk(T, B, P), mk(B, P), mk(B, H), h0, c0, w_hh, w_hr, bs, reverse)
+        state, weights, layout = LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr), SequenceLayout(bs, reverse)
+        y, h_n, c_n, saved = b.forward(gx, state, weights, layout, True)
+        b.forward(gx, state, weights, layout, False)
+        b.backward(saved, y, OutputGrads(mk(T, B, P), mk(B, P), mk(B, H)), state, weights, layout)
 
 
 def _signature(fn, named, config):

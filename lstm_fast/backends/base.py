@@ -3,28 +3,32 @@
 Shapes (one layer, one direction):
     T  sequence length          B  batch size (rows of the padded batch)
     H  hidden size              P  recurrent state size (proj_size if > 0 else H)
+    I  input size               G = 4H gate columns, order i, f, g, o
 
-    gx           [T, B, 4H]  input projection x @ W_ih^T + b_ih + b_hh, gate order i, f, g, o
-    h0           [B, P]      initial hidden state
-    c0           [B, H]      initial cell state
-    w_hh         [4H, P]     recurrent weight
-    w_hr         [P, H]      projection weight, or None
-    batch_sizes  [T] int64 CPU tensor or None. When given (packed input) it is
-                 non-increasing and row b is active at step t iff b < batch_sizes[t];
-                 inactive rows keep their state and get y = 0. Never combined with
-                 reverse=True (the module flips packed sequences itself).
-    reverse      process t = T-1 .. 0 instead of 0 .. T-1
+The arguments come in named bundles (below), the same names as csrc/lstm.h's structs:
+    gx          [T, B, 4H]  input projection x @ W_ih^T + b_ih + b_hh (recurrence-only entry)
+    x           [T, B, I]   the layer input (projecting entry: the backend computes gx)
+    InputProjection(w_ih [4H, I], bias [4H] or None)
+    LSTMState(h [B, P], c [B, H])            the initial state
+    RecurrentWeights(w_hh [4H, P], w_hr [P, H] or None)
+    SequenceLayout(batch_sizes, reverse)     batch_sizes: [T] int64 CPU tensor or None. When
+        given (packed input) it is non-increasing and row b is active at step t iff
+        b < batch_sizes[t]; inactive rows keep their state and get y = 0. Never combined
+        with reverse=True (function._run refuses it). reverse: process t = T-1 .. 0.
+    OutputGrads(y [T, B, P], h_n [B, P], c_n [B, H])   upstream gradients
 
-forward returns (y [T, B, P], h_n [B, P], c_n [B, H], saved) where saved is a
-tuple of tensors the backend's backward needs (empty when need_grad is False).
-
-backward(saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse)
-returns (d_gx [T, B, 4H], d_h0, d_c0, d_w_hh, d_w_hr or None). The weight
-gradients are GEMMs over all T after the time loop (see weight_grads).
-
-forward_projected / backward_projected are the same on the layer input x [T, B, I]
-with the input projection (W_ih [4H, I], bias [4H]) as part of the backend's job;
-the base class does it with torch around forward / backward.
+Two entries, one per kind of input:
+    forward(gx, state, weights, layout, need_grad)
+    forward_projected(x, projection, state, weights, layout, need_grad)
+both return (y [T, B, P], h_n [B, P], c_n [B, H], saved), saved being the backend's own
+tensors for backward, exactly (gates, cells) or () when need_grad is False; y is kept
+by the caller and handed back to backward.
+    backward(saved, y, grads, state, weights, layout) -> RecurrenceGrads
+    backward_projected(saved, y, grads, x, projection, state, weights, layout, wanted)
+        -> ProjectedGrads, the projection's gradients only where `wanted` asks.
+The weight gradients are GEMMs over all T after the time loop (see weight_grads).
+The base class's forward_projected / backward_projected wrap forward / backward
+with the projection done in torch.
 """
 from __future__ import annotations
 
@@ -47,6 +51,56 @@ class LayerSizes(NamedTuple):  # a NamedTuple: built on every call, 3x cheaper t
         return self.P != self.H
 
 
+class LSTMState(NamedTuple):
+    h: torch.Tensor  # [B, P]
+    c: torch.Tensor  # [B, H]
+
+
+class RecurrentWeights(NamedTuple):
+    w_hh: torch.Tensor  # [4H, P]
+    w_hr: torch.Tensor | None = None  # [P, H], proj_size > 0 only
+
+
+class InputProjection(NamedTuple):
+    w_ih: torch.Tensor  # [4H, I]
+    bias: torch.Tensor | None = None  # [4H], b_ih + b_hh
+
+
+class SequenceLayout(NamedTuple):
+    batch_sizes: torch.Tensor | None = None  # [T] int64 on the CPU, packed input only
+    reverse: bool = False
+
+
+class OutputGrads(NamedTuple):
+    y: torch.Tensor  # [T, B, P]
+    h_n: torch.Tensor  # [B, P]
+    c_n: torch.Tensor  # [B, H]
+
+
+class RecurrenceGrads(NamedTuple):
+    gx: torch.Tensor
+    h0: torch.Tensor
+    c0: torch.Tensor
+    w_hh: torch.Tensor
+    w_hr: torch.Tensor | None
+
+
+class ProjectionWanted(NamedTuple):
+    x: bool
+    w_ih: bool
+    bias: bool
+
+
+class ProjectedGrads(NamedTuple):
+    x: torch.Tensor | None
+    w_ih: torch.Tensor | None
+    bias: torch.Tensor | None
+    h0: torch.Tensor
+    c0: torch.Tensor
+    w_hh: torch.Tensor
+    w_hr: torch.Tensor | None
+
+
 class Backend:
     """Base class; subclasses override everything but the helpers."""
 
@@ -65,31 +119,32 @@ class Backend:
     def supports(self, device: torch.device, dtype: torch.dtype, sizes: LayerSizes) -> tuple[bool, str]:
         raise NotImplementedError
 
-    def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+    def forward(self, gx, state: LSTMState, weights: RecurrentWeights, layout: SequenceLayout, need_grad: bool):
         raise NotImplementedError
 
-    def forward_projected(self, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
-        """forward() on the layer input x [T, B, I]: gx = x @ w_ih^T + bias (bias [4H] or
-        None) is this backend's job. By default one GEMM here; a backend may fuse it
-        into its own launch. The projection's gradients stay with the caller."""
-        gx = torch.nn.functional.linear(x, w_ih, bias)
-        return self.forward(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+    def forward_projected(self, x, projection: InputProjection, state: LSTMState, weights: RecurrentWeights,
+                          layout: SequenceLayout, need_grad: bool):
+        """forward() on the layer input x [T, B, I]. By default one GEMM here; a backend
+        may fuse the projection into its own launch."""
+        gx = torch.nn.functional.linear(x, projection.w_ih, projection.bias)
+        return self.forward(gx, state, weights, layout, need_grad)
 
-    def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+    def backward(self, saved, y, grads: OutputGrads, state: LSTMState, weights: RecurrentWeights,
+                 layout: SequenceLayout) -> RecurrenceGrads:
         raise NotImplementedError
 
-    def backward_projected(self, saved, grad_y, grad_hn, grad_cn, x, w_ih, h0, c0, w_hh, w_hr, batch_sizes,
-                           reverse, need_dx, need_w_ih, need_bias):
-        """backward() after forward_projected(): returns (dx, d_w_ih, d_bias, d_h0, d_c0,
-        d_w_hh, d_w_hr), the first three None unless asked for. By default the
-        projection's gradients are GEMMs over all T*B rows here."""
-        d_gx, d_h0, d_c0, d_w_hh, d_w_hr = self.backward(saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr,
-                                                         batch_sizes, reverse)
-        G = d_gx.shape[-1]
-        d_x = d_gx.matmul(w_ih.to(d_gx.dtype)) if need_dx else None
-        d_w_ih = d_gx.reshape(-1, G).t().mm(x.reshape(-1, x.shape[-1]).to(d_gx.dtype)) if need_w_ih else None
-        d_b = d_gx.sum((0, 1)) if need_bias else None
-        return d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr
+    def backward_projected(self, saved, y, grads: OutputGrads, x, projection: InputProjection, state: LSTMState,
+                           weights: RecurrentWeights, layout: SequenceLayout,
+                           wanted: ProjectionWanted) -> ProjectedGrads:
+        """backward() after forward_projected(). By default the projection's gradients
+        are GEMMs over all T*B rows here."""
+        r = self.backward(saved, y, grads, state, weights, layout)
+        d_gx, w_ih = r.gx, projection.w_ih
+        d_x = d_gx.matmul(w_ih.to(d_gx.dtype)) if wanted.x else None
+        d_w_ih = d_gx.reshape(-1, d_gx.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]).to(d_gx.dtype)) \
+            if wanted.w_ih else None
+        d_b = d_gx.sum((0, 1)) if wanted.bias else None
+        return ProjectedGrads(d_x, d_w_ih, d_b, r.h0, r.c0, r.w_hh, r.w_hr)
 
     def __repr__(self) -> str:
         return f"<lstm_fast backend {self.name}>"

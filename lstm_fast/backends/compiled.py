@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ops
-from .base import Backend, LayerSizes
+from .base import Backend, LayerSizes, RecurrenceGrads
 
 
 class _CompiledBackend(Backend):
@@ -36,16 +36,15 @@ class _CompiledBackend(Backend):
             return False, f"dtype {dtype} is not supported ({names})"
         return True, "ok"
 
-    def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
-        y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward(
-            gx, h0, c0, w_hh, w_hr, batch_sizes, bool(reverse), bool(need_grad))
-        return y, h_n, c_n, ((gates, cells, y) if need_grad else ())
+    def forward(self, gx, state, weights, layout, need_grad):
+        y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward(gx, *state, *weights, *layout, bool(need_grad))
+        return y, h_n, c_n, ((gates, cells) if need_grad else ())
 
-    def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
-        gates, cells, y = saved
-        d_gx, d_h0, d_c0, d_w_hh, d_w_hr = torch.ops.lstm_fast.lstm_backward(
-            grad_y, grad_hn, grad_cn, gates, cells, y, h0, c0, w_hh, w_hr, batch_sizes, bool(reverse))
-        return d_gx, d_h0, d_c0, d_w_hh, (d_w_hr if w_hr is not None else None)
+    def backward(self, saved, y, grads, state, weights, layout):
+        gates, cells = saved
+        d_gx, d_h0, d_c0, d_w_hh, d_w_hr = torch.ops.lstm_fast.lstm_backward(*grads, gates, cells, y, *state,
+                                                                             *weights, *layout)
+        return RecurrenceGrads(d_gx, d_h0, d_c0, d_w_hh, d_w_hr if weights.w_hr is not None else None)
 
 
 class CppBackend(_CompiledBackend):
@@ -64,11 +63,11 @@ class CppBackend(_CompiledBackend):
     dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     widens_16bit = True
 
-    def forward_projected(self, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+    def forward_projected(self, x, projection, state, weights, layout, need_grad):
         # each thread projects its own gate columns before the time loop (lstm.h)
         y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward_projected(
-            x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, bool(reverse), bool(need_grad))
-        return y, h_n, c_n, ((gates, cells, y) if need_grad else ())
+            x, *projection, *state, *weights, *layout, bool(need_grad))
+        return y, h_n, c_n, ((gates, cells) if need_grad else ())
 
 
 class CudaBackend(_CompiledBackend):

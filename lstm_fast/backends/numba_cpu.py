@@ -28,7 +28,7 @@ import threading
 import numpy as np
 import torch
 
-from .base import HALF_DTYPES, Backend, LayerSizes, graph_recorder, weight_grads
+from .base import HALF_DTYPES, Backend, LayerSizes, RecurrenceGrads, graph_recorder, weight_grads
 
 # Bytes of one SIMD vector of the product kernels (AVX2). On CPUs with narrower
 # vectors LLVM splits each operation; the packing is the same.
@@ -988,19 +988,21 @@ class NumbaBackend(Backend):
         nc = _chunks(B, H, P)
         return bs, nc, _cuts(H, nc), _cuts(P, nc)
 
-    def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
-        return self._forward(gx, None, None, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+    def forward(self, gx, state, weights, layout, need_grad):
+        return self._forward(gx, None, state, weights, layout, need_grad)
 
-    def forward_projected(self, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+    def forward_projected(self, x, projection, state, weights, layout, need_grad):
         # The input projection runs inside the parallel launch: each thread computes
         # its chunk's gate columns for all T*B rows with the step's product kernel
         # (no separate GEMM call, no [T,B,4H] tensor through torch).
-        return self._forward(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+        return self._forward(x, projection, state, weights, layout, need_grad)
 
-    def _forward(self, x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
-        """x is gx [T,B,4H] when w_ih is None, else the layer input [T,B,I]."""
+    def _forward(self, x, projection, state, weights, layout, need_grad):
+        """x is gx [T,B,4H] when projection is None, else the layer input [T,B,I]."""
         _load()
-        fused = w_ih is not None
+        (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = state, weights, layout
+        fused = projection is not None
+        w_ih, bias = projection if fused else (None, None)
         T, B = x.shape[:2]
         H = w_hh.shape[0] // 4
         G = 4 * H
@@ -1010,8 +1012,7 @@ class NumbaBackend(Backend):
         has_proj = w_hr is not None
         if T == 0 or B == 0:  # nothing to run: the states pass through
             saved = (x.new_zeros(T, B, G), x.new_zeros(T, B, H)) if need_grad else ()
-            y = x.new_zeros(T, B, P)
-            return y, h0.detach().clone(), c0.detach().clone(), (*saved, y) if need_grad else ()
+            return x.new_zeros(T, B, P), h0.detach().clone(), c0.detach().clone(), saved
         bs, nc, ucut, pcut = self._plan(T, B, H, P, batch_sizes)
         pack_w = _slab(_np(w_hh, dt), H, nc, False, 4, H)
         pack_r = _slab(_np(w_hr, dt), P, nc, False) if has_proj else _no_slab(npdt, nc)
@@ -1045,12 +1046,13 @@ class NumbaBackend(Backend):
         _launch(_forward_parallel, _forward_worker, nc, sync, fused, gx2, x2, *pack_i, gxc, bias_n, h0n, bs,
                 bool(reverse), bool(need_grad), has_proj, ucut, pcut, *pack_w, *pack_r, y.numpy(), h.numpy(),
                 c.numpy(), gates_n, cells_n, hpre, z)
-        saved = (gates, cells, y) if need_grad else ()
+        saved = (gates, cells) if need_grad else ()
         return y, h.to(h0.dtype), c.to(c0.dtype), saved
 
-    def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+    def backward(self, saved, y, grads, state, weights, layout):
         _load()
-        gates, cells, y = saved
+        (grad_y, grad_hn, grad_cn), (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = grads, state, weights, layout
+        gates, cells = saved
         T, B, G = gates.shape
         H = G // 4
         dt = gates.dtype
@@ -1058,9 +1060,9 @@ class NumbaBackend(Backend):
         P = y.shape[-1]
         has_proj = w_hr is not None
         if T == 0 or B == 0:  # no step ran: the final-state gradients reach h0 and c0 unchanged
-            return (grad_y.new_zeros(T, B, G), grad_hn.detach().clone().to(h0.dtype),
-                    grad_cn.detach().clone().to(c0.dtype), torch.zeros_like(w_hh),
-                    None if w_hr is None else torch.zeros_like(w_hr))
+            return RecurrenceGrads(grad_y.new_zeros(T, B, G), grad_hn.detach().clone().to(h0.dtype),
+                                   grad_cn.detach().clone().to(c0.dtype), torch.zeros_like(w_hh),
+                                   None if w_hr is None else torch.zeros_like(w_hr))
         bs, nc, ucut, pcut = self._plan(T, B, H, P, batch_sizes)
         pack_w = _slab(_np(w_hh, dt), P, nc, True)
         pack_r = _slab(_np(w_hr, dt), H, nc, True) if has_proj else _no_slab(npdt, nc)
@@ -1083,5 +1085,5 @@ class NumbaBackend(Backend):
                 _np(grad_y, dt), bs, bool(reverse), has_proj, ucut, pcut, *pack_w, *pack_r, dh.numpy(), dc.numpy(),
                 dg.numpy(), dr_n, hpre_n, z, tcs, npdt(1))
         d_w_hh, d_w_hr = weight_grads(dg, y, h0.detach(), reverse, dr_all, hpre_all)
-        return (dg.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh.dtype),
-                None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
+        return RecurrenceGrads(dg.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh.dtype),
+                               None if d_w_hr is None else d_w_hr.to(w_hr.dtype))

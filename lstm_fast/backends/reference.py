@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, LayerSizes, acc_dtype, active_rows, step_order, weight_grads
+from .base import Backend, LayerSizes, RecurrenceGrads, acc_dtype, active_rows, step_order, weight_grads
 
 
 class ReferenceBackend(Backend):
@@ -24,19 +24,23 @@ class ReferenceBackend(Backend):
             return False, f"dtype {dtype} is not a floating point type"
         return True, "any device and floating dtype"
 
-    def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
-        y, h_n, c_n, acts = _steps(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, keep=need_grad)
-        return y, h_n, c_n, ((*acts, y) if need_grad else ())
+    def forward(self, gx, state, weights, layout, need_grad):
+        y, h_n, c_n, acts = _steps(gx, state, weights, layout, keep=need_grad)
+        return y, h_n, c_n, acts
 
     @staticmethod
-    def forward_differentiable(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+    def forward_differentiable(gx, state, weights, layout):
         """forward() without saving: out-of-place torch ops only, so autograd can
         differentiate it to any order (the recurrence's backward recomputes through it
         for second derivatives). Returns y [T, B, P], h_n [B, P], c_n [B, H]."""
-        return _steps(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, keep=False)[:3]
+        return _steps(gx, state, weights, layout, keep=False)[:3]
 
-    def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
-        gates_all, cells, y = saved
+    def backward(self, saved, y, grads, state, weights, layout):
+        h0, c0 = state
+        w_hh, w_hr = weights
+        batch_sizes, reverse = layout
+        grad_y, grad_hn, grad_cn = grads
+        gates_all, cells = saved
         T, B, G = gates_all.shape
         H = G // 4
         acc = gates_all.dtype
@@ -75,15 +79,16 @@ class ReferenceBackend(Backend):
             o = gates_all[..., 3 * H:]
             h_pre = o * torch.tanh(cells)
         d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre)
-        return (d_gates.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype),
-                d_w_hh.to(w_hh.dtype), None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
+        return RecurrenceGrads(d_gates.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh.dtype),
+                               None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
 
 
-def _steps(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, keep):
+def _steps(gx, state, weights, layout, keep):
     """The time loop, out of place. Returns y [T, B, P], h_n [B, P], c_n [B, H] and,
     when keep, (gates [T, B, 4H] activated i,f,g,o, cells [T, B, H]) in the
     accumulation dtype, else (). Rows inactive at a step (packed input) keep their
     state and get zeros in y, gates and cells."""
+    (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = state, weights, layout
     T, B, G = gx.shape
     acc = acc_dtype(gx.dtype)
     w_hh_a = w_hh.to(acc)

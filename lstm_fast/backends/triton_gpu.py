@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Backend, LayerSizes, acc_dtype, graph_recorder, weight_grads
+from .base import Backend, LayerSizes, RecurrenceGrads, acc_dtype, graph_recorder, weight_grads
 
 PATHS = ("auto", "step", "sequence")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -184,11 +184,12 @@ class TritonBackend(Backend):
         return choice
 
     # ----------------------------------------------------------------- forward
-    def forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+    def forward(self, gx, state, weights, layout, need_grad):
         with _on_device(gx.device):
-            return self._forward(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad)
+            return self._forward(gx, state, weights, layout, need_grad)
 
-    def _forward(self, gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+    def _forward(self, gx, state, weights, layout, need_grad):
+        (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = state, weights, layout
         step_k, seq_k = self._kernels()
         T, B, G = gx.shape
         H, P = G // 4, h0.shape[1]
@@ -213,7 +214,7 @@ class TritonBackend(Backend):
             cells[h0_slot] = c0
         bs = batch_sizes.tolist() if packed else None
         if T == 0 or B == 0:  # nothing to compute: no launch with an empty grid
-            return y, h0.clone(), c0.clone(), ((gates, cells, y_ext) if need_grad else ())
+            return y, h0.clone(), c0.clone(), ((gates, cells) if need_grad else ())
 
         if self.use_sequence(sizes, dtype):
             h_n = torch.empty(B, H, dtype=h0.dtype, device=dev)
@@ -226,7 +227,7 @@ class TritonBackend(Backend):
                 h_n, c_n, gates if need_grad else dummy,
                 T, B, H=H, HP=max(16, _next_pow2(H)), B_BUCKET=step_k.bucket(B),
                 REVERSE=bool(reverse), PACKED=packed, SAVE=need_grad, DOT_PRECISION=prec)
-            saved = (gates, cells, y_ext) if need_grad else ()
+            saved = (gates, cells) if need_grad else ()
             return y, h_n, c_n.to(c0.dtype), saved
 
         # Step path. Without saving, the cell state ping-pongs between 2 slots.
@@ -262,30 +263,31 @@ class TritonBackend(Backend):
             last = 0 if reverse else T
             h_n = y_ext[last].clone()
             c_n = cells[last if need_grad else T % 2].clone()
-        saved = (gates, cells, y_ext) if need_grad else ()
+        saved = (gates, cells) if need_grad else ()
         return y, h_n.to(h0.dtype), c_n.to(c0.dtype), saved
 
     # ---------------------------------------------------------------- backward
-    def backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
-        with _on_device(grad_y.device):
-            return self._backward(saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse)
+    def backward(self, saved, y, grads, state, weights, layout):
+        with _on_device(y.device):
+            return self._backward(saved, y, grads, state, weights, layout)
 
-    def _backward(self, saved, grad_y, grad_hn, grad_cn, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+    def _backward(self, saved, y, grads, state, weights, layout):
+        (grad_y, grad_hn, grad_cn), (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = grads, state, weights, layout
         step_k, seq_k = self._kernels()
-        gates, cells, y_ext = saved
+        gates, cells = saved  # cells: [T + 1, B, H], c0 in its first processed slot (see _forward)
         T, B, G = gates.shape
         H, P = G // 4, h0.shape[1]
         dtype, dev = grad_y.dtype, grad_y.device
         acc = gates.dtype  # float32, or float64 for float64 input (as in forward)
-        w = w_hh.to(y_ext.dtype).contiguous()
-        prec = self.dot_precision(y_ext.dtype)
+        w = w_hh.to(y.dtype).contiguous()
+        prec = self.dot_precision(y.dtype)
         packed = batch_sizes is not None
         sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
-        grad_y = grad_y.to(y_ext.dtype).contiguous()
+        grad_y = grad_y.to(y.dtype).contiguous()
         d_gates = (torch.zeros if packed else torch.empty)(T, B, G, dtype=acc, device=dev)
         d_r_all = None
 
-        if self.use_sequence(sizes, y_ext.dtype):
+        if self.use_sequence(sizes, y.dtype):
             dh0 = torch.empty(B, H, dtype=acc, device=dev)
             dc0 = torch.empty(B, H, dtype=acc, device=dev)
             bs_dev = (batch_sizes.to(device=dev, dtype=torch.int32) if packed
@@ -334,10 +336,9 @@ class TritonBackend(Backend):
         if w_hr is not None:
             c_all = cells[:T] if reverse else cells[1:]
             h_pre = gates[..., 3 * H:] * torch.tanh(c_all)
-        y = y_ext[:T] if reverse else y_ext[1:]
         d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre)
-        return (d_gates.to(dtype), dh0.to(h0.dtype), dc0.to(c0.dtype), d_w_hh.to(w_hh.dtype),
-                None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
+        return RecurrenceGrads(d_gates.to(dtype), dh0.to(h0.dtype), dc0.to(c0.dtype), d_w_hh.to(w_hh.dtype),
+                               None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
 
 
 def _on_device(device):
