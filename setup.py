@@ -20,17 +20,22 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_build_config():
-    spec = importlib.util.spec_from_file_location("lstm_fast_build_config", os.path.join(ROOT, "csrc", "build_config.py"))
+def load_sources():
+    """lstm_fast/_sources.py, which knows where kernels/ and csrc/ go; loaded by path
+    because the package itself cannot be imported before it is built."""
+    spec = importlib.util.spec_from_file_location("lstm_fast_sources", os.path.join(ROOT, "lstm_fast", "_sources.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+SOURCES = load_sources()
+
+
 def extension_modules():
     if os.environ.get("LSTM_FAST_NO_EXT") == "1":
         return [], {}
-    cfg = load_build_config()
+    cfg = SOURCES.build_config()
     cuda_home = cfg.find_cuda_home()
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
@@ -99,8 +104,8 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["lstm_fast", "lstm_fast.backends", "lstm_fast.kernels", "lstm_fast._csrc"],
-    package_dir={"lstm_fast.kernels": "kernels", "lstm_fast._csrc": "csrc"},
+    packages=["lstm_fast", "lstm_fast.backends", *SOURCES.FOLDERS],
+    package_dir=SOURCES.FOLDERS,
     package_data={"lstm_fast._csrc": ["*.h", "*.cpp", "*.py", "cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

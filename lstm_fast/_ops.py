@@ -4,9 +4,8 @@ Order of attempts, on the first call of load():
 1. `lstm_fast._C`, built ahead of time by `pip install` (setup.py).
 2. A JIT build of the same sources with torch.utils.cpp_extension.load (ninja),
    cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
-   The sources are found in, first, LSTM_FAST_CSRC; then lstm_fast/_csrc (the
-   copy a wheel installs as package data); then ../csrc beside the package (a
-   source checkout or an editable install). LSTM_FAST_JIT=0 disables this step;
+   The sources are found by lstm_fast/_sources.py (LSTM_FAST_CSRC, else the
+   installed lstm_fast._csrc, else the repository's csrc/). LSTM_FAST_JIT=0 disables this step;
    CUDA kernels are JIT-built only when a GPU is visible (or LSTM_FAST_JIT_CUDA=1).
 The first JIT build takes minutes (torch's headers are heavy); later ones hit the cache.
 
@@ -14,13 +13,13 @@ Importing this module is cheap and never fails; nothing is built until load().
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import threading
 
 import torch
 
+from . import _sources
 from .backends.base import acc_dtype
 
 log = logging.getLogger("lstm_fast")
@@ -30,28 +29,9 @@ _state: tuple[bool, str] | None = None
 _fakes_registered = False
 
 
-def csrc_dir() -> str | None:
-    """Folder holding the extension's sources and build_config.py, or None."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for path in (os.environ.get("LSTM_FAST_CSRC"), os.path.join(here, "_csrc"),
-                 os.path.join(os.path.dirname(here), "csrc")):
-        if path and os.path.isfile(os.path.join(path, "build_config.py")):
-            return path
-    return None
-
-
-def _build_config(root: str):
-    spec = importlib.util.spec_from_file_location("lstm_fast_build_config", os.path.join(root, "build_config.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _jit_build() -> str:
-    root = csrc_dir()
-    if root is None:
-        raise RuntimeError("no sources to build: set LSTM_FAST_CSRC to the csrc folder")
-    cfg = _build_config(root)
+    cfg = _sources.build_config()
+    root = _sources.folder("lstm_fast._csrc")
     cuda_home = cfg.find_cuda_home()
     if cuda_home and not os.environ.get("CUDA_HOME"):
         # cpp_extension reads CUDA_HOME at import; its own guess can be wrong (see build_config)

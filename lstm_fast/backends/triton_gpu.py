@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import torch
 
+from .. import _sources
 from .base import Backend, LayerSizes, RecurrenceGrads, acc_dtype, graph_recorder, weight_grads
 
 PATHS = ("auto", "step", "sequence")
@@ -60,29 +58,6 @@ def seq_max_h(dtype) -> int:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _load_kernels():
-    """lstm_fast.kernels (setup.py maps the top-level kernels/ onto it). In a
-    plain source checkout that mapping does not exist, so fall back to loading
-    <repo>/kernels under that name."""
-    try:
-        return importlib.import_module("lstm_fast.kernels")
-    except ImportError:
-        root = Path(__file__).resolve().parents[2] / "kernels"
-        init = root / "__init__.py"
-        if not init.exists():
-            raise
-        spec = importlib.util.spec_from_file_location(
-            "lstm_fast.kernels", init, submodule_search_locations=[str(root)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["lstm_fast.kernels"] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception:
-            sys.modules.pop("lstm_fast.kernels", None)
-            raise
-        return module
 
 
 def _torch_fp32_precision() -> str:
@@ -108,7 +83,7 @@ class TritonBackend(Backend):
     # ---------------------------------------------------------------- registry
     def _kernels(self):
         if self._k is None:
-            pkg = _load_kernels()
+            pkg = _sources.import_folder("lstm_fast.kernels")
             step = importlib.import_module(pkg.__name__ + ".lstm_step")
             seq = importlib.import_module(pkg.__name__ + ".lstm_sequence")
             self._k = (step, seq)
