@@ -25,7 +25,8 @@ h0 / c0 in slot 0 (slot T when REVERSE) and step t's result in slot t+1
 import triton
 import triton.language as tl
 
-from .common import configs, sigmoid, tanh
+from .cell import cell_bwd, cell_fwd
+from .common import configs
 
 # Starting points: no GPU timing yet (autotune picks among them). What was
 # measured is ptxas's resource report for sm_90 (triton 3.8, cuobjdump
@@ -128,12 +129,7 @@ def lstm_fwd_seq_kernel(
                        input_precision=DOT_PRECISION)
         acc_o = tl.dot(b_hw, b_wo, tl.load(p_gx + o_gx + 3 * H, mask=m_a, other=0.0).to(tl.float32),
                        input_precision=DOT_PRECISION)
-        b_i = sigmoid(acc_i)
-        b_f = sigmoid(acc_f)
-        b_g = tanh(acc_g)
-        b_o = sigmoid(acc_o)
-        b_c_new = b_f * b_c + b_i * b_g
-        b_h_new = b_o * tanh(b_c_new)
+        b_i, b_f, b_g, b_o, b_c_new, b_h_new = cell_fwd(acc_i, acc_f, acc_g, acc_o, b_c)
         # Inactive (packed) rows keep their state; their y stays 0.
         b_c = tl.where(m_act[:, None], b_c_new, b_c)
         b_h = tl.where(m_act[:, None], b_h_new, b_h)
@@ -209,16 +205,10 @@ def lstm_bwd_seq_kernel(
         b_f = tl.load(p_gates + o_g + H, mask=m_a, other=0.0)
         b_g = tl.load(p_gates + o_g + 2 * H, mask=m_a, other=0.0)
         b_o = tl.load(p_gates + o_g + 3 * H, mask=m_a, other=0.0)
-        b_cc = tl.load(p_cells + tl.cast(slot, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
-        b_cp = tl.load(p_cells + tl.cast(slot_prev, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
+        b_c = tl.load(p_cells + tl.cast(slot, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
+        b_c_prev = tl.load(p_cells + tl.cast(slot_prev, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
         b_dht = b_dh + tl.load(p_gy + tl.cast(t, tl.int64) * slab + o_bj, mask=m_a, other=0.0).to(tl.float32)
-
-        b_tc = tanh(b_cc)
-        b_dcell = b_dc + b_dht * b_o * (1.0 - b_tc * b_tc)
-        b_dzi = b_dcell * b_g * b_i * (1.0 - b_i)
-        b_dzf = b_dcell * b_cp * b_f * (1.0 - b_f)
-        b_dzg = b_dcell * b_i * (1.0 - b_g * b_g)
-        b_dzo = b_dht * b_tc * b_o * (1.0 - b_o)
+        b_dzi, b_dzf, b_dzg, b_dzo, b_dc_prev = cell_bwd(b_dht, b_dc, b_i, b_f, b_g, b_o, b_c, b_c_prev)
         tl.store(p_dgates + o_g, b_dzi, mask=m_a)
         tl.store(p_dgates + o_g + H, b_dzf, mask=m_a)
         tl.store(p_dgates + o_g + 2 * H, b_dzg, mask=m_a)
@@ -230,6 +220,6 @@ def lstm_bwd_seq_kernel(
         b_dh_new = tl.dot(b_dzo.to(w_dtype), b_wo, b_dh_new, input_precision=DOT_PRECISION)
         # Rows not yet active (packed) keep the gradient of their final state.
         b_dh = tl.where(m_act[:, None], b_dh_new, b_dh)
-        b_dc = tl.where(m_act[:, None], b_dcell * b_f, b_dc)
+        b_dc = tl.where(m_act[:, None], b_dc_prev, b_dc)
     tl.store(p_dh0 + o_bj, b_dh, mask=m_bj)
     tl.store(p_dc0 + o_bj, b_dc, mask=m_bj)

@@ -30,7 +30,8 @@ may run it repeatedly.
 import triton
 import triton.language as tl
 
-from .common import INTERPRETING, bucket, configs, sigmoid, tanh  # noqa: F401 (re-exported)
+from .cell import cell_bwd, cell_fwd
+from .common import INTERPRETING, bucket, configs  # noqa: F401 (INTERPRETING, bucket: the launchers read them here)
 
 # Forward configs: starting points, no GPU timing yet (autotune picks). What
 # was measured is ptxas's resource report for sm_90 at H = P = 512 (triton 3.8,
@@ -129,14 +130,9 @@ def lstm_fwd_step_kernel(
         acc_g = tl.dot(b_h, b_wg, acc_g, input_precision=DOT_PRECISION)
         acc_o = tl.dot(b_h, b_wo, acc_o, input_precision=DOT_PRECISION)
 
-    b_i = sigmoid(acc_i)
-    b_f = sigmoid(acc_f)
-    b_g = tanh(acc_g)
-    b_o = sigmoid(acc_o)
     o_bh = o_b[:, None] * H + o_j[None, :]
     b_c_prev = tl.load(p_c + slot_c_in.to(tl.int64) * B * H + o_bh, mask=m_bj, other=0.0)
-    b_c = b_f * b_c_prev + b_i * b_g
-    b_hid = b_o * tanh(b_c)
+    b_i, b_f, b_g, b_o, b_c, b_hid = cell_fwd(acc_i, acc_f, acc_g, acc_o, b_c_prev)
     tl.store(p_c + slot_c_out.to(tl.int64) * B * H + o_bh, b_c, mask=m_bj)
     tl.store(p_h_out + slot_h_out.to(tl.int64) * B * H + o_bh,
              b_hid.to(p_h_out.dtype.element_ty), mask=m_bj)
@@ -200,18 +196,13 @@ def lstm_bwd_step_kernel(
             b_dh += tl.load(p_gy + t.to(tl.int64) * B * H + o_bk, mask=m_bk, other=0.0).to(b_dh.dtype)
         b_dc = tl.load(p_dc + o_bk, mask=m_bk, other=0.0)
 
-        b_tc = tanh(b_c)
-        b_dcell = b_dc + b_dh * b_o * (1.0 - b_tc * b_tc)
-        b_dzi = b_dcell * b_g * b_i * (1.0 - b_i)
-        b_dzf = b_dcell * b_c_prev * b_f * (1.0 - b_f)
-        b_dzg = b_dcell * b_i * (1.0 - b_g * b_g)
-        b_dzo = b_dh * b_tc * b_o * (1.0 - b_o)
+        b_dzi, b_dzf, b_dzg, b_dzo, b_dc_prev = cell_bwd(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_c_prev)
         m_st = m_bk & is_writer
         tl.store(p_dgates_t + o_g, b_dzi, mask=m_st)
         tl.store(p_dgates_t + o_g + H, b_dzf, mask=m_st)
         tl.store(p_dgates_t + o_g + 2 * H, b_dzg, mask=m_st)
         tl.store(p_dgates_t + o_g + 3 * H, b_dzo, mask=m_st)
-        tl.store(p_dc_prev + o_bk, b_dcell * b_f, mask=m_st)
+        tl.store(p_dc_prev + o_bk, b_dc_prev, mask=m_st)
 
         # dh_{t-1}[:, p] += sum over gates q of dz_q @ w_hh[q*H + k, p]
         o_w = o_k[:, None] * P + o_p[None, :]  # [BLOCK_K, BLOCK_P]
