@@ -7,7 +7,8 @@ Dimension glossary
     nn.LSTM's order)
     acc the blocks' dtype (fp32, or fp64), which every result keeps
 
-Triton inlines @triton.jit helpers into each kernel: calling them costs nothing.
+Triton inlines these @triton.jit functions into each kernel: no call at run time
+(register figures before and after: bench/NOTES_triton.md#shared-cell-code).
 """
 import triton
 import triton.language as tl
@@ -27,10 +28,8 @@ def sigmoid(x):
 
 @triton.jit
 def tanh(x):
-    # There is no tl.tanh. On the GPU libdevice's tanhf (<= 2 ulp); the
-    # interpreter's fallback 2*sigmoid(2x)-1 loses relative accuracy near 0
-    # (absolute error ~1 ulp of 1), which measurably doubled fp32 gradient
-    # error against an fp64 reference, so the GPU does not use it.
+    # There is no tl.tanh. libdevice's tanhf on the GPU: the interpreter's 2*sigmoid(2x)-1
+    # is inaccurate near 0 (bench/NOTES_triton.md#tanh-accuracy).
     if _LIBDEVICE:
         return libdevice.tanh(x)
     else:

@@ -21,5 +21,5 @@ def bucket(n: int) -> int:
     """Power-of-two bucket of the batch size, passed as a runtime int that the
     kernels ignore: it only keys autotune, so a new B reuses its bucket's tuned
     config without benchmarking or compiling again."""
+    # 256: one tuning serves every larger batch (a choice that bounds tuning runs, not measured).
     return min(triton.next_power_of_2(max(int(n), 1)), 256)
-

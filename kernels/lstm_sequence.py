@@ -16,7 +16,8 @@ Each program loads the four gate tiles of W_hh once, keeps them on chip, and
 carries h and c (forward) or dh and dc (backward) in registers from step to
 step, so a step costs no launch and no round trip of the state through
 memory. The weights take 4*HP*HP elements per program, which is what bounds H
-(seq_max_h in lstm_fast/backends/triton_gpu.py: 64 for fp32, 128 for fp16/bf16).
+(seq_max_h in lstm_fast/backends/triton_gpu.py: 64 for fp32, 128 for fp16/bf16;
+bench/NOTES_triton.md#sequence-kernel-limits).
 
 Slot layout shared with the step kernels: y_ext / cells_ext have T+1 slots,
 h0 / c0 in slot 0 (slot T when REVERSE) and step t's result in slot t+1
@@ -28,38 +29,33 @@ import triton.language as tl
 from .cell import cell_bwd, cell_fwd
 from .common import configs
 
-# Starting points: no GPU timing yet (autotune picks among them). What was
-# measured is ptxas's resource report for sm_90 (triton 3.8, cuobjdump
-# --dump-resource-usage) at the largest HP each dtype allows:
-#   fp32 HP=64:  BLOCK_B 16 / 8 warps fwd 226 regs no spill, bwd 104 regs,
-#                112 KB smem; 4 warps spills 808 B in fwd; BLOCK_B 64 needs
-#                256 KB smem in bwd (over the 227 KB an H100 block may use).
-#   fp16 HP=128: BLOCK_B 16 / 8 warps fwd 255 regs (32 B spill), 16 warps
-#                128 regs no spill (bf16 the same), bwd 184 KB smem;
-#                BLOCK_B 32 needs 240 KB in bwd.
-# Hence: BLOCK_B 16 (smallest tensor-core M, most programs at small B) with
-# 8 or 16 warps to spread the 4*HP*HP weight tile; 32/64 only where the smem
-# estimate in _prune fits. num_stages=2 lets the compiler prefetch gx[t+1],
-# which does not depend on h.
+# Candidates: no GPU timing yet, autotune picks; chosen from sm_90 resource reports at the largest
+# HP each dtype allows (bench/NOTES_triton.md#sequence-kernel-configs).
+# BLOCK_B 16: the smallest tensor-core M, the most programs at small B; 32/64 where shared memory fits.
+# num_warps 8/16 spread the weight tiles: at 4 warps fp32 HP=64 spills 808 B, at 8 fp16 HP=128 spills 32 B.
+# num_stages 2: lets the compiler prefetch gx[t+1], which does not depend on h (not measured).
 _SEQ_GPU = [
     triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=2)
     for bb, w in ((16, 4), (16, 8), (16, 16), (32, 4), (32, 8), (64, 8))
 ]
+# Interpreter: one config; 16 puts the tests' B=17 on two programs.
 _SEQ_INTERP = triton.Config({"BLOCK_B": 16}, num_warps=4)
-# Shared-memory estimate of the backward (the larger of the two): the weight
-# tiles plus ~14 [BLOCK_B, HP] staging tiles, fitted to the figures above
-# (exact for fp16 HP=128, 7-12% high for fp32 HP=64). 200 KB keeps a margin.
+# 200 KB: the 227 KB a block may use, less a margin for the estimate in _prune
+# (bench/NOTES_triton.md#sequence-shared-memory-estimate).
 _SMEM_BUDGET = 200 * 1024
+_SMEM_TILES = 14  # [BLOCK_B, HP] staging tiles of the backward, fitted to the resource reports
 
 
 def _prune(configs_, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    """Drop configs whose batch tile is mostly padding or whose shared memory would not fit."""
+    args = {**named_args, **kwargs}  # constexprs arrive as keyword arguments
     b, hp = args["B_BUCKET"], args["HP"]
     wb = args["p_w_hh"].element_size()
     keep = [c for c in configs_
-            if c.kwargs["BLOCK_B"] <= max(16, b)
-            and 4 * hp * hp * wb + 14 * c.kwargs["BLOCK_B"] * hp * wb <= _SMEM_BUDGET
-            and (c.num_warps < 16 or hp >= 128)]
+            if c.kwargs["BLOCK_B"] <= max(16, b)  # 16: the smallest candidate
+            and 4 * hp * hp * wb + _SMEM_TILES * c.kwargs["BLOCK_B"] * hp * wb <= _SMEM_BUDGET
+            and (c.num_warps < 16 or hp >= 128)]  # 16 warps only where 8 spill (16-bit, HP=128)
+    # Nothing fits only beyond the launcher's H limits: one config then, the compiler decides.
     return keep or configs_[:1]
 
 

@@ -33,18 +33,13 @@ import triton.language as tl
 from .cell import cell_bwd, cell_fwd
 from .common import INTERPRETING, bucket, configs  # noqa: F401 (INTERPRETING, bucket: the launchers read them here)
 
-# Forward configs: starting points, no GPU timing yet (autotune picks). What
-# was measured is ptxas's resource report for sm_90 at H = P = 512 (triton 3.8,
-# cuobjdump --dump-resource-usage). fp32 is the tight case (four fp32
-# accumulators [BLOCK_B, BLOCK_H] plus four W^T tiles per stage): 4-warp tiles
-# beyond 16 x 64 x 32 spilled (136-1072 B), 64x64x64 needed 240 KB smem (over
-# the H100's 227 KB per block), so wider tiles get 8 warps. With this list,
-# fp32: 16-row tiles and 32x64 are spill-free (176-220 registers), 32x128 and
-# 64-row tiles spill 8-768 B; fp16: all spill-free except 64x128 (1232 B).
-# BLOCK_B 16 is the smallest tensor-core M; at small B the grid is only
-# H/BLOCK_H programs per batch tile, so small BLOCK_H spreads one step over
-# more of the 132 SMs, larger BLOCK_H reuses each h tile for more columns.
-# num_stages=3 pipelines the K loop's loads.
+# Forward candidates: no GPU timing yet, autotune picks; chosen from sm_90 resource reports at
+# H = P = 512 (bench/NOTES_triton.md#step-forward-configs).
+# BLOCK_B 16: the smallest tensor-core M; 32 and 64 reuse each W tile for more rows.
+# BLOCK_H 32-128: narrow tiles spread a small-B step over more SMs, wide ones reuse each h tile.
+# BLOCK_K 32 beyond 16-row tiles: 64 x 64 x 64 needs 240 KB of shared memory (227 KB allowed).
+# num_warps 8 beyond 16 x 64 x 32: 4-warp fp32 tiles there spilled 136-1072 B.
+# num_stages 3: pipelines the K loop's loads (not measured).
 _FWD_GPU = [
     triton.Config({"BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=3)
     for bb, bh, bk, w in ((16, 32, 64, 4), (16, 64, 32, 4), (16, 64, 64, 8), (16, 128, 32, 8),
@@ -53,19 +48,17 @@ _FWD_GPU = [
 # Interpreter: one config; 32 keeps H=33 in the tests multi-block and masked.
 _FWD_INTERP = triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4)
 
-# Backward: BLOCK_P columns of dh_{t-1}; the gate derivatives of a K chunk are
-# recomputed by every column program (elementwise work, cheap next to the
-# matmul they feed). Ten [BLOCK_B, BLOCK_K] fp32 tiles live beside the
-# accumulator, so it is heavier than the forward. Measured as above at
-# H = 512: fp32 spill-free only for 16 x 64/128 x 32 at 8 warps (227-233
-# registers; the 4-warp versions spill 32-88 B, 32-row tiles 824-1160 B, and
-# 64x64 needs 244 KB smem, which autotune skips as out of resources); fp16
-# spill-free everywhere but 64x64 (56 B). Hence 8 warps almost throughout.
+# Backward candidates, chosen as above (bench/NOTES_triton.md#step-backward-configs): ten
+# [BLOCK_B, BLOCK_K] tiles of gate derivatives beside the accumulator make it heavier than the forward.
+# num_warps 8: fp32 is spill-free only for 16 x 64/128 x 32 at 8 warps (4 warps spill 32-88 B).
+# BLOCK_B 32/64: for fp16 (spill-free but 56 B at 64 x 64); fp32 spills or runs out of shared memory there.
+# BLOCK_K 32, num_stages 3: as in the forward.
 _BWD_GPU = [
     triton.Config({"BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}, num_warps=w, num_stages=3)
     for bb, bp, bk, w in ((16, 64, 32, 4), (16, 64, 32, 8), (16, 128, 32, 8), (16, 32, 32, 4),
                           (32, 64, 32, 8), (32, 128, 32, 8), (64, 64, 32, 8))
 ]
+# Interpreter: as in the forward.
 _BWD_INTERP = triton.Config({"BLOCK_B": 16, "BLOCK_P": 32, "BLOCK_K": 32}, num_warps=4)
 
 
@@ -74,9 +67,9 @@ def _prune(configs_, named_args, **kwargs):
     args = {**named_args, **kwargs}  # constexprs arrive as keyword arguments
     b = args["B_BUCKET"]
     cols = args["H"] if "BLOCK_H" in configs_[0].kwargs else args["P"]
-    width = max(32, triton.next_power_of_2(cols))
+    width = max(32, triton.next_power_of_2(cols))  # 32: the narrowest candidate always stays
     keep = [c for c in configs_
-            if c.kwargs["BLOCK_B"] <= max(16, b)
+            if c.kwargs["BLOCK_B"] <= max(16, b)  # 16: the smallest candidate always stays
             and c.kwargs.get("BLOCK_H", c.kwargs.get("BLOCK_P")) <= width]
     return keep or configs_[:1]
 
