@@ -153,8 +153,8 @@ def lstm_bwd_seq_kernel(
     p_dcn,     # [B, H] fp32 gradient of c_n
     p_bs,      # [T] int32 active rows per step (PACKED only)
     p_dgates,  # [T, B, G] fp32 out: gate pre-activation gradients (rows never active untouched)
-    p_dh0,     # [B, H] fp32 out
-    p_dc0,     # [B, H] fp32 out
+    p_dh0,     # [B, H] fp32 out: gradient of h0
+    p_dc0,     # [B, H] fp32 out: gradient of c0
     T, B,
     B_BUCKET, H: tl.constexpr, HP: tl.constexpr,
     REVERSE: tl.constexpr, PACKED: tl.constexpr,
@@ -178,7 +178,7 @@ def lstm_bwd_seq_kernel(
     b_wg = tl.load(p_w_hh + 2 * H * H + o_w, mask=m_w, other=0.0)
     b_wo = tl.load(p_w_hh + 3 * H * H + o_w, mask=m_w, other=0.0)
 
-    slab = tl.cast(B, tl.int64) * H
+    slab = tl.cast(B, tl.int64) * H  # elements per slot
     b_dh = tl.load(p_dhn + o_bj, mask=m_bj, other=0.0)
     b_dc = tl.load(p_dcn + o_bj, mask=m_bj, other=0.0)
     for r in range(T):  # processing order run backwards
@@ -203,6 +203,7 @@ def lstm_bwd_seq_kernel(
         b_o = tl.load(p_gates + o_g + 3 * H, mask=m_a, other=0.0)
         b_c = tl.load(p_cells + tl.cast(slot, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
         b_c_prev = tl.load(p_cells + tl.cast(slot_prev, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
+        # Gradient reaching h_t: through step t+1 and from y[t].
         b_dht = b_dh + tl.load(p_gy + tl.cast(t, tl.int64) * slab + o_bj, mask=m_a, other=0.0).to(tl.float32)
         b_dzi, b_dzf, b_dzg, b_dzo, b_dc_prev = cell_bwd(b_dht, b_dc, b_i, b_f, b_g, b_o, b_c, b_c_prev)
         tl.store(p_dgates + o_g, b_dzi, mask=m_a)

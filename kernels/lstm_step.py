@@ -12,9 +12,9 @@ Dimension glossary
         by the code, so a new B never recompiles)
     acc the accumulation dtype of gates, cell states and gradients: fp32, or fp64
         when the activations are fp64 (read from p_c's type, nothing to pass)
-    S   slots of a state buffer; the launcher decides which slot a step reads
-        and writes, so the same kernel serves the saving (T+1 slots) and the
-        inference (2 ping-pong slots) layouts
+    S, S', S''  slots of a state buffer (each buffer its own); the launcher
+        decides which slot a step reads and writes, so the same kernel serves
+        the saving (T+1 slots) and the inference (2 ping-pong slots) layouts
 Blocks
     BLOCK_B  batch rows per program
     BLOCK_H  hidden units per program (forward; each for all 4 gates)
@@ -107,7 +107,7 @@ def lstm_fwd_step_kernel(
     acc_o = tl.load(p_gx + o_gx + 3 * H, mask=m_bj, other=0.0).to(ACC)
 
     # + h_{t-1} @ W_hh^T, K = P in chunks; W^T[k, q*H + j] = w_hh[q*H + j, k].
-    p_h_prev = p_h_in + slot_h_in.to(tl.int64) * B * P
+    p_h_prev = p_h_in + slot_h_in.to(tl.int64) * B * P  # [B, P] h_{t-1}
     for k0 in range(0, P, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < P
@@ -167,10 +167,10 @@ def lstm_bwd_step_kernel(
     is_writer = pid_p == 0
     w_dtype = p_w_hh.dtype.element_ty
 
-    p_gates_t = p_gates + t.to(tl.int64) * B * G
-    p_dgates_t = p_dgates + t.to(tl.int64) * B * G
-    p_c_t = p_c + slot_c.to(tl.int64) * B * H
-    p_c_prev = p_c + slot_c_prev.to(tl.int64) * B * H
+    p_gates_t = p_gates + t.to(tl.int64) * B * G  # [B, G] step t's slice
+    p_dgates_t = p_dgates + t.to(tl.int64) * B * G  # [B, G]
+    p_c_t = p_c + slot_c.to(tl.int64) * B * H  # [B, H] c_t
+    p_c_prev = p_c + slot_c_prev.to(tl.int64) * B * H  # [B, H] c_{t-1}
     acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=p_dh_prev.dtype.element_ty)
     for k0 in range(0, H, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
