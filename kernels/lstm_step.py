@@ -71,7 +71,7 @@ def _prune(configs_, named_args, **kwargs):
     keep = [c for c in configs_
             if c.kwargs["BLOCK_B"] <= max(16, b)  # 16: the smallest candidate always stays
             and c.kwargs.get("BLOCK_H", c.kwargs.get("BLOCK_P")) <= width]
-    return keep or configs_[:1]
+    return keep
 
 
 @triton.autotune(configs=configs(_FWD_GPU, _FWD_INTERP), key=["H", "P", "B_BUCKET", "DOT_PRECISION"],
