@@ -16,7 +16,8 @@ Each program loads the four gate tiles of W_hh once, keeps them on chip, and
 carries h and c (forward) or dh and dc (backward) in registers from step to
 step, so a step costs no launch and no round trip of the state through
 memory. The weights take 4*HP*HP elements per program, which is what bounds H
-(seq_max_h in lstm_fast/backends/triton_gpu.py: 64 for fp32, 128 for fp16/bf16).
+(seq_max_h in lstm_fast/backends/triton_gpu.py: 64 for fp32, 128 for fp16/bf16;
+bench/NOTES_triton.md#sequence-kernel-limits).
 
 Slot layout shared with the step kernels: y_ext / cells_ext have T+1 slots,
 h0 / c0 in slot 0 (slot T when REVERSE) and step t's result in slot t+1
@@ -25,40 +26,36 @@ h0 / c0 in slot 0 (slot T when REVERSE) and step t's result in slot t+1
 import triton
 import triton.language as tl
 
-from .common import configs, sigmoid, tanh
+from .cell import cell_bwd, cell_fwd
+from .common import configs
 
-# Starting points: no GPU timing yet (autotune picks among them). What was
-# measured is ptxas's resource report for sm_90 (triton 3.8, cuobjdump
-# --dump-resource-usage) at the largest HP each dtype allows:
-#   fp32 HP=64:  BLOCK_B 16 / 8 warps fwd 226 regs no spill, bwd 104 regs,
-#                112 KB smem; 4 warps spills 808 B in fwd; BLOCK_B 64 needs
-#                256 KB smem in bwd (over the 227 KB an H100 block may use).
-#   fp16 HP=128: BLOCK_B 16 / 8 warps fwd 255 regs (32 B spill), 16 warps
-#                128 regs no spill (bf16 the same), bwd 184 KB smem;
-#                BLOCK_B 32 needs 240 KB in bwd.
-# Hence: BLOCK_B 16 (smallest tensor-core M, most programs at small B) with
-# 8 or 16 warps to spread the 4*HP*HP weight tile; 32/64 only where the smem
-# estimate in _prune fits. num_stages=2 lets the compiler prefetch gx[t+1],
-# which does not depend on h.
+# Candidates: no GPU timing yet, autotune picks; chosen from sm_90 resource reports at the largest
+# HP each dtype allows (bench/NOTES_triton.md#sequence-kernel-configs).
+# BLOCK_B 16: the smallest tensor-core M, the most programs at small B; 32/64 where shared memory fits.
+# num_warps 8/16 spread the weight tiles: at 4 warps fp32 HP=64 spills 808 B, at 8 fp16 HP=128 spills 32 B.
+# num_stages 2: lets the compiler prefetch gx[t+1], which does not depend on h (not measured).
 _SEQ_GPU = [
     triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=2)
     for bb, w in ((16, 4), (16, 8), (16, 16), (32, 4), (32, 8), (64, 8))
 ]
+# Interpreter: one config; 16 puts the tests' B=17 on two programs.
 _SEQ_INTERP = triton.Config({"BLOCK_B": 16}, num_warps=4)
-# Shared-memory estimate of the backward (the larger of the two): the weight
-# tiles plus ~14 [BLOCK_B, HP] staging tiles, fitted to the figures above
-# (exact for fp16 HP=128, 7-12% high for fp32 HP=64). 200 KB keeps a margin.
+# 200 KB: the 227 KB a block may use, less a margin for the estimate in _prune
+# (bench/NOTES_triton.md#sequence-shared-memory-estimate).
 _SMEM_BUDGET = 200 * 1024
+_SMEM_TILES = 14  # [BLOCK_B, HP] staging tiles of the backward, fitted to the resource reports
 
 
 def _prune(configs_, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    """Drop configs whose batch tile is mostly padding or whose shared memory would not fit."""
+    args = {**named_args, **kwargs}  # constexprs arrive as keyword arguments
     b, hp = args["B_BUCKET"], args["HP"]
     wb = args["p_w_hh"].element_size()
     keep = [c for c in configs_
-            if c.kwargs["BLOCK_B"] <= max(16, b)
-            and 4 * hp * hp * wb + 14 * c.kwargs["BLOCK_B"] * hp * wb <= _SMEM_BUDGET
-            and (c.num_warps < 16 or hp >= 128)]
+            if c.kwargs["BLOCK_B"] <= max(16, b)  # 16: the smallest candidate
+            and 4 * hp * hp * wb + _SMEM_TILES * c.kwargs["BLOCK_B"] * hp * wb <= _SMEM_BUDGET
+            and (c.num_warps < 16 or hp >= 128)]  # 16 warps only where 8 spill (16-bit, HP=128)
+    # Nothing fits only beyond the launcher's H limits: one config then, the compiler decides.
     return keep or configs_[:1]
 
 
@@ -128,12 +125,7 @@ def lstm_fwd_seq_kernel(
                        input_precision=DOT_PRECISION)
         acc_o = tl.dot(b_hw, b_wo, tl.load(p_gx + o_gx + 3 * H, mask=m_a, other=0.0).to(tl.float32),
                        input_precision=DOT_PRECISION)
-        b_i = sigmoid(acc_i)
-        b_f = sigmoid(acc_f)
-        b_g = tanh(acc_g)
-        b_o = sigmoid(acc_o)
-        b_c_new = b_f * b_c + b_i * b_g
-        b_h_new = b_o * tanh(b_c_new)
+        b_i, b_f, b_g, b_o, b_c_new, b_h_new = cell_fwd(acc_i, acc_f, acc_g, acc_o, b_c)
         # Inactive (packed) rows keep their state; their y stays 0.
         b_c = tl.where(m_act[:, None], b_c_new, b_c)
         b_h = tl.where(m_act[:, None], b_h_new, b_h)
@@ -161,8 +153,8 @@ def lstm_bwd_seq_kernel(
     p_dcn,     # [B, H] fp32 gradient of c_n
     p_bs,      # [T] int32 active rows per step (PACKED only)
     p_dgates,  # [T, B, G] fp32 out: gate pre-activation gradients (rows never active untouched)
-    p_dh0,     # [B, H] fp32 out
-    p_dc0,     # [B, H] fp32 out
+    p_dh0,     # [B, H] fp32 out: gradient of h0
+    p_dc0,     # [B, H] fp32 out: gradient of c0
     T, B,
     B_BUCKET, H: tl.constexpr, HP: tl.constexpr,
     REVERSE: tl.constexpr, PACKED: tl.constexpr,
@@ -186,7 +178,7 @@ def lstm_bwd_seq_kernel(
     b_wg = tl.load(p_w_hh + 2 * H * H + o_w, mask=m_w, other=0.0)
     b_wo = tl.load(p_w_hh + 3 * H * H + o_w, mask=m_w, other=0.0)
 
-    slab = tl.cast(B, tl.int64) * H
+    slab = tl.cast(B, tl.int64) * H  # elements per slot
     b_dh = tl.load(p_dhn + o_bj, mask=m_bj, other=0.0)
     b_dc = tl.load(p_dcn + o_bj, mask=m_bj, other=0.0)
     for r in range(T):  # processing order run backwards
@@ -209,16 +201,11 @@ def lstm_bwd_seq_kernel(
         b_f = tl.load(p_gates + o_g + H, mask=m_a, other=0.0)
         b_g = tl.load(p_gates + o_g + 2 * H, mask=m_a, other=0.0)
         b_o = tl.load(p_gates + o_g + 3 * H, mask=m_a, other=0.0)
-        b_cc = tl.load(p_cells + tl.cast(slot, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
-        b_cp = tl.load(p_cells + tl.cast(slot_prev, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
+        b_c = tl.load(p_cells + tl.cast(slot, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
+        b_c_prev = tl.load(p_cells + tl.cast(slot_prev, tl.int64) * slab + o_bj, mask=m_a, other=0.0)
+        # Gradient reaching h_t: through step t+1 and from y[t].
         b_dht = b_dh + tl.load(p_gy + tl.cast(t, tl.int64) * slab + o_bj, mask=m_a, other=0.0).to(tl.float32)
-
-        b_tc = tanh(b_cc)
-        b_dcell = b_dc + b_dht * b_o * (1.0 - b_tc * b_tc)
-        b_dzi = b_dcell * b_g * b_i * (1.0 - b_i)
-        b_dzf = b_dcell * b_cp * b_f * (1.0 - b_f)
-        b_dzg = b_dcell * b_i * (1.0 - b_g * b_g)
-        b_dzo = b_dht * b_tc * b_o * (1.0 - b_o)
+        b_dzi, b_dzf, b_dzg, b_dzo, b_dc_prev = cell_bwd(b_dht, b_dc, b_i, b_f, b_g, b_o, b_c, b_c_prev)
         tl.store(p_dgates + o_g, b_dzi, mask=m_a)
         tl.store(p_dgates + o_g + H, b_dzf, mask=m_a)
         tl.store(p_dgates + o_g + 2 * H, b_dzg, mask=m_a)
@@ -230,6 +217,6 @@ def lstm_bwd_seq_kernel(
         b_dh_new = tl.dot(b_dzo.to(w_dtype), b_wo, b_dh_new, input_precision=DOT_PRECISION)
         # Rows not yet active (packed) keep the gradient of their final state.
         b_dh = tl.where(m_act[:, None], b_dh_new, b_dh)
-        b_dc = tl.where(m_act[:, None], b_dcell * b_f, b_dc)
+        b_dc = tl.where(m_act[:, None], b_dc_prev, b_dc)
     tl.store(p_dh0 + o_bj, b_dh, mask=m_bj)
     tl.store(p_dc0 + o_bj, b_dc, mask=m_bj)

@@ -12,9 +12,9 @@ Dimension glossary
         by the code, so a new B never recompiles)
     acc the accumulation dtype of gates, cell states and gradients: fp32, or fp64
         when the activations are fp64 (read from p_c's type, nothing to pass)
-    S   slots of a state buffer; the launcher decides which slot a step reads
-        and writes, so the same kernel serves the saving (T+1 slots) and the
-        inference (2 ping-pong slots) layouts
+    S, S', S''  slots of a state buffer (each buffer its own); the launcher
+        decides which slot a step reads and writes, so the same kernel serves
+        the saving (T+1 slots) and the inference (2 ping-pong slots) layouts
 Blocks
     BLOCK_B  batch rows per program
     BLOCK_H  hidden units per program (forward; each for all 4 gates)
@@ -30,20 +30,16 @@ may run it repeatedly.
 import triton
 import triton.language as tl
 
-from .common import INTERPRETING, bucket, configs, sigmoid, tanh  # noqa: F401 (re-exported)
+from .cell import cell_bwd, cell_fwd
+from .common import INTERPRETING, bucket, configs  # noqa: F401 (INTERPRETING, bucket: the launchers read them here)
 
-# Forward configs: starting points, no GPU timing yet (autotune picks). What
-# was measured is ptxas's resource report for sm_90 at H = P = 512 (triton 3.8,
-# cuobjdump --dump-resource-usage). fp32 is the tight case (four fp32
-# accumulators [BLOCK_B, BLOCK_H] plus four W^T tiles per stage): 4-warp tiles
-# beyond 16 x 64 x 32 spilled (136-1072 B), 64x64x64 needed 240 KB smem (over
-# the H100's 227 KB per block), so wider tiles get 8 warps. With this list,
-# fp32: 16-row tiles and 32x64 are spill-free (176-220 registers), 32x128 and
-# 64-row tiles spill 8-768 B; fp16: all spill-free except 64x128 (1232 B).
-# BLOCK_B 16 is the smallest tensor-core M; at small B the grid is only
-# H/BLOCK_H programs per batch tile, so small BLOCK_H spreads one step over
-# more of the 132 SMs, larger BLOCK_H reuses each h tile for more columns.
-# num_stages=3 pipelines the K loop's loads.
+# Forward candidates: no GPU timing yet, autotune picks; chosen from sm_90 resource reports at
+# H = P = 512 (bench/NOTES_triton.md#step-forward-configs).
+# BLOCK_B 16: the smallest tensor-core M; 32 and 64 reuse each W tile for more rows.
+# BLOCK_H 32-128: narrow tiles spread a small-B step over more SMs, wide ones reuse each h tile.
+# BLOCK_K 32 beyond 16-row tiles: 64 x 64 x 64 needs 240 KB of shared memory (227 KB allowed).
+# num_warps 8 beyond 16 x 64 x 32: 4-warp fp32 tiles there spilled 136-1072 B.
+# num_stages 3: pipelines the K loop's loads (not measured).
 _FWD_GPU = [
     triton.Config({"BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=3)
     for bb, bh, bk, w in ((16, 32, 64, 4), (16, 64, 32, 4), (16, 64, 64, 8), (16, 128, 32, 8),
@@ -52,19 +48,17 @@ _FWD_GPU = [
 # Interpreter: one config; 32 keeps H=33 in the tests multi-block and masked.
 _FWD_INTERP = triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, "BLOCK_K": 32}, num_warps=4)
 
-# Backward: BLOCK_P columns of dh_{t-1}; the gate derivatives of a K chunk are
-# recomputed by every column program (elementwise work, cheap next to the
-# matmul they feed). Ten [BLOCK_B, BLOCK_K] fp32 tiles live beside the
-# accumulator, so it is heavier than the forward. Measured as above at
-# H = 512: fp32 spill-free only for 16 x 64/128 x 32 at 8 warps (227-233
-# registers; the 4-warp versions spill 32-88 B, 32-row tiles 824-1160 B, and
-# 64x64 needs 244 KB smem, which autotune skips as out of resources); fp16
-# spill-free everywhere but 64x64 (56 B). Hence 8 warps almost throughout.
+# Backward candidates, chosen as above (bench/NOTES_triton.md#step-backward-configs): ten
+# [BLOCK_B, BLOCK_K] tiles of gate derivatives beside the accumulator make it heavier than the forward.
+# num_warps 8: fp32 is spill-free only for 16 x 64/128 x 32 at 8 warps (4 warps spill 32-88 B).
+# BLOCK_B 32/64: for fp16 (spill-free but 56 B at 64 x 64); fp32 spills or runs out of shared memory there.
+# BLOCK_K 32, num_stages 3: as in the forward.
 _BWD_GPU = [
     triton.Config({"BLOCK_B": bb, "BLOCK_P": bp, "BLOCK_K": bk}, num_warps=w, num_stages=3)
     for bb, bp, bk, w in ((16, 64, 32, 4), (16, 64, 32, 8), (16, 128, 32, 8), (16, 32, 32, 4),
                           (32, 64, 32, 8), (32, 128, 32, 8), (64, 64, 32, 8))
 ]
+# Interpreter: as in the forward.
 _BWD_INTERP = triton.Config({"BLOCK_B": 16, "BLOCK_P": 32, "BLOCK_K": 32}, num_warps=4)
 
 
@@ -73,11 +67,11 @@ def _prune(configs_, named_args, **kwargs):
     args = {**named_args, **kwargs}  # constexprs arrive as keyword arguments
     b = args["B_BUCKET"]
     cols = args["H"] if "BLOCK_H" in configs_[0].kwargs else args["P"]
-    width = max(32, triton.next_power_of_2(cols))
+    width = max(32, triton.next_power_of_2(cols))  # 32: the narrowest candidate always stays
     keep = [c for c in configs_
-            if c.kwargs["BLOCK_B"] <= max(16, b)
+            if c.kwargs["BLOCK_B"] <= max(16, b)  # 16: the smallest candidate always stays
             and c.kwargs.get("BLOCK_H", c.kwargs.get("BLOCK_P")) <= width]
-    return keep or configs_[:1]
+    return keep
 
 
 @triton.autotune(configs=configs(_FWD_GPU, _FWD_INTERP), key=["H", "P", "B_BUCKET", "DOT_PRECISION"],
@@ -113,7 +107,7 @@ def lstm_fwd_step_kernel(
     acc_o = tl.load(p_gx + o_gx + 3 * H, mask=m_bj, other=0.0).to(ACC)
 
     # + h_{t-1} @ W_hh^T, K = P in chunks; W^T[k, q*H + j] = w_hh[q*H + j, k].
-    p_h_prev = p_h_in + slot_h_in.to(tl.int64) * B * P
+    p_h_prev = p_h_in + slot_h_in.to(tl.int64) * B * P  # [B, P] h_{t-1}
     for k0 in range(0, P, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < P
@@ -129,14 +123,9 @@ def lstm_fwd_step_kernel(
         acc_g = tl.dot(b_h, b_wg, acc_g, input_precision=DOT_PRECISION)
         acc_o = tl.dot(b_h, b_wo, acc_o, input_precision=DOT_PRECISION)
 
-    b_i = sigmoid(acc_i)
-    b_f = sigmoid(acc_f)
-    b_g = tanh(acc_g)
-    b_o = sigmoid(acc_o)
     o_bh = o_b[:, None] * H + o_j[None, :]
     b_c_prev = tl.load(p_c + slot_c_in.to(tl.int64) * B * H + o_bh, mask=m_bj, other=0.0)
-    b_c = b_f * b_c_prev + b_i * b_g
-    b_hid = b_o * tanh(b_c)
+    b_i, b_f, b_g, b_o, b_c, b_hid = cell_fwd(acc_i, acc_f, acc_g, acc_o, b_c_prev)
     tl.store(p_c + slot_c_out.to(tl.int64) * B * H + o_bh, b_c, mask=m_bj)
     tl.store(p_h_out + slot_h_out.to(tl.int64) * B * H + o_bh,
              b_hid.to(p_h_out.dtype.element_ty), mask=m_bj)
@@ -178,10 +167,10 @@ def lstm_bwd_step_kernel(
     is_writer = pid_p == 0
     w_dtype = p_w_hh.dtype.element_ty
 
-    p_gates_t = p_gates + t.to(tl.int64) * B * G
-    p_dgates_t = p_dgates + t.to(tl.int64) * B * G
-    p_c_t = p_c + slot_c.to(tl.int64) * B * H
-    p_c_prev = p_c + slot_c_prev.to(tl.int64) * B * H
+    p_gates_t = p_gates + t.to(tl.int64) * B * G  # [B, G] step t's slice
+    p_dgates_t = p_dgates + t.to(tl.int64) * B * G  # [B, G]
+    p_c_t = p_c + slot_c.to(tl.int64) * B * H  # [B, H] c_t
+    p_c_prev = p_c + slot_c_prev.to(tl.int64) * B * H  # [B, H] c_{t-1}
     acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=p_dh_prev.dtype.element_ty)
     for k0 in range(0, H, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
@@ -200,18 +189,13 @@ def lstm_bwd_step_kernel(
             b_dh += tl.load(p_gy + t.to(tl.int64) * B * H + o_bk, mask=m_bk, other=0.0).to(b_dh.dtype)
         b_dc = tl.load(p_dc + o_bk, mask=m_bk, other=0.0)
 
-        b_tc = tanh(b_c)
-        b_dcell = b_dc + b_dh * b_o * (1.0 - b_tc * b_tc)
-        b_dzi = b_dcell * b_g * b_i * (1.0 - b_i)
-        b_dzf = b_dcell * b_c_prev * b_f * (1.0 - b_f)
-        b_dzg = b_dcell * b_i * (1.0 - b_g * b_g)
-        b_dzo = b_dh * b_tc * b_o * (1.0 - b_o)
+        b_dzi, b_dzf, b_dzg, b_dzo, b_dc_prev = cell_bwd(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_c_prev)
         m_st = m_bk & is_writer
         tl.store(p_dgates_t + o_g, b_dzi, mask=m_st)
         tl.store(p_dgates_t + o_g + H, b_dzf, mask=m_st)
         tl.store(p_dgates_t + o_g + 2 * H, b_dzg, mask=m_st)
         tl.store(p_dgates_t + o_g + 3 * H, b_dzo, mask=m_st)
-        tl.store(p_dc_prev + o_bk, b_dcell * b_f, mask=m_st)
+        tl.store(p_dc_prev + o_bk, b_dc_prev, mask=m_st)
 
         # dh_{t-1}[:, p] += sum over gates q of dz_q @ w_hh[q*H + k, p]
         o_w = o_k[:, None] * P + o_p[None, :]  # [BLOCK_K, BLOCK_P]

@@ -15,14 +15,19 @@ bfloat16 (QUICK_CASES; --full: every combination). Each kernel specialisation
 is compiled with the first autotune config its pruning keeps; --all-configs
 compiles every kept one.
 
-Prints one line per compile and exits non-zero if any failed. Needs triton
-and must run without TRITON_INTERPRET (tests/test_triton.py starts it so).
+Prints one line per compile (shared memory; registers and stack bytes, i.e.
+spills, as cuobjdump --dump-resource-usage reports them, where triton ships
+cuobjdump) and exits non-zero if any failed. Needs triton and must run without
+TRITON_INTERPRET (tests/test_triton.py starts it so).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,8 +45,8 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from lstm_fast.backends.base import LSTMState, OutputGrads, RecurrentWeights, SequenceLayout  # noqa: E402
 from lstm_fast.backends.triton_gpu import TritonBackend  # noqa: E402
 
-_PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
-        torch.int64: "*i64"}
+_PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+        torch.int32: "*i32", torch.int64: "*i64"}
 
 
 def record_launches(cases):
@@ -65,7 +70,7 @@ def record_launches(cases):
 # (dtype, fp32 precision, path, H, P, packed, reverse). H=48: the sequence path fits and
 # 48 is no multiple of the blocks; H=96, P=40: step path with a projection; H=200: step
 # path only (beyond every sequence limit). The quick set gives each dtype both paths and
-# each of packed / reverse / projection at least once (27 compiles, ~1 minute).
+# each of packed / reverse / projection at least once (30 compiles, under a minute).
 QUICK_CASES = [
     (torch.float32, "tf32", "sequence", 48, 48, True, False),
     (torch.float32, "tf32", "step", 96, 40, False, True),
@@ -124,9 +129,25 @@ def _signature(fn, named, config):
     return sig, constexprs
 
 
+def _resources(cubin: bytes) -> str:
+    """', R registers, S B stack' from cuobjdump's resource report; '' without cuobjdump."""
+    try:
+        tool = triton.knobs.nvidia.cuobjdump.path
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            report = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                    timeout=60).stdout
+    except Exception:  # figures are informative; the compile itself is the check
+        return ""
+    m = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return f", {m.group(1)} registers, {m.group(2)} B stack" if m else ""
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--full", action="store_true", help="every dtype x path x packed/reverse case (~200 compiles)")
+    ap.add_argument("--full", action="store_true",
+                    help="every dtype x path x packed/reverse case (~100 compiles, ~280 with --all-configs)")
     ap.add_argument("--all-configs", action="store_true", help="every autotune config pruning keeps")
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an int (default 90)")
     args = ap.parse_args(argv)
@@ -153,7 +174,7 @@ def main(argv=None):
                                     options={"num_warps": warps, "num_stages": stages})
             md = kernel.metadata
             print(f"ok    {name}({types}) {shown} warps={warps} stages={stages}: "
-                  f"{time.time() - t0:.1f} s, {md.shared} B shared", flush=True)
+                  f"{time.time() - t0:.1f} s, {md.shared} B shared{_resources(kernel.asm['cubin'])}", flush=True)
         except Exception as exc:  # report every failure, then exit non-zero
             failed += 1
             print(f"FAIL  {name}({types}) {shown} warps={warps} stages={stages}: "
