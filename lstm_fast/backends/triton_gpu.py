@@ -41,14 +41,9 @@ from .base import Backend, LayerSizes, RecurrenceGrads, acc_dtype, graph_recorde
 PATHS = ("auto", "step", "sequence")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
-# Sequence kernel limit: each program holds 4 tiles [HP, HP] of W_hh (HP =
-# max(16, next_pow2(H))) on chip for all T steps. ptxas's report for sm_90
-# (kernels/lstm_sequence.py) shows where that stops fitting: fp32 HP=64 fits
-# (226 registers, no spill, 112 KB smem) but HP=128 needs 270 KB of smem, over
-# the H100's 227 KB per block; 16-bit weights are half the bytes, and HP=128
-# fits (184 KB; no spill at 16 warps). No GPU timing yet: whether the sequence kernel
-# beats the step kernels all the way to these limits is for a GPU benchmark
-# to settle; the step kernels serve every H beyond them.
+# Largest H whose W_hh tiles the sequence kernel keeps on chip for all T steps, from
+# ptxas's sm_90 shared-memory report (bench/NOTES_triton.md#sequence-kernel-limits);
+# whether it beats the step kernels up to there awaits a GPU benchmark.
 SEQ_MAX_H = {torch.float32: 64, torch.float16: 128, torch.bfloat16: 128}
 
 
