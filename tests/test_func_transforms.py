@@ -112,3 +112,11 @@ def test_vmap_of_inference(backend):
         y = vmap(lambda xs: ours(xs)[0])(x)
         for i in range(2):
             assert_close(y[i], ours(x[i])[0], DTYPE, f"vmap element {i}")
+
+
+def test_forward_mode_is_refused_clearly():
+    """README: forward-mode AD is not supported (no jvp rule); it must fail loudly."""
+    _, ours = _pair("reference")
+    x = torch.randn(T, B, 3, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(RuntimeError, match="jvp"):
+        torch.func.jvp(lambda x: ours(x)[0], (x,), (torch.ones_like(x),))
