@@ -317,3 +317,79 @@ def test_workqueue_layer():
         "assert not bad\n")
     env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+
+
+def _fully_shard():
+    """torch.distributed's FSDP2 entry point, or None (it moved to torch.distributed.fsdp in 2.6)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        return None
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard
+        except ImportError:
+            return None
+    return fully_shard
+
+
+@pytest.mark.skipif(_fully_shard() is None, reason="torch.distributed with gloo and FSDP2 unavailable")
+@pytest.mark.parametrize("split", [False, True], ids=["1thread", "split"])
+def test_fsdp2_training(split, tmp_path, monkeypatch):
+    """FSDP2 (fully_shard on the LSTM and on the model; one process, gloo, world size 1)
+    trains as with torch.nn.LSTM. The backend once handed FSDP parameter storage that
+    Tensor.numpy() had made non-resizable, so FSDP could not free it after forward, and
+    returned d_h0/d_c0 in numpy-owned memory; h0 and c0 are parameters here to cover those."""
+    import copy
+
+    import torch.distributed as dist
+
+    import lstm_fast
+    from lstm_fast.backends import numba_cpu as m
+
+    if split:
+        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
+    fully_shard = _fully_shard()
+
+    class Model(torch.nn.Module):
+        def __init__(self, lstm, head, h0, c0):
+            super().__init__()
+            self.lstm, self.head = lstm, head
+            self.h0, self.c0 = torch.nn.Parameter(h0.clone()), torch.nn.Parameter(c0.clone())
+
+        def forward(self, x):
+            y, (h, c) = self.lstm(x, (self.h0, self.c0))
+            return self.head(y).square().mean() + h.square().mean() + c.square().mean()
+
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(6, 16, num_layers=2, proj_size=5)
+    head = torch.nn.Linear(5, 3)
+    h0, c0 = torch.randn(2, 4, 5), torch.randn(2, 4, 16)
+    x = torch.randn(7, 4, 6)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        runs = {}
+        for name in ("torch", "numba"):
+            lstm = copy.deepcopy(ref) if name == "torch" else lstm_fast.LSTM.from_torch(ref, backend="numba")
+            model = Model(lstm, copy.deepcopy(head), h0, c0)
+            fully_shard(model.lstm)
+            fully_shard(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            losses = []
+            for _ in range(3):
+                loss = model(x)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            params = {n: p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+                      for n, p in model.named_parameters()}
+            runs[name] = losses, params
+    finally:
+        dist.destroy_process_group()
+    (ref_losses, ref_params), (losses, params) = runs["torch"], runs["numba"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    assert losses[-1] < losses[0]
+    assert params.keys() == ref_params.keys()
+    for n in ref_params:
+        torch.testing.assert_close(params[n], ref_params[n], rtol=1e-5, atol=1e-5, msg=n)

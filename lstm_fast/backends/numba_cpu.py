@@ -828,12 +828,34 @@ def _load():
         _loaded = True
 
 
-def _np(t, dtype):
-    """t as a C-contiguous numpy array of dtype (a view when it already is one)."""
-    t = t.detach()
-    if t.dtype != dtype:
+_TYPESTR = {dt: np.dtype(npdt).str for dt, npdt in ((torch.float32, np.float32), (torch.float64, np.float64),
+                                                     (torch.int64, np.int64))}
+
+
+class _TensorMemory:
+    """A tensor's memory as numpy's __array_interface__; holds the tensor alive."""
+
+    __slots__ = ("tensor", "__array_interface__")
+
+
+def _np(t, dtype=None):
+    """t (converted to dtype if given) as a C-contiguous numpy array: a view of t's memory
+    when t already is one. Not Tensor.numpy(): that marks the storage non-resizable for
+    good, and FSDP2 then fails to free an unsharded parameter (storage.resize_(0))."""
+    if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
-    return t.contiguous().numpy()
+    t = t.contiguous()
+    memory = _TensorMemory()
+    memory.tensor = t
+    memory.__array_interface__ = {"data": (t.data_ptr(), False), "shape": t.shape, "typestr": _TYPESTR[t.dtype],
+                                  "version": 3}
+    return np.asarray(memory)
+
+
+def _state(t, dtype):
+    """A contiguous copy of t in dtype, allocated by torch, for the kernels to update in place."""
+    t = t.detach()
+    return t.clone(memory_format=torch.contiguous_format) if t.dtype == dtype else t.to(dtype).contiguous()
 
 
 # A call splits its time loop over threads only when a step has at least this many
@@ -984,7 +1006,7 @@ class NumbaBackend(Backend):
         if batch_sizes is None:
             bs = _full_batch(T, B)
         else:
-            bs = np.ascontiguousarray(batch_sizes.detach().cpu().numpy(), dtype=np.int64)
+            bs = _np(batch_sizes.detach().cpu(), torch.int64)
         nc = _chunks(B, H, P)
         return bs, nc, _cuts(H, nc), _cuts(P, nc)
 
@@ -1029,22 +1051,22 @@ class NumbaBackend(Backend):
         packed = batch_sizes is not None
         y = x.new_zeros(T, B, P) if packed else x.new_empty(T, B, P)  # inactive rows stay 0
         h0n = _np(h0, dt)
-        h = torch.from_numpy(h0n.copy())
-        c = torch.from_numpy(_np(c0, dt).copy())
+        h = _state(h0, dt)
+        c = _state(c0, dt)
         if need_grad:
             # Saved for backward, per step: activated gates (4H) and cell state (H) per
             # row, 5*B*H*itemsize bytes (20*B*H in float32), plus y, which is the output.
             gates = x.new_empty(T, B, G)
             cells = x.new_empty(T, B, H)
-            gates_n, cells_n = gates.numpy(), cells.numpy()
+            gates_n, cells_n = _np(gates), _np(cells)
         else:
             gates_n = cells_n = _dummy(npdt, (0, 0, 0))
         hpre = np.empty((B, H), npdt) if has_proj else _dummy(npdt, (0, 0))
         z = _scratch(npdt, B, (pack_w, False), (pack_r, False))
         sync = np.zeros((1 + nc) * _LINE, dtype=np.int64)
         _launch(_forward_parallel, _forward_worker, nc, sync, fused, gx2, x2, *pack_i, gxc, bias_n, h0n, bs,
-                bool(reverse), bool(need_grad), has_proj, ucut, pcut, *pack_w, *pack_r, y.numpy(), h.numpy(),
-                c.numpy(), gates_n, cells_n, hpre, z)
+                bool(reverse), bool(need_grad), has_proj, ucut, pcut, *pack_w, *pack_r, _np(y), _np(h),
+                _np(c), gates_n, cells_n, hpre, z)
         saved = (gates, cells, y) if need_grad else ()
         return y, h.to(h0.dtype), c.to(c0.dtype), saved
 
@@ -1064,24 +1086,24 @@ class NumbaBackend(Backend):
         bs, nc, ucut, pcut = self._plan(T, B, H, P, batch_sizes)
         pack_w = _slab(_np(w_hh, dt), P, nc, True)
         pack_r = _slab(_np(w_hr, dt), H, nc, True) if has_proj else _no_slab(npdt, nc)
-        dh = torch.from_numpy(_np(grad_hn, dt).copy())
-        dc = torch.from_numpy(_np(grad_cn, dt).copy())
+        dh = _state(grad_hn, dt)
+        dc = _state(grad_cn, dt)
         packed = batch_sizes is not None
         alloc = gates.new_zeros if packed else gates.new_empty  # inactive rows stay 0
         dg = alloc(T, B, G)
         if has_proj:
             dr_all = alloc(T, B, P)
             hpre_all = alloc(T, B, H)
-            dr_n, hpre_n = dr_all.numpy(), hpre_all.numpy()
+            dr_n, hpre_n = _np(dr_all), _np(hpre_all)
         else:
             dr_all = hpre_all = None
             dr_n = hpre_n = _dummy(npdt, (0, 0, 0))
         z = _scratch(npdt, B, (pack_w, True), (pack_r, True))
         tcs = np.empty((nc, _widest(H, nc)), npdt)
         sync = np.zeros((1 + nc) * _LINE, dtype=np.int64)
-        _launch(_backward_parallel, _backward_worker, nc, sync, gates.numpy(), cells.numpy(), _np(c0, dt),
-                _np(grad_y, dt), bs, bool(reverse), has_proj, ucut, pcut, *pack_w, *pack_r, dh.numpy(), dc.numpy(),
-                dg.numpy(), dr_n, hpre_n, z, tcs, npdt(1))
+        _launch(_backward_parallel, _backward_worker, nc, sync, _np(gates), _np(cells), _np(c0, dt),
+                _np(grad_y, dt), bs, bool(reverse), has_proj, ucut, pcut, *pack_w, *pack_r, _np(dh), _np(dc),
+                _np(dg), dr_n, hpre_n, z, tcs, npdt(1))
         d_w_hh, d_w_hr = weight_grads(dg, y, h0.detach(), reverse, dr_all, hpre_all)
         return (dg.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                 None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
