@@ -81,11 +81,11 @@ CASES = [
 def test_matches_reference(T, B, H, P, packed, reverse, dtype, split, monkeypatch):
     """split: the time loop cut into chunks of hidden units over torch's threads
     (forced for these small sizes); with one thread the chunks run one after another."""
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
     if split:
-        monkeypatch.setattr(m, "_SPLIT_MIN", 0)
-        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
+        monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)
+        monkeypatch.setattr(numba_threads, "chunk_count", lambda B, H, P: 2)
     inputs = make_inputs(T, B, H, P, dtype, packed)
     ours = run("numba", inputs, reverse)
     ref = run("reference", inputs, reverse)
@@ -129,11 +129,11 @@ def test_supports():
 
 def _split_run(monkeypatch, team=None, threads=2):
     """Run a case with the time loop split into `threads` chunks (on `team` threads)."""
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
-    monkeypatch.setattr(m, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)
     if team is not None:
-        monkeypatch.setattr(m, "_team", lambda nc: team)
+        monkeypatch.setattr(numba_threads, "team_size", lambda n_chunks: team)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -157,11 +157,16 @@ def test_threads_respected(monkeypatch):
     """Chunks follow torch.get_num_threads(); numba's own thread setting is restored."""
     import numba
 
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
     seen = []
-    real = m._launch
-    monkeypatch.setattr(m, "_launch", lambda parallel, worker, nc, *a: (seen.append(nc), real(parallel, worker, nc, *a)))
+    real = numba_threads.launch
+
+    def launch(parallel, worker, n_chunks, *args):
+        seen.append(n_chunks)
+        real(parallel, worker, n_chunks, *args)
+
+    monkeypatch.setattr(numba_threads, "launch", launch)
     numba_before = numba.get_num_threads()
     _split_run(monkeypatch, threads=1)
     assert set(seen) == {1}
@@ -172,7 +177,7 @@ def test_threads_respected(monkeypatch):
 
 
 def test_import_is_cheap():
-    code = ("import sys, lstm_fast.backends.numba_cpu as m; "
+    code = ("import sys, lstm_fast.backends.numba.backend as m; "
             "assert 'numba' not in sys.modules, 'numba imported at module import'")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env,
@@ -194,10 +199,10 @@ def test_module_fused_projection(kw, packed, dtype, split, monkeypatch):
     from torch.nn.utils.rnn import pack_sequence
 
     import lstm_fast
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
     if split:
-        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
+        monkeypatch.setattr(numba_threads, "chunk_count", lambda B, H, P: 2)
     torch.manual_seed(0)
     ref = torch.nn.LSTM(6, 20, **kw).to(dtype)
     ours = lstm_fast.LSTM.from_torch(ref, backend="numba")
@@ -226,9 +231,9 @@ def _split_module():
 def test_forked_child_runs(monkeypatch):
     """A child forked after the parent started numba's thread pool still computes
     (numba's OpenMP layer would abort its first parallel launch; it runs on one thread)."""
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
-    monkeypatch.setattr(m, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)
     ref, ours, x = _split_module()
     with torch.no_grad():
         want = ours(x)[0]
@@ -248,9 +253,9 @@ def test_concurrent_calls(monkeypatch):
     """Calls from several Python threads at once (launches take turns) all match."""
     import threading
 
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
-    monkeypatch.setattr(m, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)
     ref, ours, x = _split_module()
     with torch.no_grad():
         want = ref(x)[0]
@@ -278,10 +283,10 @@ def test_concurrent_calls(monkeypatch):
 def test_weight_grads_without_input_grad(split, monkeypatch):
     """Input that needs no gradient: dx is skipped, every weight gradient still matches."""
     import lstm_fast
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
     if split:
-        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
+        monkeypatch.setattr(numba_threads, "chunk_count", lambda B, H, P: 2)
     torch.manual_seed(0)
     ref = torch.nn.LSTM(5, 12, num_layers=2).double()
     ours = lstm_fast.LSTM.from_torch(ref, backend="numba")
@@ -299,8 +304,8 @@ def test_workqueue_layer():
     per process, so this runs in a child process), with concurrent callers."""
     code = (
         "import threading, torch, lstm_fast\n"
-        "from lstm_fast.backends import numba_cpu as m\n"
-        "m._SPLIT_MIN = 0\n"
+        "from lstm_fast.backends.numba import threads as numba_threads\n"
+        "numba_threads.SPLIT_MIN = 0\n"
         "torch.manual_seed(0)\n"
         "ref = torch.nn.LSTM(32, 32)\n"
         "ours = lstm_fast.LSTM.from_torch(ref, backend='numba')\n"
@@ -345,10 +350,10 @@ def test_fsdp2_training(split, tmp_path, monkeypatch):
     import torch.distributed as dist
 
     import lstm_fast
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
     if split:
-        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
+        monkeypatch.setattr(numba_threads, "chunk_count", lambda B, H, P: 2)
     fully_shard = _fully_shard()
 
     class Model(torch.nn.Module):
