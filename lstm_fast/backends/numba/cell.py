@@ -1,4 +1,16 @@
-"""The LSTM cell's activations: gate order i, f, g, o; i, f, o through sigmoid, g through tanh."""
+"""The LSTM cell's pointwise math, written once for the forward and backward loops.
+
+Gate order i, f, g, o; i, f, o through sigmoid, g through tanh. Per hidden unit:
+    c_t = f * c_{t-1} + i * g          (new_cell)
+    h_t = o * tanh(c_t)                (new_hidden, before any projection)
+and backward, from the gradients reaching h_t and c_t, those of the four gate
+pre-activations and of c_{t-1} (cell_grads). Kernels, jitted by jit.load; the loops
+call them per element, and LLVM inlines them into the vectorized loops.
+
+Parameters come in the order the formulas first use them: which product LLVM fuses
+into an FMA follows the order of the loads, and this order gives the results of
+the same formulas written in the loops (bench/NOTES_numba.md#cell-math).
+"""
 from __future__ import annotations
 
 import math
@@ -22,7 +34,31 @@ def sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x))
 
 
-KERNELS = ()
+def new_cell(f, c_prev, i, g):
+    """c_t from c_{t-1} and the activated gates."""
+    return f * c_prev + i * g
+
+
+def new_hidden(o, tanh_c):
+    """h_t (before any projection) from the output gate and tanh(c_t)."""
+    return o * tanh_c
+
+
+def cell_grads(dc, dh, o, tanh_c, g, i, c_prev, f, one):
+    """Gradients of the gate pre-activations and of c_{t-1}: (di, df, dg, do, dc_prev).
+
+    dh and dc are the gradients reaching h_t and c_t from later steps and outputs;
+    i, f, g, o the activated gates of step t, tanh_c = tanh(c_t); one is 1 in the
+    dtype of the others (a literal 1.0 would widen float32 math to float64)."""
+    dc_t = dc + dh * o * (one - tanh_c * tanh_c)
+    return (dc_t * g * (i - i * i),
+            dc_t * c_prev * (f - f * f),
+            dc_t * i * (one - g * g),
+            dh * tanh_c * (o - o * o),
+            dc_t * f)
+
+
+KERNELS = ("new_cell", "new_hidden", "cell_grads")
 
 
 def numba_bindings(numba):

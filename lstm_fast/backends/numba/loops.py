@@ -70,9 +70,9 @@ def forward_units(chunk, t, n, h_prev, flags, cuts, inputs, gx_chunk, slab, out,
         cb = c[b, u0:u0 + n_units]
         hb = h_pre[b, u0:u0 + n_units] if has_proj else y[t, b, u0:u0 + n_units]
         for j in range(n_units):
-            c_new = gate_f[j] * cb[j] + gate_i[j] * gate_g[j]
+            c_new = cell.new_cell(gate_f[j], cb[j], gate_i[j], gate_g[j])
             cb[j] = c_new
-            hb[j] = gate_o[j] * cell.tanh(c_new)
+            hb[j] = cell.new_hidden(gate_o[j], cell.tanh(c_new))
         if not has_proj:
             copy_into(h[b, u0:u0 + n_units], hb, n_units)
         if need_grad:
@@ -217,7 +217,7 @@ def backward_units(chunk, s, t, t_prev, n, inputs, slab, unit_cuts, has_proj, gr
         if has_proj:
             hp = h_pre[t, b, u0:u0 + n_units]
             for j in range(n_units):
-                hp[j] = gate_o[j] * tanh_c[j]
+                hp[j] = cell.new_hidden(gate_o[j], tanh_c[j])
             dh_b = product[b, :n_units]
         else:
             dh_b = dh[b, u0:u0 + n_units]
@@ -231,12 +231,8 @@ def backward_units(chunk, s, t, t_prev, n, inputs, slab, unit_cuts, has_proj, gr
         d_o = db[3 * H + u0:3 * H + u0 + n_units]
         dc_b = dc[b, u0:u0 + n_units]
         for j in range(n_units):
-            dc_t = dc_b[j] + dh_b[j] * gate_o[j] * (one - tanh_c[j] * tanh_c[j])
-            d_i[j] = dc_t * gate_g[j] * (gate_i[j] - gate_i[j] * gate_i[j])
-            d_f[j] = dc_t * c_prev[j] * (gate_f[j] - gate_f[j] * gate_f[j])
-            d_g[j] = dc_t * gate_i[j] * (one - gate_g[j] * gate_g[j])
-            d_o[j] = dh_b[j] * tanh_c[j] * (gate_o[j] - gate_o[j] * gate_o[j])
-            dc_b[j] = dc_t * gate_f[j]
+            d_i[j], d_f[j], d_g[j], d_o[j], dc_b[j] = cell.cell_grads(
+                dc_b[j], dh_b[j], gate_o[j], tanh_c[j], gate_g[j], gate_i[j], c_prev[j], gate_f[j], one)
 
 
 def backward_worker(k, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads, scratch,
