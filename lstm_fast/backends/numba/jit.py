@@ -19,9 +19,8 @@ from . import cell, gemm, loops, sync
 # Dependency order: a module's kernels call only kernels of the modules before it.
 KERNEL_MODULES = (sync, gemm, cell, loops)
 
-# LLVM fast-math flags of every kernel and activation. nnan/ninf are left out so that
-# NaN and inf propagate as in torch: with them (fastmath=True) LLVM folded the
-# activation's saturation test to true for a NaN input, giving tanh(NaN) = 1.
+# LLVM fast-math flags of every kernel and activation; without nnan/ninf, so that NaN and inf
+# propagate as in torch (with them LLVM folded tanh(NaN) to 1: bench/NOTES_numba.md#traps).
 FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
 
 _lock = threading.Lock()
@@ -49,19 +48,20 @@ def _cache_dir_ok() -> bool:
 
 
 def _sources_digest() -> str:
-    """sha256 of the kernel modules' sources ("" if one cannot be read)."""
+    """sha256 of the kernel modules' sources and this one's, which sets their options ("" if
+    one cannot be read)."""
     digest = hashlib.sha256()
     try:
-        for module in KERNEL_MODULES:
-            with open(module.__file__, "rb") as f:
+        for path in [__file__] + [module.__file__ for module in KERNEL_MODULES]:
+            with open(path, "rb") as f:
                 digest.update(f.read())
     except OSError:
         return ""
     return digest.hexdigest()
 
 
-def _cache_class(numba):
-    """numba's disk cache keyed also on every kernel module's source.
+def _cache_class():
+    """numba's disk cache keyed also on the kernel modules' sources.
 
     numba invalidates a function's cached code when its own file changes, but a
     caller's code holds its callees compiled in: after an edit of gemm.py the cached
@@ -82,9 +82,8 @@ def _jit(numba, func, parallel, cache_class):
     if parallel:
         opts["parallel"] = True
     else:
-        # No reference counting: the kernels allocate nothing, and every array view would
-        # otherwise update its parent's count atomically from all threads
-        # (bench/NOTES_numba.md#traps).
+        # No reference counting: the kernels allocate nothing, and each view's count update was
+        # an atomic on counters shared by all threads (bench/NOTES_numba.md#traps).
         opts["_nrt"] = False
     dispatcher = numba.njit(**opts)(func)
     try:
@@ -107,12 +106,11 @@ def load():
         if not _cache_dir_ok():
             os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lstm_fast_numba_")
             numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
-        # omp first: its parallel launch is the fastest (bench/NOTES_numba.md#threads; tbb
-        # is rarely installed). Correctness does not depend on the layer (see sync.py); a
-        # layer the user chose through numba's variables is kept.
+        # omp first: the fastest launch (bench/NOTES_numba.md#threads). Results do not depend on
+        # the layer (sync.py); a layer chosen through numba's variables is kept.
         if not any(os.environ.get(v) for v in ("NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY")):
             numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
-        cache_class = _cache_class(numba)
+        cache_class = _cache_class()
         for module in KERNEL_MODULES:
             names = vars(module)
             names.update(module.numba_bindings(numba))
