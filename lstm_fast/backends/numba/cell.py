@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 
-# float32 tanh: the odd/even minimax rational approximation of Eigen's fast tanh (max
-# abs error 3.5e-7 on [-20, 20], bench/NOTES_numba.md#float32-tanh). Unlike libm's tanhf
-# it vectorizes (numba has no SVML here).
+# float32 tanh: Eigen's fast-tanh rational approximation, which vectorizes where libm's tanhf
+# does not (max abs error 3.5e-7: bench/NOTES_numba.md#float32-tanh).
 TANH_CLAMP = 7.90531110763549805
 TANH_P = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05,
           5.12229709037114e-08, -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
@@ -87,10 +86,8 @@ def numba_bindings(numba):
         q = x2 * q6 + q4
         q = x2 * q + q2
         q = x2 * q + q0
-        # Past the clamp: exactly +-1, as torch gives (true tanh is within 2.7e-7 of it),
-        # so saturated gates get exactly zero derivative and sigmoid(-inf) = 0; the
-        # rational part (inf/inf there for huge x) is not taken. NaN fails both tests
-        # and stays NaN through x * p / q (clamping x first lost it).
+        # Past the clamp exactly +-1 as in torch (saturated gates get zero derivative, sigmoid(-inf) = 0);
+        # NaN fails both tests and stays NaN through x * p / q (bench/NOTES_numba.md#float32-tanh).
         return one if x >= clamp else (-one if x <= -clamp else x * p / q)
 
     @overload(tanh, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})

@@ -214,9 +214,8 @@ def slab_gemm(x, n_rows, slab, n_cols, out):
     K = x.shape[1]
     PW = 2 * lanes(slab)
     n_panels = (n_cols + PW - 1) // PW
-    # Rows: 6-row groups when there are at least 12 rows, then 4-row groups, then single
-    # rows, each of which streams the whole slab; the count of 6-row groups leaves as few
-    # single rows as it can (32 = 4*6 + 2*4). Why 6: bench/NOTES_numba.md#product-kernel.
+    # 6-row groups from 12 rows on, then 4-row groups, then single rows (each streams the whole
+    # slab), as few of those as can be (32 = 4*6 + 2*4): bench/NOTES_numba.md#product-kernel.
     groups6 = n_rows // 6 if n_rows >= 12 else 0
     if groups6 > 0 and (n_rows - 6 * groups6) % 4 >= 2:  # one 6-row group fewer leaves fewer single rows
         groups6 -= 1

@@ -28,8 +28,8 @@ def copy_into(dst, src, n):
         dst[j] = src[j]
 
 
-def forward_units(chunk, t, n, h_prev, flags, cuts, inputs, gx_chunk, slab, out, saved, h_pre, product):
-    """Step t, one chunk: all four gates of its hidden units u0:u1 for the n active rows,
+def forward_units(chunk, t, n_rows, h_prev, flags, cuts, inputs, gx_chunk, slab, out, saved, h_pre, product):
+    """Step t, one chunk: all four gates of its hidden units u0:u1 for the n_rows active rows,
     then their cell and hidden update.
 
     The input projection of row b is gx_rows[t*B + b] (gate q at q*H + u0) or, when
@@ -47,9 +47,9 @@ def forward_units(chunk, t, n, h_prev, flags, cuts, inputs, gx_chunk, slab, out,
     B = y.shape[1]
     H = c.shape[1]
     # product[b] = [i | f | g | o] pre-activations (without the input projection) of the chunk's units
-    gemm.slab_gemm(h_prev, n, slab, 4 * n_units, product)
+    gemm.slab_gemm(h_prev, n_rows, slab, 4 * n_units, product)
     start, stride = (0, n_units) if fused else (u0, H)
-    for b in range(n):
+    for b in range(n_rows):
         zb = product[b]
         gxb = gx_chunk[t * B + b] if fused else gx_rows[t * B + b]
         # one pointer pair (plus bias) per loop, so that each vectorizes
@@ -82,23 +82,23 @@ def forward_units(chunk, t, n, h_prev, flags, cuts, inputs, gx_chunk, slab, out,
             copy_into(cells[t, b, u0:u0 + n_units], cb, n_units)
 
 
-def forward_proj(chunk, t, n, h_pre, slab, col_cuts, out, product):
+def forward_proj(chunk, t, n_rows, h_pre, slab, col_cuts, out, product):
     """Step t, one chunk: projected state columns p0:p1 = h_pre @ W_hr[p0:p1]^T."""
     p0 = col_cuts[chunk]
     n_cols = col_cuts[chunk + 1] - p0
     if n_cols == 0:
         return
     y, h, _ = out
-    gemm.slab_gemm(h_pre, n, slab, n_cols, product)
-    for b in range(n):
+    gemm.slab_gemm(h_pre, n_rows, slab, n_cols, product)
+    for b in range(n_rows):
         zb = product[b, :n_cols]
         copy_into(y[t, b, p0:p0 + n_cols], zb, n_cols)
         copy_into(h[b, p0:p0 + n_cols], zb, n_cols)
 
 
-def forward_worker(k, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
+def forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
                    scratch):
-    """Thread k's part of the forward time loop.
+    """This thread's part of the forward time loop (thread: its prange index).
 
     inputs   (x_rows [T*B, I] the layer input when fused, gx_rows [T*B, G] the
              precomputed input projection otherwise, bias [G] (zeros when gx_rows holds
@@ -122,7 +122,7 @@ def forward_worker(k, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_
     T = y.shape[0]
     done = 0
     for i in range(n_chunks):
-        chunk = (k + i) % n_chunks
+        chunk = (thread + i) % n_chunks
         if sync.claim(counters, chunk, 0):
             gemm.pack_chunk_slab(w_hh_slabs, chunk, False)
             if has_proj:
@@ -133,25 +133,25 @@ def forward_worker(k, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_
             done += 1
     sync.phase_end(counters, done, n_chunks, 0)
     phase = 1
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        n = batch_sizes[t]
-        h_prev = h0 if s == 0 else y[t + 1 if reverse else t - 1]
+    for step in range(T):
+        t = T - 1 - step if reverse else step
+        n_rows = batch_sizes[t]
+        h_prev = h0 if step == 0 else y[t + 1 if reverse else t - 1]
         done = 0
         for i in range(n_chunks):
-            chunk = (k + i) % n_chunks
+            chunk = (thread + i) % n_chunks
             if sync.claim(counters, chunk, phase):
-                forward_units(chunk, t, n, h_prev, flags, cuts, inputs, gx_chunks[chunk], hh_slabs[chunk], out, saved,
-                              h_pre, products[chunk])
+                forward_units(chunk, t, n_rows, h_prev, flags, cuts, inputs, gx_chunks[chunk], hh_slabs[chunk], out,
+                              saved, h_pre, products[chunk])
                 done += 1
         sync.phase_end(counters, done, n_chunks, phase)
         phase += 1
         if has_proj:
             done = 0
             for i in range(n_chunks):
-                chunk = (k + i) % n_chunks
+                chunk = (thread + i) % n_chunks
                 if sync.claim(counters, chunk, phase):
-                    forward_proj(chunk, t, n, h_pre, hr_slabs[chunk], cuts[1], out, products[chunk])
+                    forward_proj(chunk, t, n_rows, h_pre, hr_slabs[chunk], cuts[1], out, products[chunk])
                     done += 1
             sync.phase_end(counters, done, n_chunks, phase)
             phase += 1
@@ -160,8 +160,8 @@ def forward_worker(k, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_
 def forward_parallel(n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
                      scratch):
     """forward_worker on a team of threads, one prange iteration each."""
-    for k in prange(n_chunks):
-        forward_worker(k, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
+    for thread in prange(n_chunks):
+        forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
                        scratch)
 
 
@@ -177,11 +177,11 @@ def backward_carry(chunk, t_next, n_next, d_gates, slab, col_cuts, dh, product):
         copy_into(dh[b, p0:p0 + n_cols], product[b, :n_cols], n_cols)
 
 
-def output_grad(chunk, t, n, col_cuts, dh, grad_y, d_r):
-    """d_r[t, :n, p0:p1] = dh + grad_y[t]: the gradient reaching the projected output y[t]."""
+def output_grad(chunk, t, n_rows, col_cuts, dh, grad_y, d_r):
+    """d_r[t, :n_rows, p0:p1] = dh + grad_y[t]: the gradient reaching the projected output y[t]."""
     p0 = col_cuts[chunk]
     p1 = col_cuts[chunk + 1]
-    for b in range(n):
+    for b in range(n_rows):
         drb = d_r[t, b, p0:p1]
         dhb = dh[b, p0:p1]
         gyb = grad_y[t, b, p0:p1]
@@ -189,11 +189,11 @@ def output_grad(chunk, t, n, col_cuts, dh, grad_y, d_r):
             drb[j] = dhb[j] + gyb[j]
 
 
-def backward_units(chunk, s, t, t_prev, n, inputs, slab, unit_cuts, has_proj, grads, proj_grads, product, tanh_c,
-                   one):
+def backward_units(chunk, step, t, t_prev, n_rows, inputs, slab, unit_cuts, has_proj, grads, proj_grads, product,
+                   tanh_c, one):
     """Step t, one chunk: gate derivatives of its units u0:u1 and dc_{t-1}; with a projection
     first the gradient reaching h_pre, d_r[t] @ W_hr[:, u0:u1] (slab). t_prev: the step
-    before t in forward order (when s > 0). tanh_c [>= n_units]: scratch."""
+    before t in forward order (when step > 0). tanh_c [>= n_units]: scratch."""
     u0 = unit_cuts[chunk]
     n_units = unit_cuts[chunk + 1] - u0
     if n_units == 0:
@@ -203,14 +203,14 @@ def backward_units(chunk, s, t, t_prev, n, inputs, slab, unit_cuts, has_proj, gr
     d_r, h_pre = proj_grads
     H = dc.shape[1]
     if has_proj:
-        gemm.slab_gemm(d_r[t], n, slab, n_units, product)
-    for b in range(n):
+        gemm.slab_gemm(d_r[t], n_rows, slab, n_units, product)
+    for b in range(n_rows):
         gb = gates[t, b]
         gate_i = gb[u0:u0 + n_units]
         gate_f = gb[H + u0:H + u0 + n_units]
         gate_g = gb[2 * H + u0:2 * H + u0 + n_units]
         gate_o = gb[3 * H + u0:3 * H + u0 + n_units]
-        c_prev = c0[b, u0:u0 + n_units] if s == 0 else cells[t_prev, b, u0:u0 + n_units]
+        c_prev = c0[b, u0:u0 + n_units] if step == 0 else cells[t_prev, b, u0:u0 + n_units]
         c_t = cells[t, b, u0:u0 + n_units]
         for j in range(n_units):
             tanh_c[j] = cell.tanh(c_t[j])
@@ -235,9 +235,9 @@ def backward_units(chunk, s, t, t_prev, n, inputs, slab, unit_cuts, has_proj, gr
                 dc_b[j], dh_b[j], gate_o[j], tanh_c[j], gate_g[j], gate_i[j], c_prev[j], gate_f[j], one)
 
 
-def backward_worker(k, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads, scratch,
+def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads, scratch,
                     one):
-    """Thread k's part of BPTT.
+    """This thread's part of BPTT (thread: its prange index).
 
     inputs      (gates [T, B, G] and cells [T, B, H] saved by forward, c0 [B, H],
                 grad_y [T, B, P], batch_sizes [T])
@@ -261,7 +261,7 @@ def backward_worker(k, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr
     T = gates.shape[0]
     done = 0
     for i in range(n_chunks):
-        chunk = (k + i) % n_chunks
+        chunk = (thread + i) % n_chunks
         if sync.claim(counters, chunk, 0):
             gemm.pack_chunk_slab(w_hh_slabs, chunk, True)
             if has_proj:
@@ -270,24 +270,23 @@ def backward_worker(k, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr
     sync.phase_end(counters, done, n_chunks, 0)
     phase = 1
     t_next = -1  # the step processed before t here (the later one in forward order)
-    for s in range(T - 1, -1, -1):
-        t = T - 1 - s if reverse else s
-        t_prev = t + 1 if reverse else t - 1  # the step before t in forward order (s > 0)
-        n = batch_sizes[t]
-        # Phase 1, by state columns: finish dh (from step t_next) and, with a projection,
-        # the gradient reaching y[t]. Without a projection the column and unit cuts
-        # coincide and the unit phase only reads its own columns: one phase does both.
+    for step in range(T - 1, -1, -1):
+        t = T - 1 - step if reverse else step
+        t_prev = t + 1 if reverse else t - 1  # the step before t in forward order (step > 0)
+        n_rows = batch_sizes[t]
+        # Phase 1, by state columns: finish dh (from step t_next) and, with a projection, the gradient
+        # reaching y[t]; without one the column and unit cuts coincide, so the unit phase joins it.
         done = 0
         for i in range(n_chunks):
-            chunk = (k + i) % n_chunks
+            chunk = (thread + i) % n_chunks
             if sync.claim(counters, chunk, phase):
                 if t_next >= 0:
                     backward_carry(chunk, t_next, batch_sizes[t_next], d_gates, hh_slabs[chunk], col_cuts, dh,
                                    products[chunk])
                 if has_proj:
-                    output_grad(chunk, t, n, col_cuts, dh, grad_y, d_r)
+                    output_grad(chunk, t, n_rows, col_cuts, dh, grad_y, d_r)
                 else:
-                    backward_units(chunk, s, t, t_prev, n, inputs, hr_slabs[chunk], unit_cuts, has_proj, grads,
+                    backward_units(chunk, step, t, t_prev, n_rows, inputs, hr_slabs[chunk], unit_cuts, has_proj, grads,
                                    proj_grads, products[chunk], tanh_c[chunk], one)
                 done += 1
         sync.phase_end(counters, done, n_chunks, phase)
@@ -295,9 +294,9 @@ def backward_worker(k, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr
         if has_proj:
             done = 0
             for i in range(n_chunks):
-                chunk = (k + i) % n_chunks
+                chunk = (thread + i) % n_chunks
                 if sync.claim(counters, chunk, phase):
-                    backward_units(chunk, s, t, t_prev, n, inputs, hr_slabs[chunk], unit_cuts, has_proj, grads,
+                    backward_units(chunk, step, t, t_prev, n_rows, inputs, hr_slabs[chunk], unit_cuts, has_proj, grads,
                                    proj_grads, products[chunk], tanh_c[chunk], one)
                     done += 1
             sync.phase_end(counters, done, n_chunks, phase)
@@ -306,7 +305,7 @@ def backward_worker(k, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr
     # the first step's d_gates reach h0
     done = 0
     for i in range(n_chunks):
-        chunk = (k + i) % n_chunks
+        chunk = (thread + i) % n_chunks
         if sync.claim(counters, chunk, phase):
             backward_carry(chunk, t_next, batch_sizes[t_next], d_gates, hh_slabs[chunk], col_cuts, dh,
                            products[chunk])
@@ -317,8 +316,8 @@ def backward_worker(k, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr
 def backward_parallel(n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads, scratch,
                       one):
     """backward_worker on a team of threads, one prange iteration each."""
-    for k in prange(n_chunks):
-        backward_worker(k, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads,
+    for thread in prange(n_chunks):
+        backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads,
                         scratch, one)
 
 

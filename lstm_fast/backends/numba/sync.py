@@ -59,18 +59,18 @@ def yield_core():
         os.sched_yield()
 
 
-def claim(sync, chunk, phase):
+def claim(counters, chunk, phase):
     """True for exactly one caller per (chunk, phase); phases count up from 0."""
-    return atomic_cas(sync, (1 + chunk) * LINE, phase, phase + 1)
+    return atomic_cas(counters, (1 + chunk) * LINE, phase, phase + 1)
 
 
-def phase_end(sync, finished, n_chunks, phase):
+def phase_end(counters, finished, n_chunks, phase):
     """Publish the `finished` chunks done by this thread, then wait for all of the phase."""
     if finished > 0:
-        atomic_add(sync, 0, finished)
+        atomic_add(counters, 0, finished)
     target = n_chunks * (phase + 1)
     spins = 0
-    while atomic_load(sync, 0) < target:
+    while atomic_load(counters, 0) < target:
         spins += 1
         if spins < SPINS:
             spin_pause()

@@ -6,15 +6,12 @@ import threading
 
 import torch
 
-# A call splits its time loop over threads only when a step has at least this many
-# multiply-adds, B * 4H * P (each step ends in one or two waits for all chunks).
-# Chosen in bench/NOTES_numba.md#split-threshold; LSTM_FAST_NUMBA_SPLIT_MIN overrides it
-# (0: always split).
+# Multiply-adds per step (B * 4H * P) from which a call splits its time loop over threads
+# (bench/NOTES_numba.md#split-threshold); LSTM_FAST_NUMBA_SPLIT_MIN overrides it, 0: always.
 SPLIT_MIN = int(os.environ.get("LSTM_FAST_NUMBA_SPLIT_MIN", 65536))
 
-# The process that started numba's thread pool. A child forked from it runs its calls
-# on one thread: numba's GNU OpenMP layer aborts a forked child's first parallel launch
-# ("fork() called from a process already using GNU OpenMP").
+# The process that started numba's thread pool: a child forked from it runs on one thread, since
+# numba's GNU OpenMP layer aborts a forked child's first parallel launch (bench/NOTES_numba.md#traps).
 _pool_pid = None
 # numba's workqueue layer aborts on concurrent launches from two threads; launches are
 # serialised (calls from several threads then take turns, none crashes).
