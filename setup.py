@@ -104,7 +104,7 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["lstm_fast", "lstm_fast.backends", *SOURCES.FOLDERS],
+    packages=["lstm_fast", "lstm_fast.backends", "lstm_fast.backends.numba", *SOURCES.FOLDERS],
     package_dir=SOURCES.FOLDERS,
     package_data={"lstm_fast._csrc": ["*.h", "*.cpp", "*.py", "cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=ext_modules,

@@ -26,7 +26,8 @@ import time
 import torch
 
 import lstm_fast
-from lstm_fast.backends import get_backend, numba_cpu
+from lstm_fast.backends import get_backend
+from lstm_fast.backends.numba import threads
 
 DEFAULT = "100,32,256,256;200,8,128,128;100,1,128,128"
 
@@ -34,25 +35,25 @@ DEFAULT = "100,32,256,256;200,8,128,128;100,1,128,128"
 def _captured_launches(module, x, mode):
     """Run one call and keep the arguments of every numba launch it makes."""
     seen = []
-    real = numba_cpu._launch
+    real = threads.launch
 
-    def spy(parallel, worker, nc, *args):
-        seen.append((parallel, worker, nc, args))
-        return real(parallel, worker, nc, *args)
+    def spy(parallel, worker, n_chunks, *args):
+        seen.append((parallel, worker, n_chunks, args))
+        return real(parallel, worker, n_chunks, *args)
 
-    numba_cpu._launch = spy
+    threads.launch = spy
     try:
         _call(module, x, mode)()
     finally:
-        numba_cpu._launch = real
+        threads.launch = real
     return seen
 
 
 def _replay(launches):
     def run():
-        for parallel, worker, nc, args in launches:
+        for parallel, worker, n_chunks, args in launches:
             args[0][:] = 0  # the call's sync counters start from zero
-            numba_cpu._launch(parallel, worker, nc, *args)
+            threads.launch(parallel, worker, n_chunks, *args)
     return run
 
 

@@ -81,11 +81,11 @@ CASES = [
 def test_matches_reference(T, B, H, P, packed, reverse, dtype, split, monkeypatch):
     """split: the time loop cut into chunks of hidden units over torch's threads
     (forced for these small sizes); with one thread the chunks run one after another."""
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
     if split:
-        monkeypatch.setattr(m, "_SPLIT_MIN", 0)
-        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
+        monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)
+        monkeypatch.setattr(numba_threads, "chunk_count", lambda B, H, P: 2)
     inputs = make_inputs(T, B, H, P, dtype, packed)
     ours = run("numba", inputs, reverse)
     ref = run("reference", inputs, reverse)
@@ -130,11 +130,11 @@ def test_supports():
 
 def _split_run(monkeypatch, team=None, threads=2):
     """Run a case with the time loop split into `threads` chunks (on `team` threads)."""
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
-    monkeypatch.setattr(m, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)
     if team is not None:
-        monkeypatch.setattr(m, "_team", lambda nc: team)
+        monkeypatch.setattr(numba_threads, "team_size", lambda n_chunks: team)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -158,11 +158,16 @@ def test_threads_respected(monkeypatch):
     """Chunks follow torch.get_num_threads(); numba's own thread setting is restored."""
     import numba
 
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
     seen = []
-    real = m._launch
-    monkeypatch.setattr(m, "_launch", lambda parallel, worker, nc, *a: (seen.append(nc), real(parallel, worker, nc, *a)))
+    real = numba_threads.launch
+
+    def launch(parallel, worker, n_chunks, *args):
+        seen.append(n_chunks)
+        real(parallel, worker, n_chunks, *args)
+
+    monkeypatch.setattr(numba_threads, "launch", launch)
     numba_before = numba.get_num_threads()
     _split_run(monkeypatch, threads=1)
     assert set(seen) == {1}
@@ -173,7 +178,7 @@ def test_threads_respected(monkeypatch):
 
 
 def test_import_is_cheap():
-    code = ("import sys, lstm_fast.backends.numba_cpu as m; "
+    code = ("import sys, lstm_fast.backends.numba.backend as m; "
             "assert 'numba' not in sys.modules, 'numba imported at module import'")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env,
@@ -195,10 +200,10 @@ def test_module_fused_projection(kw, packed, dtype, split, monkeypatch):
     from torch.nn.utils.rnn import pack_sequence
 
     import lstm_fast
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
     if split:
-        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
+        monkeypatch.setattr(numba_threads, "chunk_count", lambda B, H, P: 2)
     torch.manual_seed(0)
     ref = torch.nn.LSTM(6, 20, **kw).to(dtype)
     ours = lstm_fast.LSTM.from_torch(ref, backend="numba")
@@ -227,9 +232,9 @@ def _split_module():
 def test_forked_child_runs(monkeypatch):
     """A child forked after the parent started numba's thread pool still computes
     (numba's OpenMP layer would abort its first parallel launch; it runs on one thread)."""
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
-    monkeypatch.setattr(m, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)
     ref, ours, x = _split_module()
     with torch.no_grad():
         want = ours(x)[0]
@@ -249,9 +254,9 @@ def test_concurrent_calls(monkeypatch):
     """Calls from several Python threads at once (launches take turns) all match."""
     import threading
 
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
-    monkeypatch.setattr(m, "_SPLIT_MIN", 0)
+    monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)
     ref, ours, x = _split_module()
     with torch.no_grad():
         want = ref(x)[0]
@@ -279,10 +284,10 @@ def test_concurrent_calls(monkeypatch):
 def test_weight_grads_without_input_grad(split, monkeypatch):
     """Input that needs no gradient: dx is skipped, every weight gradient still matches."""
     import lstm_fast
-    from lstm_fast.backends import numba_cpu as m
+    from lstm_fast.backends.numba import threads as numba_threads
 
     if split:
-        monkeypatch.setattr(m, "_chunks", lambda B, H, P: 2)
+        monkeypatch.setattr(numba_threads, "chunk_count", lambda B, H, P: 2)
     torch.manual_seed(0)
     ref = torch.nn.LSTM(5, 12, num_layers=2).double()
     ours = lstm_fast.LSTM.from_torch(ref, backend="numba")
@@ -300,8 +305,8 @@ def test_workqueue_layer():
     per process, so this runs in a child process), with concurrent callers."""
     code = (
         "import threading, torch, lstm_fast\n"
-        "from lstm_fast.backends import numba_cpu as m\n"
-        "m._SPLIT_MIN = 0\n"
+        "from lstm_fast.backends.numba import threads as numba_threads\n"
+        "numba_threads.SPLIT_MIN = 0\n"
         "torch.manual_seed(0)\n"
         "ref = torch.nn.LSTM(32, 32)\n"
         "ours = lstm_fast.LSTM.from_torch(ref, backend='numba')\n"
@@ -318,3 +323,79 @@ def test_workqueue_layer():
         "assert not bad\n")
     env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+
+
+def _fully_shard():
+    """torch.distributed's FSDP2 entry point, or None (it moved to torch.distributed.fsdp in 2.6)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        return None
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard
+        except ImportError:
+            return None
+    return fully_shard
+
+
+@pytest.mark.skipif(_fully_shard() is None, reason="torch.distributed with gloo and FSDP2 unavailable")
+@pytest.mark.parametrize("split", [False, True], ids=["1thread", "split"])
+def test_fsdp2_training(split, tmp_path, monkeypatch):
+    """FSDP2 (fully_shard on the LSTM and on the model; one process, gloo, world size 1)
+    trains as with torch.nn.LSTM. The backend once handed FSDP parameter storage that
+    Tensor.numpy() had made non-resizable, so FSDP could not free it after forward, and
+    returned d_h0/d_c0 in numpy-owned memory; h0 and c0 are parameters here to cover those."""
+    import copy
+
+    import torch.distributed as dist
+
+    import lstm_fast
+    from lstm_fast.backends.numba import threads as numba_threads
+
+    if split:
+        monkeypatch.setattr(numba_threads, "chunk_count", lambda B, H, P: 2)
+    fully_shard = _fully_shard()
+
+    class Model(torch.nn.Module):
+        def __init__(self, lstm, head, h0, c0):
+            super().__init__()
+            self.lstm, self.head = lstm, head
+            self.h0, self.c0 = torch.nn.Parameter(h0.clone()), torch.nn.Parameter(c0.clone())
+
+        def forward(self, x):
+            y, (h, c) = self.lstm(x, (self.h0, self.c0))
+            return self.head(y).square().mean() + h.square().mean() + c.square().mean()
+
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(6, 16, num_layers=2, proj_size=5)
+    head = torch.nn.Linear(5, 3)
+    h0, c0 = torch.randn(2, 4, 5), torch.randn(2, 4, 16)
+    x = torch.randn(7, 4, 6)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        runs = {}
+        for name in ("torch", "numba"):
+            lstm = copy.deepcopy(ref) if name == "torch" else lstm_fast.LSTM.from_torch(ref, backend="numba")
+            model = Model(lstm, copy.deepcopy(head), h0, c0)
+            fully_shard(model.lstm)
+            fully_shard(model)
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            losses = []
+            for _ in range(3):
+                loss = model(x)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            params = {n: p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+                      for n, p in model.named_parameters()}
+            runs[name] = losses, params
+    finally:
+        dist.destroy_process_group()
+    (ref_losses, ref_params), (losses, params) = runs["torch"], runs["numba"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    assert losses[-1] < losses[0]
+    assert params.keys() == ref_params.keys()
+    for n in ref_params:
+        torch.testing.assert_close(params[n], ref_params[n], rtol=1e-5, atol=1e-5, msg=n)

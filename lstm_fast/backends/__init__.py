@@ -20,7 +20,7 @@ log = logging.getLogger("lstm_fast")
 # is_available() does that.
 _SPECS = {
     "reference": ("lstm_fast.backends.reference", "ReferenceBackend"),
-    "numba": ("lstm_fast.backends.numba_cpu", "NumbaBackend"),
+    "numba": ("lstm_fast.backends.numba.backend", "NumbaBackend"),
     "cpp": ("lstm_fast.backends.compiled", "CppBackend"),
     "cuda": ("lstm_fast.backends.compiled", "CudaBackend"),
     "triton": ("lstm_fast.backends.triton_gpu", "TritonBackend"),

@@ -1,0 +1,331 @@
+"""The forward and backward time loops, one worker per thread (kernels, jitted by jit.load).
+
+Shapes: T steps, B rows, H hidden units, P state columns (= H without projection),
+G = 4H. The units are cut into n_chunks chunks: chunk c owns hidden units
+unit_cuts[c]:unit_cuts[c + 1] and state columns col_cuts[c]:col_cuts[c + 1] (the same
+cut when P = H). A worker claims chunks phase by phase (sync.py). All arrays are
+C-contiguous.
+
+The workers take their arrays in bundles (tuples, unpacked on entry):
+    flags        forward (fused, reverse, need_grad, has_proj), backward (reverse, has_proj)
+    cuts         (unit_cuts [n_chunks + 1], col_cuts [n_chunks + 1])
+    *_slabs      (weight, index [n_chunks, most], counts [n_chunks], slabs [n_chunks, size]):
+                 chunk c's slab of a weight, packed in phase 0 by gemm.pack_chunk_slab
+Plain tuples rather than namedtuples: numba types a namedtuple argument in Python
+on every call (bench/NOTES_numba.md#kernel-arguments).
+"""
+from __future__ import annotations
+
+from . import cell, gemm, sync
+
+# numba.prange once jit.load() has bound it.
+prange = range
+
+
+def copy_into(dst, src, n):
+    """dst[:n] = src[:n] as a plain loop (bench/NOTES_numba.md#traps: slice assignment is slow)."""
+    for j in range(n):
+        dst[j] = src[j]
+
+
+def forward_units(chunk, t, n_rows, h_prev, flags, cuts, inputs, gx_chunk, slab, out, saved, h_pre, product):
+    """Step t, one chunk: all four gates of its hidden units u0:u1 for the n_rows active rows,
+    then their cell and hidden update.
+
+    The input projection of row b is gx_rows[t*B + b] (gate q at q*H + u0) or, when
+    fused, the chunk's own gx_chunk[t*B + b] (gate q at q*n_units) plus bias [G].
+    slab: the chunk's W_hh slab; product [B, >= 4 n_units, padded]: scratch."""
+    fused, _, need_grad, has_proj = flags
+    unit_cuts = cuts[0]
+    u0 = unit_cuts[chunk]
+    n_units = unit_cuts[chunk + 1] - u0
+    if n_units == 0:
+        return
+    _, gx_rows, bias, _, _ = inputs
+    y, h, c = out
+    gates, cells = saved
+    B = y.shape[1]
+    H = c.shape[1]
+    # product[b] = [i | f | g | o] pre-activations (without the input projection) of the chunk's units
+    gemm.slab_gemm(h_prev, n_rows, slab, 4 * n_units, product)
+    start, stride = (0, n_units) if fused else (u0, H)
+    for b in range(n_rows):
+        zb = product[b]
+        gxb = gx_chunk[t * B + b] if fused else gx_rows[t * B + b]
+        # one pointer pair (plus bias) per loop, so that each vectorizes
+        for q in range(4):
+            zq = zb[q * n_units:(q + 1) * n_units]
+            gq = gxb[q * stride + start:q * stride + start + n_units]
+            bq = bias[q * H + u0:q * H + u0 + n_units]
+            if q == 2:
+                for j in range(n_units):
+                    zq[j] = cell.tanh(zq[j] + gq[j] + bq[j])
+            else:
+                for j in range(n_units):
+                    zq[j] = cell.sigmoid(zq[j] + gq[j] + bq[j])
+        gate_i = zb[:n_units]
+        gate_f = zb[n_units:2 * n_units]
+        gate_g = zb[2 * n_units:3 * n_units]
+        gate_o = zb[3 * n_units:4 * n_units]
+        cb = c[b, u0:u0 + n_units]
+        hb = h_pre[b, u0:u0 + n_units] if has_proj else y[t, b, u0:u0 + n_units]
+        for j in range(n_units):
+            c_new = cell.new_cell(gate_f[j], cb[j], gate_i[j], gate_g[j])
+            cb[j] = c_new
+            hb[j] = cell.new_hidden(gate_o[j], cell.tanh(c_new))
+        if not has_proj:
+            copy_into(h[b, u0:u0 + n_units], hb, n_units)
+        if need_grad:
+            gb = gates[t, b]
+            for q in range(4):
+                copy_into(gb[q * H + u0:q * H + u0 + n_units], zb[q * n_units:(q + 1) * n_units], n_units)
+            copy_into(cells[t, b, u0:u0 + n_units], cb, n_units)
+
+
+def forward_proj(chunk, t, n_rows, h_pre, slab, col_cuts, out, product):
+    """Step t, one chunk: projected state columns p0:p1 = h_pre @ W_hr[p0:p1]^T."""
+    p0 = col_cuts[chunk]
+    n_cols = col_cuts[chunk + 1] - p0
+    if n_cols == 0:
+        return
+    y, h, _ = out
+    gemm.slab_gemm(h_pre, n_rows, slab, n_cols, product)
+    for b in range(n_rows):
+        zb = product[b, :n_cols]
+        copy_into(y[t, b, p0:p0 + n_cols], zb, n_cols)
+        copy_into(h[b, p0:p0 + n_cols], zb, n_cols)
+
+
+def forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
+                   scratch):
+    """This thread's part of the forward time loop (thread: its prange index).
+
+    inputs   (x_rows [T*B, I] the layer input when fused, gx_rows [T*B, G] the
+             precomputed input projection otherwise, bias [G] (zeros when gx_rows holds
+             it), h0 [B, P], batch_sizes [T] active rows per step)
+    *_slabs  of W_ih, W_hh and W_hr, by rows: chunk c's slab of W_hh^T [P, 4 n_units]
+             (its units' gates in [i|f|g|o] blocks), of W_ih^T likewise, of
+             W_hr^T[:, p0:p1] [H, n_cols]
+    out      (y [T, B, P], rows inactive at a step untouched; h [B, P] h_n, rows at
+             their last active step; c [B, H] c0 in, c_n out)
+    saved    (gates [T, B, G], cells [T, B, H]) for backward, when need_grad
+    scratch  (gx_chunks [n_chunks, T*B, padded 4 n_units] the fused input projection,
+             computed in phase 0; h_pre [B, H]; products [n_chunks, B, padded width])
+    """
+    fused, reverse, _, has_proj = flags
+    x_rows, _, _, h0, batch_sizes = inputs
+    ih_slabs = w_ih_slabs[3]
+    hh_slabs = w_hh_slabs[3]
+    hr_slabs = w_hr_slabs[3]
+    y = out[0]
+    gx_chunks, h_pre, products = scratch
+    T = y.shape[0]
+    done = 0
+    for i in range(n_chunks):
+        chunk = (thread + i) % n_chunks
+        if sync.claim(counters, chunk, 0):
+            gemm.pack_chunk_slab(w_hh_slabs, chunk, False)
+            if has_proj:
+                gemm.pack_chunk_slab(w_hr_slabs, chunk, False)
+            if fused:
+                gemm.pack_chunk_slab(w_ih_slabs, chunk, False)
+                gemm.slab_gemm(x_rows, x_rows.shape[0], ih_slabs[chunk], w_ih_slabs[2][chunk], gx_chunks[chunk])
+            done += 1
+    sync.phase_end(counters, done, n_chunks, 0)
+    phase = 1
+    for step in range(T):
+        t = T - 1 - step if reverse else step
+        n_rows = batch_sizes[t]
+        h_prev = h0 if step == 0 else y[t + 1 if reverse else t - 1]
+        done = 0
+        for i in range(n_chunks):
+            chunk = (thread + i) % n_chunks
+            if sync.claim(counters, chunk, phase):
+                forward_units(chunk, t, n_rows, h_prev, flags, cuts, inputs, gx_chunks[chunk], hh_slabs[chunk], out,
+                              saved, h_pre, products[chunk])
+                done += 1
+        sync.phase_end(counters, done, n_chunks, phase)
+        phase += 1
+        if has_proj:
+            done = 0
+            for i in range(n_chunks):
+                chunk = (thread + i) % n_chunks
+                if sync.claim(counters, chunk, phase):
+                    forward_proj(chunk, t, n_rows, h_pre, hr_slabs[chunk], cuts[1], out, products[chunk])
+                    done += 1
+            sync.phase_end(counters, done, n_chunks, phase)
+            phase += 1
+
+
+def forward_parallel(n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
+                     scratch):
+    """forward_worker on a team of threads, one prange iteration each."""
+    for thread in prange(n_chunks):
+        forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
+                       scratch)
+
+
+def backward_carry(chunk, t_next, n_next, d_gates, slab, col_cuts, dh, product):
+    """dh[:n_next, p0:p1] = d_gates[t_next, :n_next] @ W_hh[:, p0:p1]: the gradient reaching h
+    of the step before t_next (rows not active at t_next keep theirs)."""
+    p0 = col_cuts[chunk]
+    n_cols = col_cuts[chunk + 1] - p0
+    if n_cols == 0:
+        return
+    gemm.slab_gemm(d_gates[t_next], n_next, slab, n_cols, product)
+    for b in range(n_next):
+        copy_into(dh[b, p0:p0 + n_cols], product[b, :n_cols], n_cols)
+
+
+def output_grad(chunk, t, n_rows, col_cuts, dh, grad_y, d_r):
+    """d_r[t, :n_rows, p0:p1] = dh + grad_y[t]: the gradient reaching the projected output y[t]."""
+    p0 = col_cuts[chunk]
+    p1 = col_cuts[chunk + 1]
+    for b in range(n_rows):
+        drb = d_r[t, b, p0:p1]
+        dhb = dh[b, p0:p1]
+        gyb = grad_y[t, b, p0:p1]
+        for j in range(p1 - p0):
+            drb[j] = dhb[j] + gyb[j]
+
+
+def backward_units(chunk, step, t, t_prev, n_rows, inputs, slab, unit_cuts, has_proj, grads, proj_grads, product,
+                   tanh_c, one):
+    """Step t, one chunk: gate derivatives of its units u0:u1 and dc_{t-1}; with a projection
+    first the gradient reaching h_pre, d_r[t] @ W_hr[:, u0:u1] (slab). t_prev: the step
+    before t in forward order (when step > 0). tanh_c [>= n_units]: scratch."""
+    u0 = unit_cuts[chunk]
+    n_units = unit_cuts[chunk + 1] - u0
+    if n_units == 0:
+        return
+    gates, cells, c0, grad_y, _ = inputs
+    dh, dc, d_gates = grads
+    d_r, h_pre = proj_grads
+    H = dc.shape[1]
+    if has_proj:
+        gemm.slab_gemm(d_r[t], n_rows, slab, n_units, product)
+    for b in range(n_rows):
+        gb = gates[t, b]
+        gate_i = gb[u0:u0 + n_units]
+        gate_f = gb[H + u0:H + u0 + n_units]
+        gate_g = gb[2 * H + u0:2 * H + u0 + n_units]
+        gate_o = gb[3 * H + u0:3 * H + u0 + n_units]
+        c_prev = c0[b, u0:u0 + n_units] if step == 0 else cells[t_prev, b, u0:u0 + n_units]
+        c_t = cells[t, b, u0:u0 + n_units]
+        for j in range(n_units):
+            tanh_c[j] = cell.tanh(c_t[j])
+        if has_proj:
+            hp = h_pre[t, b, u0:u0 + n_units]
+            for j in range(n_units):
+                hp[j] = cell.new_hidden(gate_o[j], tanh_c[j])
+            dh_b = product[b, :n_units]
+        else:
+            dh_b = dh[b, u0:u0 + n_units]
+            gy = grad_y[t, b, u0:u0 + n_units]
+            for j in range(n_units):
+                dh_b[j] += gy[j]
+        db = d_gates[t, b]
+        d_i = db[u0:u0 + n_units]
+        d_f = db[H + u0:H + u0 + n_units]
+        d_g = db[2 * H + u0:2 * H + u0 + n_units]
+        d_o = db[3 * H + u0:3 * H + u0 + n_units]
+        dc_b = dc[b, u0:u0 + n_units]
+        for j in range(n_units):
+            d_i[j], d_f[j], d_g[j], d_o[j], dc_b[j] = cell.cell_grads(
+                dc_b[j], dh_b[j], gate_o[j], tanh_c[j], gate_g[j], gate_i[j], c_prev[j], gate_f[j], one)
+
+
+def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads, scratch,
+                    one):
+    """This thread's part of BPTT (thread: its prange index).
+
+    inputs      (gates [T, B, G] and cells [T, B, H] saved by forward, c0 [B, H],
+                grad_y [T, B, P], batch_sizes [T])
+    *_slabs     of W_hh and W_hr, by columns: chunk c's slab of W_hh[:, p0:p1] [G, n_cols],
+                of W_hr[:, u0:u1] [P, n_units]
+    grads       (dh [B, P] grad_h_n in, d_h0 out; dc [B, H] grad_c_n in, d_c0 out;
+                d_gates [T, B, G] out, = d_gx, inactive rows untouched)
+    proj_grads  with a projection, out: (d_r [T, B, P] the gradient reaching each projected
+                output, h_pre [T, B, H] = o * tanh(c) recomputed): the operands of dW_hr
+    scratch     (products [n_chunks, B, padded width], tanh_c [n_chunks, >= n_units])
+    one         1 in the dtype of the arrays: a literal 1.0 would widen float32 math to float64
+    """
+    reverse, has_proj = flags
+    unit_cuts, col_cuts = cuts
+    gates, _, _, grad_y, batch_sizes = inputs
+    hh_slabs = w_hh_slabs[3]
+    hr_slabs = w_hr_slabs[3]
+    dh, _, d_gates = grads
+    d_r = proj_grads[0]
+    products, tanh_c = scratch
+    T = gates.shape[0]
+    done = 0
+    for i in range(n_chunks):
+        chunk = (thread + i) % n_chunks
+        if sync.claim(counters, chunk, 0):
+            gemm.pack_chunk_slab(w_hh_slabs, chunk, True)
+            if has_proj:
+                gemm.pack_chunk_slab(w_hr_slabs, chunk, True)
+            done += 1
+    sync.phase_end(counters, done, n_chunks, 0)
+    phase = 1
+    t_next = -1  # the step processed before t here (the later one in forward order)
+    for step in range(T - 1, -1, -1):
+        t = T - 1 - step if reverse else step
+        t_prev = t + 1 if reverse else t - 1  # the step before t in forward order (step > 0)
+        n_rows = batch_sizes[t]
+        # Phase 1, by state columns: finish dh (from step t_next) and, with a projection, the gradient
+        # reaching y[t]; without one the column and unit cuts coincide, so the unit phase joins it.
+        done = 0
+        for i in range(n_chunks):
+            chunk = (thread + i) % n_chunks
+            if sync.claim(counters, chunk, phase):
+                if t_next >= 0:
+                    backward_carry(chunk, t_next, batch_sizes[t_next], d_gates, hh_slabs[chunk], col_cuts, dh,
+                                   products[chunk])
+                if has_proj:
+                    output_grad(chunk, t, n_rows, col_cuts, dh, grad_y, d_r)
+                else:
+                    backward_units(chunk, step, t, t_prev, n_rows, inputs, hr_slabs[chunk], unit_cuts, has_proj, grads,
+                                   proj_grads, products[chunk], tanh_c[chunk], one)
+                done += 1
+        sync.phase_end(counters, done, n_chunks, phase)
+        phase += 1
+        if has_proj:
+            done = 0
+            for i in range(n_chunks):
+                chunk = (thread + i) % n_chunks
+                if sync.claim(counters, chunk, phase):
+                    backward_units(chunk, step, t, t_prev, n_rows, inputs, hr_slabs[chunk], unit_cuts, has_proj, grads,
+                                   proj_grads, products[chunk], tanh_c[chunk], one)
+                    done += 1
+            sync.phase_end(counters, done, n_chunks, phase)
+            phase += 1
+        t_next = t
+    # the first step's d_gates reach h0
+    done = 0
+    for i in range(n_chunks):
+        chunk = (thread + i) % n_chunks
+        if sync.claim(counters, chunk, phase):
+            backward_carry(chunk, t_next, batch_sizes[t_next], d_gates, hh_slabs[chunk], col_cuts, dh,
+                           products[chunk])
+            done += 1
+    sync.phase_end(counters, done, n_chunks, phase)
+
+
+def backward_parallel(n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads, scratch,
+                      one):
+    """backward_worker on a team of threads, one prange iteration each."""
+    for thread in prange(n_chunks):
+        backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads,
+                        scratch, one)
+
+
+KERNELS = ("copy_into", "forward_units", "forward_proj", "forward_worker", "backward_carry", "output_grad",
+           "backward_units", "backward_worker")
+PARALLEL_KERNELS = ("forward_parallel", "backward_parallel")
+
+
+def numba_bindings(numba):
+    """numba's prange for the parallel kernels."""
+    return {"prange": numba.prange}
