@@ -84,7 +84,7 @@ def extension_modules():
             try:
                 super().run()
                 return
-            except Exception as exc:  # noqa: BLE001 - report and continue
+            except Exception as exc:
                 if not with_cuda:
                     print(f"lstm_fast: WARNING: compiled extension not built ({exc}); "
                           "the cpp backend will be unavailable", file=sys.stderr)
@@ -94,7 +94,7 @@ def extension_modules():
             self.extensions = [cpu_extension()]
             try:
                 super().run()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 print(f"lstm_fast: WARNING: compiled extension not built ({exc}); "
                       "the cpp/cuda backends will be unavailable", file=sys.stderr)
 

@@ -52,7 +52,8 @@ def parse_args(argv):
     p.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"), help="compare two reports and exit")
     p.add_argument("--noise-floor", type=float, default=0.05, help="smallest relative change --compare flags")
     p.add_argument("--fail-on-regression", action="store_true", help="--compare exits 1 on a regression")
-    p.add_argument("--summary", metavar="results.json", help="print the per-backend speedup summary of a report and exit")
+    p.add_argument("--summary", metavar="results.json",
+                   help="print the per-backend speedup summary of a report and exit")
     return p.parse_args(argv)
 
 

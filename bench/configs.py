@@ -17,7 +17,7 @@ DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp64")
 class Shape:
     T: int
     B: int
-    I: int  # noqa: E741
+    I: int
     H: int
     L: int = 1
     bidir: bool = False
@@ -52,7 +52,7 @@ class Shape:
                 f"{' cell' if self.cell else ''}")
 
 
-def S(T, B, H, I=None, L=1, bidir=False, proj=0, cell=False, modes=MODES, tags=()):  # noqa: E741
+def S(T, B, H, I=None, L=1, bidir=False, proj=0, cell=False, modes=MODES, tags=()):
     return Shape(T=T, B=B, I=H if I is None else I, H=H, L=L, bidir=bidir, proj=proj, cell=cell,
                  modes=tuple(modes), tags=tuple(tags))
 

@@ -103,7 +103,8 @@ def header_md(report) -> str:
         "`fp32` on GPU = TF32 off for both",
         f"- load average start → end: {info.get('loadavg_start')} → {info.get('loadavg_end')}",
         f"- measured matmul rate (best of a square {sizes} product, at start and end): {peaks or 'not measured'}",
-        f"- baseline: {baseline_label(info, report.get('rows', ()))}, same weights (`lstm_fast.LSTM.from_torch`), input projection "
+        f"- baseline: {baseline_label(info, report.get('rows', ()))}, same weights "
+        f"(`lstm_fast.LSTM.from_torch`), input projection "
         "included on both sides; times are the median of interleaved repeats [min–max]; training = "
         "forward + backward to the input and every weight",
         f"- wall time of the run: {meta.get('wall_s', 0):.0f} s"
@@ -146,13 +147,15 @@ def detail_md(report) -> str:
             if (r["mode"], r["dtype"]) != (mode, dtype):
                 continue
             if r["status"] != "ok":
-                out.append(f"| {_config_cell(r, info)} | {r['backend']} | {r['status']} | | | | | | | {_short(r['reason'])} |")
+                out.append(f"| {_config_cell(r, info)} | {r['backend']} | {r['status']} | | | | | | | "
+                           f"{_short(r['reason'])} |")
                 continue
             check = ""
             if r.get("max_rel_err") is not None:
                 check = f"{r['max_rel_err']:.1e}" + (" ⚠ CHECK" if r.get("err_flag") else "")
             out.append(
-                f"| {_config_cell(r, info)} | {r['backend']} | {_ms(r['median_ms'])} [{_ms(r['min_ms'])}–{_ms(r['max_ms'])}]"
+                f"| {_config_cell(r, info)} | {r['backend']} | {_ms(r['median_ms'])} "
+                f"[{_ms(r['min_ms'])}–{_ms(r['max_ms'])}]"
                 f" | {_f(r.get('tokens_per_s'), '{:.3g}')} | {_f(r.get('gflops'), '{:.3g}')}"
                 f" | {_f(r.get('pct_peak'), '{:.1f}')} | {_f(r.get('x_floor'), '{:.2f}')}"
                 f" | {_f(r.get('speedup'), '{:.2f}x')}"

@@ -20,9 +20,9 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from bench import configs as cfg  # noqa: E402
-from bench.machine import TORCH_DTYPES, tf32, usable_cores  # noqa: E402
-from bench.measure import BASELINE, make_base, make_module, make_step  # noqa: E402
+from bench import configs as cfg
+from bench.machine import TORCH_DTYPES, tf32, usable_cores
+from bench.measure import BASELINE, make_base, make_module, make_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -68,7 +68,7 @@ def load() -> tuple[bool, str]:
                 return _state
             try:
                 how = _jit_build()
-            except Exception as jit_exc:  # noqa: BLE001 - reported through is_available()
+            except Exception as jit_exc:
                 _state = (False, f"lstm_fast._C is not built ({exc}) and the JIT build failed: "
                                  f"{type(jit_exc).__name__}: {jit_exc}")
                 return _state

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Optional
 
 import torch
 
 from .backends import get_backend, select_backend
-from .backends.base import (HALF_DTYPES, InputProjection, LayerSizes, LSTMState, OutputGrads, ProjectionWanted,
-                            RecurrentWeights, SequenceLayout)
+from .backends.base import (
+    HALF_DTYPES,
+    InputProjection,
+    LayerSizes,
+    LSTMState,
+    OutputGrads,
+    ProjectionWanted,
+    RecurrentWeights,
+    SequenceLayout,
+)
 from .backends.reference import ReferenceBackend
 
 _functorch = torch._C._functorch
@@ -124,7 +131,7 @@ def _recurrence_backward(gates, cells, y, grad_y, grad_hn, grad_cn, x, w_ih, b_i
     return tuple(x.new_empty(0) if g is None else g for g in d)
 
 
-_TensorOpt = Optional[torch.Tensor]
+_TensorOpt = torch.Tensor | None
 
 
 @torch.library.custom_op("lstm_fast::recurrence_backward", mutates_args=())

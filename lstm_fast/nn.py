@@ -73,7 +73,7 @@ class LSTM(_FastOptions, nn.LSTM):
         return s
 
     @classmethod
-    def from_torch(cls, module: nn.LSTM, backend: str | None = None) -> "LSTM":
+    def from_torch(cls, module: nn.LSTM, backend: str | None = None) -> LSTM:
         """An lstm_fast.LSTM with the same configuration, device, dtype and weights."""
         p = next(module.parameters())
         new = cls(module.input_size, module.hidden_size, module.num_layers, bias=module.bias,
@@ -94,7 +94,10 @@ class LSTM(_FastOptions, nn.LSTM):
 
     def _layer_weights(self, layer, direction):
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
-        get = lambda n: getattr(self, n + suffix)  # noqa: E731
+
+        def get(name):
+            return getattr(self, name + suffix)
+
         b_ih = get("bias_ih") if self.bias else None
         b_hh = get("bias_hh") if self.bias else None
         w_hr = get("weight_hr") if self.proj_size > 0 else None
@@ -128,8 +131,10 @@ class LSTM(_FastOptions, nn.LSTM):
             sorted_indices = unsorted_indices = None
 
         if hx is None:
-            zeros = lambda size: torch.zeros(self.num_layers * num_directions, max_batch_size, size,  # noqa: E731
-                                             dtype=input.dtype, device=input.device)
+            def zeros(size):
+                return torch.zeros(self.num_layers * num_directions, max_batch_size, size, dtype=input.dtype,
+                                   device=input.device)
+
             hx = (zeros(real_hidden_size), zeros(self.hidden_size))
         else:
             # nn.LSTM skips this check for packed input and fails inside its kernels;
@@ -212,7 +217,7 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
     """torch.nn.LSTMCell with the fused step; same constructor plus backend= and forget_bias=."""
 
     @classmethod
-    def from_torch(cls, module: nn.LSTMCell, backend: str | None = None) -> "LSTMCell":
+    def from_torch(cls, module: nn.LSTMCell, backend: str | None = None) -> LSTMCell:
         p = module.weight_ih
         new = cls(module.input_size, module.hidden_size, bias=module.bias, device=p.device, dtype=p.dtype,
                   backend=backend)
@@ -258,8 +263,9 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         if not is_batched:
             input = input.unsqueeze(0)
         if hx is None:
-            zeros = lambda: torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype,  # noqa: E731
-                                        device=input.device)
+            def zeros():
+                return torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+
             hx = (zeros(), zeros())  # two tensors: torch.compile refuses one tensor passed twice
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))

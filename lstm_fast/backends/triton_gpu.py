@@ -86,7 +86,7 @@ class TritonBackend(Backend):
 
     def is_available(self):
         try:
-            import triton  # noqa: F401
+            import triton
         except Exception as exc:  # ImportError, or a broken install
             return False, f"triton is not importable: {type(exc).__name__}: {exc}"
         try:
@@ -215,7 +215,7 @@ class TritonBackend(Backend):
                 continue
             h_in, h_out = (t + 1, t) if reverse else (t, t + 1)
             c_in, c_out = (h_in, h_out) if need_grad else (s % 2, (s + 1) % 2)
-            step_k.lstm_fwd_step_kernel[lambda m: (triton_cdiv(n, m["BLOCK_B"]), triton_cdiv(H, m["BLOCK_H"]))](
+            step_k.lstm_fwd_step_kernel[lambda m, n=n: (triton_cdiv(n, m["BLOCK_B"]), triton_cdiv(H, m["BLOCK_H"]))](
                 gx, w, y_ext, y_ext if hpre is None else hpre, cells, gates_arg,
                 B, n, t, h_in, h_out if hpre is None else 0, c_in, c_out,
                 H=H, P=P, B_BUCKET=bb, SAVE=need_grad, DOT_PRECISION=prec)
@@ -295,7 +295,8 @@ class TritonBackend(Backend):
                     p_dh, add_gy = dh_proj, False
                 else:
                     p_dh, add_gy = dh[k], True
-                step_k.lstm_bwd_step_kernel[lambda m: (triton_cdiv(n, m["BLOCK_B"]), triton_cdiv(P, m["BLOCK_P"]))](
+                step_k.lstm_bwd_step_kernel[lambda m, n=n: (triton_cdiv(n, m["BLOCK_B"]),
+                                                         triton_cdiv(P, m["BLOCK_P"]))](
                     gates, cells, w, p_dh, grad_y, dc[k], d_gates, dh[1 - k], dc[1 - k],
                     B, n, t, c_t, c_prev,
                     H=H, P=P, B_BUCKET=bb, ADD_GY=add_gy, DOT_PRECISION=prec)

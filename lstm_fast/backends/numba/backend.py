@@ -137,7 +137,7 @@ class NumbaBackend(Backend):
 
     def is_available(self):
         try:
-            import numba  # noqa: F401
+            import numba
         except Exception as exc:  # ImportError, or a broken install
             return False, f"numba unavailable: {type(exc).__name__}: {exc}"
         return True, f"numba {numba.__version__}"
