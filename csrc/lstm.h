@@ -48,8 +48,7 @@ struct Plan {
 // (backward passes gates here); h0 [B,P], c0 [B,H], w_hh [4H,P] and w_hr
 // [P,H] (or none) share one dtype.
 Plan make_plan(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-               const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
-               bool reverse);
+               const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse);
 
 // float for half/bfloat16, else t: the type of gates, cells and cell state.
 at::ScalarType acc_type(at::ScalarType t);
@@ -70,20 +69,18 @@ Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan);
 // d_gates [T,B,G] and y [T,B,P] in the input dtype, h0 [B,P]; d_r [T,B,P] and
 // h_pre [T,B,H] in the input dtype or undefined. Inactive rows must hold zeros
 // in d_gates / d_r. Results are fresh tensors in the weights' dtype.
-std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0,
-                                        const Tensor& d_r, const Tensor& h_pre, const Plan& plan,
-                                        const Tensor& w_hh);
+std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0, const Tensor& d_r,
+                                        const Tensor& h_pre, const Plan& plan, const Tensor& w_hh);
 
 Tensor5 lstm_forward_cpu(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                         const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
-                         bool reverse, bool need_grad);
+                         const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse,
+                         bool need_grad);
 Tensor5 lstm_forward_projected_cpu(const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& bias,
                                    const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
                                    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
                                    bool reverse, bool need_grad);
-Tensor5 lstm_backward_cpu(const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn,
-                          const Tensor& gates, const Tensor& cells, const Tensor& y, const Tensor& h0,
-                          const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
-                          const std::optional<Tensor>& batch_sizes, bool reverse);
+Tensor5 lstm_backward_cpu(const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& gates,
+                          const Tensor& cells, const Tensor& y, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                          const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse);
 
 }  // namespace lstm_fast

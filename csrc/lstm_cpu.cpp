@@ -452,8 +452,8 @@ namespace {
 
 // Shared by lstm_forward_cpu (gx given) and lstm_forward_projected_cpu (x, w_ih,
 // bias given; gx_ then only carries the sizes [T,B,4H] and the device).
-Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const Tensor& w_ih_, const Tensor& bias_,
-                    const Tensor& h0_, const Tensor& c0_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
+Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const Tensor& w_ih_, const Tensor& bias_, const Tensor& h0_,
+                    const Tensor& c0_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
                     const std::optional<Tensor>& batch_sizes, bool reverse, bool need_grad) {
   const Plan p = make_plan(gx_, h0_, c0_, w_hh_, w_hr_, batch_sizes, reverse);
   const bool fused = x_.defined();
@@ -475,8 +475,8 @@ Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const Tensor& w_ih_, co
   Tensor hpre = proj ? at::empty({B, H}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_forward_cpu", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    forward_loop<scalar_t>(p, ptr(gx), ptr(x), I, ptr(w_ih), ptr(bias), ptr(h0), ptr(c), ptr(w_hh), ptr(w_hr),
-                           ptr(y), need_grad ? ptr(gates) : nullptr, need_grad ? ptr(cells) : nullptr, ptr(hpre));
+    forward_loop<scalar_t>(p, ptr(gx), ptr(x), I, ptr(w_ih), ptr(bias), ptr(h0), ptr(c), ptr(w_hh), ptr(w_hr), ptr(y),
+                           need_grad ? ptr(gates) : nullptr, need_grad ? ptr(cells) : nullptr, ptr(hpre));
   });
   Tensor h_n = final_hidden(y, h0, p);
   return {y, h_n, c, gates, cells};
@@ -485,8 +485,8 @@ Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const Tensor& w_ih_, co
 }  // namespace
 
 Tensor5 lstm_forward_cpu(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                         const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
-                         bool reverse, bool need_grad) {
+                         const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse,
+                         bool need_grad) {
   check_cpu(gx, "gx");
   return forward_cpu(gx, Tensor(), Tensor(), Tensor(), h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad);
 }
@@ -510,13 +510,12 @@ Tensor5 lstm_forward_projected_cpu(const Tensor& x, const Tensor& w_ih, const st
   }
   // sizes [T, B, 4H] and x's device for the plan, without memory
   const Tensor shape = at::empty({1}, x.options()).expand({x.size(0), x.size(1), w_ih.size(0)});
-  return forward_cpu(shape, x, w_ih, has_bias ? *bias : Tensor(), h0, c0, w_hh, w_hr, batch_sizes, reverse,
-                     need_grad);
+  return forward_cpu(shape, x, w_ih, has_bias ? *bias : Tensor(), h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad);
 }
 
-Tensor5 lstm_backward_cpu(const Tensor& grad_y_, const Tensor& grad_hn, const Tensor& grad_cn,
-                          const Tensor& gates_, const Tensor& cells_, const Tensor& y_, const Tensor& h0_,
-                          const Tensor& c0_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
+Tensor5 lstm_backward_cpu(const Tensor& grad_y_, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& gates_,
+                          const Tensor& cells_, const Tensor& y_, const Tensor& h0_, const Tensor& c0_,
+                          const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
                           const std::optional<Tensor>& batch_sizes, bool reverse) {
   const Plan p = make_plan(gates_, h0_, c0_, w_hh_, w_hr_, batch_sizes, reverse);
   check_backward_inputs(p, grad_y_, grad_hn, grad_cn, gates_, cells_, y_, h0_);
@@ -536,8 +535,8 @@ Tensor5 lstm_backward_cpu(const Tensor& grad_y_, const Tensor& grad_hn, const Te
   Tensor dhbuf = proj ? at::empty({B, H}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_backward_cpu", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    backward_loop<scalar_t>(p, ptr(grad_y), ptr(dh), ptr(dc), ptr(gates), ptr(cells), ptr(c0), ptr(w_hh),
-                            ptr(w_hr), ptr(d_gx), ptr(d_r), ptr(hpre), ptr(dhbuf));
+    backward_loop<scalar_t>(p, ptr(grad_y), ptr(dh), ptr(dc), ptr(gates), ptr(cells), ptr(c0), ptr(w_hh), ptr(w_hr),
+                            ptr(d_gx), ptr(d_r), ptr(hpre), ptr(dhbuf));
   });
   auto [d_w_hh, d_w_hr] = weight_grads(d_gx, y, h0, d_r, hpre, p, w_hh);
   if (!proj) d_w_hr = at::empty({0}, opts);

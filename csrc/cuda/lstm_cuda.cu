@@ -8,7 +8,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -16,6 +15,7 @@
 // cuBLAS/cuSPARSE headers, which a minimal CUDA toolkit lacks.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "lstm.h"
@@ -48,8 +48,7 @@ __global__ void forward_step_kernel(acc_t* zg, const scalar_t* __restrict__ gx, 
                                     scalar_t* __restrict__ h, acc_t* __restrict__ cell, int64_t n, int64_t H,
                                     bool keep_gates) {
   const int64_t total = n * H;
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
-       e += (int64_t)gridDim.x * blockDim.x) {
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = e / H, j = e - b * H;
     const int64_t r = b * 4 * H + j;
     const acc_t i = sigmoid_(zg[r] + static_cast<acc_t>(gx[r]));
@@ -79,11 +78,10 @@ __global__ void forward_step_kernel(acc_t* zg, const scalar_t* __restrict__ gx, 
 template <typename scalar_t, typename acc_t>
 __global__ void backward_step_kernel(const acc_t* __restrict__ gates, const acc_t* __restrict__ cell,
                                      const acc_t* __restrict__ cprev, const acc_t* __restrict__ dh,
-                                     const scalar_t* __restrict__ gy, acc_t* __restrict__ dc,
-                                     scalar_t* __restrict__ dg, scalar_t* __restrict__ hpre, int64_t n, int64_t H) {
+                                     const scalar_t* __restrict__ gy, acc_t* __restrict__ dc, scalar_t* __restrict__ dg,
+                                     scalar_t* __restrict__ hpre, int64_t n, int64_t H) {
   const int64_t total = n * H;
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
-       e += (int64_t)gridDim.x * blockDim.x) {
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = e / H, j = e - b * H;
     const int64_t r = b * 4 * H + j;
     const acc_t i = gates[r], f = gates[r + H], g = gates[r + 2 * H], o = gates[r + 3 * H];
@@ -185,8 +183,8 @@ void backward_stepwise(const Plan& p, const Tensor& grad_y, Tensor& dh, Tensor& 
     const acc_t* dh_in = dh.const_data_ptr<acc_t>();
     if (proj) {
       Tensor drt = d_r.select(0, t).narrow(0, 0, n);
-      add_kernel<scalar_t, acc_t><<<blocks_for(n * P), kThreads, 0, stream>>>(dh_in, gy, drt.data_ptr<scalar_t>(),
-                                                                             n * P);
+      add_kernel<scalar_t, acc_t>
+          <<<blocks_for(n * P), kThreads, 0, stream>>>(dh_in, gy, drt.data_ptr<scalar_t>(), n * P);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       Tensor dhb = dhbuf.narrow(0, 0, n);
       gemm(drt, w_hr, dhb);
@@ -241,8 +239,7 @@ Tensor5 lstm_forward_cuda(const Tensor& gx_, const Tensor& h0_, const Tensor& c0
         forward_stepwise<scalar_t>(p, gx, h0, c, w_hh, w_hr, y, gates, cells, z, hpre, need_grad);
       });
       break;
-    case Algo::kPersistent:
-      TORCH_CHECK(false, "lstm_fast cuda: the persistent kernel is not available in this build");
+    case Algo::kPersistent: TORCH_CHECK(false, "lstm_fast cuda: the persistent kernel is not available in this build");
   }
   Tensor h_n = final_hidden(y, h0, p);
   Tensor c_n = c.to(gx.scalar_type(), false, /*copy=*/c.scalar_type() != gx.scalar_type());
