@@ -29,42 +29,41 @@
 #include <vector>
 
 #include "lstm.h"
+#include "lstm_cell.h"
 
 namespace lstm_fast {
-namespace {
 
 using at::vec::Vectorized;
 
-// float: ATen's inline polynomial exp_u20 (<= 20 ulp, no Sleef call) for both
-// sigmoid and tanh; the activations then cost a small part of a step next to
-// the GEMM. double: Sleef's 1-ulp exp/tanh (float64 is for exactness).
+// The cell math of lstm_cell.h on ATen's vectors. float: ATen's inline
+// polynomial exp_u20 (<= 20 ulp, no Sleef call) for both sigmoid and tanh;
+// the activations then cost a small part of a step next to the GEMM. double:
+// Sleef's 1-ulp exp/tanh (float64 is for exactness).
 template <typename T>
-inline Vectorized<T> vexp(const Vectorized<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-    // exp_u20 clamps its input with min/max, which turn NaN into a number: put
-    // NaN back so that it propagates as in torch.nn.LSTM.
-    return Vectorized<T>::blendv(x.exp_u20(), x, x.isnan());
-  } else {
-    return x.exp();
+struct CellMath<Vectorized<T>> {
+  using V = Vectorized<T>;
+  static V exp(const V& x) {
+    if constexpr (std::is_same_v<T, float>) {
+      // exp_u20 clamps its input with min/max, which turn NaN into a number: put
+      // NaN back so that it propagates as in torch.nn.LSTM.
+      return V::blendv(x.exp_u20(), x, x.isnan());
+    } else {
+      return x.exp();
+    }
   }
-}
-
-template <typename T>
-inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
-  const Vectorized<T> one(T(1));
-  return one / (one + vexp(x.neg()));
-}
-
-// tanh(x) = 2 sigmoid(2x) - 1 for float (absolute error ~1e-7 near 0).
-template <typename T>
-inline Vectorized<T> vtanh(const Vectorized<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-    const Vectorized<T> two(T(2));
-    return two * sigmoid(two * x) - Vectorized<T>(T(1));
-  } else {
-    return x.tanh();
+  // tanh(x) = 2 sigmoid(2x) - 1 for float (absolute error ~1e-7 near 0).
+  static V tanh(const V& x) {
+    if constexpr (std::is_same_v<T, float>) {
+      const V two(T(2));
+      return two * sigmoid(two * x) - V(T(1));
+    } else {
+      return x.tanh();
+    }
   }
-}
+  static V fmadd(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+};
+
+namespace {
 
 // One row's hidden units [j0, j0+nj) of the forward step, in vector chunks
 // (tail by count). Each gate block q of a row sits at q*zs in z, q*xs in gx
@@ -84,20 +83,18 @@ void forward_row(const T* z, int64_t zs, const T* gx, int64_t xs, T* c, T* h, T*
   constexpr int64_t L = V::size();
   for (int64_t j = 0; j < nj; j += L) {
     const int64_t cnt = std::min<int64_t>(L, nj - j);
-    const V i = sigmoid(V::loadu(z + j, cnt) + V::loadu(gx + j, cnt));
-    const V f = sigmoid(V::loadu(z + zs + j, cnt) + V::loadu(gx + xs + j, cnt));
-    const V g = vtanh(V::loadu(z + 2 * zs + j, cnt) + V::loadu(gx + 2 * xs + j, cnt));
-    const V o = sigmoid(V::loadu(z + 3 * zs + j, cnt) + V::loadu(gx + 3 * xs + j, cnt));
-    const V cn = at::vec::fmadd(f, V::loadu(c + j, cnt), i * g);
-    const V hn = o * vtanh(cn);
-    cn.store(c + j, cnt);
-    hn.store(h + j, cnt);
-    if (cell) cn.store(cell + j, cnt);
+    const CellForward<V> a = cell_forward(
+        V::loadu(z + j, cnt) + V::loadu(gx + j, cnt), V::loadu(z + zs + j, cnt) + V::loadu(gx + xs + j, cnt),
+        V::loadu(z + 2 * zs + j, cnt) + V::loadu(gx + 2 * xs + j, cnt),
+        V::loadu(z + 3 * zs + j, cnt) + V::loadu(gx + 3 * xs + j, cnt), V::loadu(c + j, cnt));
+    a.c.store(c + j, cnt);
+    a.h.store(h + j, cnt);
+    if (cell) a.c.store(cell + j, cnt);
     if (gates) {
-      i.store(gates + j, cnt);
-      f.store(gates + gs + j, cnt);
-      g.store(gates + 2 * gs + j, cnt);
-      o.store(gates + 3 * gs + j, cnt);
+      a.i.store(gates + j, cnt);
+      a.f.store(gates + gs + j, cnt);
+      a.g.store(gates + 2 * gs + j, cnt);
+      a.o.store(gates + 3 * gs + j, cnt);
     }
   }
 }
@@ -115,21 +112,20 @@ void backward_row(const T* gates, int64_t gs, const T* cell, const T* cprev, con
                   T* hpre, int64_t nj) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  const V one(T(1));
   for (int64_t j = 0; j < nj; j += L) {
     const int64_t cnt = std::min<int64_t>(L, nj - j);
-    const V i = V::loadu(gates + j, cnt), f = V::loadu(gates + gs + j, cnt);
-    const V g = V::loadu(gates + 2 * gs + j, cnt), o = V::loadu(gates + 3 * gs + j, cnt);
-    const V tc = vtanh(V::loadu(cell + j, cnt));
     V d_h = V::loadu(dh + j, cnt);
     if (gy) d_h = d_h + V::loadu(gy + j, cnt);
-    const V d_c = at::vec::fmadd(d_h * o, one - tc * tc, V::loadu(dc + j, cnt));
-    (d_c * g * i * (one - i)).store(dg + j, cnt);
-    (d_c * V::loadu(cprev + j, cnt) * f * (one - f)).store(dg + gs + j, cnt);
-    (d_c * i * (one - g * g)).store(dg + 2 * gs + j, cnt);
-    (d_h * tc * o * (one - o)).store(dg + 3 * gs + j, cnt);
-    (d_c * f).store(dc + j, cnt);
-    if (hpre) (o * tc).store(hpre + j, cnt);
+    const CellBackward<V> d =
+        cell_backward(V::loadu(gates + j, cnt), V::loadu(gates + gs + j, cnt), V::loadu(gates + 2 * gs + j, cnt),
+                      V::loadu(gates + 3 * gs + j, cnt), V::loadu(cell + j, cnt), V::loadu(cprev + j, cnt), d_h,
+                      V::loadu(dc + j, cnt));
+    d.di.store(dg + j, cnt);
+    d.df.store(dg + gs + j, cnt);
+    d.dg.store(dg + 2 * gs + j, cnt);
+    d.do_.store(dg + 3 * gs + j, cnt);
+    d.dc_prev.store(dc + j, cnt);
+    if (hpre) d.h_pre.store(hpre + j, cnt);
   }
 }
 

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "lstm.h"
+#include "lstm_cell.h"
 
 namespace lstm_fast {
 namespace {
@@ -26,15 +27,6 @@ namespace {
 // Threads per block of the pointwise kernels: a common choice for
 // memory-bound elementwise kernels; not tuned yet (no GPU measurement so far).
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float exp_(float x) { return expf(x); }
-__device__ __forceinline__ double exp_(double x) { return exp(x); }
-__device__ __forceinline__ float tanh_(float x) { return tanhf(x); }
-__device__ __forceinline__ double tanh_(double x) { return tanh(x); }
-template <typename T>
-__device__ __forceinline__ T sigmoid_(T x) {
-  return T(1) / (T(1) + exp_(-x));
-}
 
 // Forward step for n active rows; one thread per (row b, hidden unit j).
 //   zg    [n,4H] in: h_{t-1} @ W_hh^T; out: activations i,f,g,o when keep_gates
@@ -51,19 +43,17 @@ __global__ void forward_step_kernel(acc_t* zg, const scalar_t* __restrict__ gx, 
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = e / H, j = e - b * H;
     const int64_t r = b * 4 * H + j;
-    const acc_t i = sigmoid_(zg[r] + static_cast<acc_t>(gx[r]));
-    const acc_t f = sigmoid_(zg[r + H] + static_cast<acc_t>(gx[r + H]));
-    const acc_t g = tanh_(zg[r + 2 * H] + static_cast<acc_t>(gx[r + 2 * H]));
-    const acc_t o = sigmoid_(zg[r + 3 * H] + static_cast<acc_t>(gx[r + 3 * H]));
-    const acc_t cn = f * c[e] + i * g;
-    c[e] = cn;
-    h[e] = static_cast<scalar_t>(o * tanh_(cn));
-    if (cell) cell[e] = cn;
+    const CellForward<acc_t> a = cell_forward<acc_t>(
+        zg[r] + static_cast<acc_t>(gx[r]), zg[r + H] + static_cast<acc_t>(gx[r + H]),
+        zg[r + 2 * H] + static_cast<acc_t>(gx[r + 2 * H]), zg[r + 3 * H] + static_cast<acc_t>(gx[r + 3 * H]), c[e]);
+    c[e] = a.c;
+    h[e] = static_cast<scalar_t>(a.h);
+    if (cell) cell[e] = a.c;
     if (keep_gates) {
-      zg[r] = i;
-      zg[r + H] = f;
-      zg[r + 2 * H] = g;
-      zg[r + 3 * H] = o;
+      zg[r] = a.i;
+      zg[r + H] = a.f;
+      zg[r + 2 * H] = a.g;
+      zg[r + 3 * H] = a.o;
     }
   }
 }
@@ -84,17 +74,16 @@ __global__ void backward_step_kernel(const acc_t* __restrict__ gates, const acc_
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = e / H, j = e - b * H;
     const int64_t r = b * 4 * H + j;
-    const acc_t i = gates[r], f = gates[r + H], g = gates[r + 2 * H], o = gates[r + 3 * H];
-    const acc_t tc = tanh_(cell[e]);
     acc_t d_h = dh[e];
     if (gy) d_h += static_cast<acc_t>(gy[e]);
-    const acc_t d_c = dc[e] + d_h * o * (acc_t(1) - tc * tc);
-    dg[r] = static_cast<scalar_t>(d_c * g * i * (acc_t(1) - i));
-    dg[r + H] = static_cast<scalar_t>(d_c * cprev[e] * f * (acc_t(1) - f));
-    dg[r + 2 * H] = static_cast<scalar_t>(d_c * i * (acc_t(1) - g * g));
-    dg[r + 3 * H] = static_cast<scalar_t>(d_h * tc * o * (acc_t(1) - o));
-    dc[e] = d_c * f;
-    if (hpre) hpre[e] = static_cast<scalar_t>(o * tc);
+    const CellBackward<acc_t> d =
+        cell_backward<acc_t>(gates[r], gates[r + H], gates[r + 2 * H], gates[r + 3 * H], cell[e], cprev[e], d_h, dc[e]);
+    dg[r] = static_cast<scalar_t>(d.di);
+    dg[r + H] = static_cast<scalar_t>(d.df);
+    dg[r + 2 * H] = static_cast<scalar_t>(d.dg);
+    dg[r + 3 * H] = static_cast<scalar_t>(d.do_);
+    dc[e] = d.dc_prev;
+    if (hpre) hpre[e] = static_cast<scalar_t>(d.h_pre);
   }
 }
 
