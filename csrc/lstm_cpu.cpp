@@ -14,7 +14,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -23,7 +22,6 @@
 #include <omp.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -207,7 +205,7 @@ void pack_slab(Slab<T>& s, int which, int64_t K, int64_t M, int64_t sk, F col) {
 template <typename T, int MR, int NP>
 inline void micro_kernel(const T* a, int64_t lda, const Slab<T>& s, int64_t p0, T* c, int64_t ldc) {
   using V = Vectorized<T>;
-  constexpr int64_t L = V::size(), PW = 2 * L;
+  constexpr int64_t L = V::size(), PW = panel_width<T>();
   const int64_t K = s.K;
   const T* w = s.data + p0 * K * PW;
   V acc[MR][2 * NP];

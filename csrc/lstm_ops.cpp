@@ -4,7 +4,6 @@
 // (lstm_fast/_ops.py) so that torch.compile can trace the ops.
 #include <Python.h>
 
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 

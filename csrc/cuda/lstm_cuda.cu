@@ -111,13 +111,6 @@ void gemm(const Tensor& a, const Tensor& w_op, Tensor& out) {
   }
 }
 
-// Which CUDA algorithm runs a call. Only the per-step one exists; a persistent
-// kernel (weights resident in shared memory/registers across steps) is the
-// planned second entry, chosen here by measured size thresholds.
-enum class Algo { kStepwise, kPersistent };
-
-Algo choose_algo(const Plan&, at::ScalarType) { return Algo::kStepwise; }
-
 // Outputs and scratch of one forward call (acc_t: see the top of this file).
 struct ForwardBuffers {
   Tensor y;             // [T,B,P] out
@@ -133,7 +126,7 @@ template <typename scalar_t>
 void forward_stepwise(const Plan& p, const Tensor& gx, const Tensor& h0, const RecurrentWeights& w,
                       ForwardBuffers& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = p.B, H = p.H, P = p.P;
+  const int64_t H = p.H;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool proj = w.has_proj();
   const Tensor w_hh_t = w.w_hh.t();
@@ -155,8 +148,6 @@ void forward_stepwise(const Plan& p, const Tensor& gx, const Tensor& h0, const R
       gemm(hout, w_hr_t, yt);
     }
   }
-  (void)B;
-  (void)P;
 }
 
 // Outputs and scratch of one backward call.
@@ -236,13 +227,8 @@ Tensor5 lstm_forward_cuda(const Tensor& gx_, const LSTMState& init, const Recurr
   out.z = need_grad ? Tensor() : at::empty({B, G}, acc_opts);
   out.hpre = proj ? at::empty({B, H}, opts) : Tensor();
   out.need_grad = need_grad;
-  switch (choose_algo(p, gx.scalar_type())) {
-    case Algo::kStepwise:
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "lstm_forward_cuda",
-                                      [&] { forward_stepwise<scalar_t>(p, gx, h0, w, out); });
-      break;
-    case Algo::kPersistent: TORCH_CHECK(false, "lstm_fast cuda: the persistent kernel is not available in this build");
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "lstm_forward_cuda",
+                                  [&] { forward_stepwise<scalar_t>(p, gx, h0, w, out); });
   Tensor h_n = final_hidden(out.y, h0, p);
   Tensor c_n = out.c.to(gx.scalar_type(), false, /*copy=*/out.c.scalar_type() != gx.scalar_type());
   return {out.y, h_n, c_n, out.gates, out.cells};
