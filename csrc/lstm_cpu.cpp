@@ -34,9 +34,9 @@ namespace lstm_fast {
 using at::vec::Vectorized;
 
 // The cell math of lstm_cell.h on ATen's vectors. float: ATen's inline
-// polynomial exp_u20 (<= 20 ulp, no Sleef call) for both sigmoid and tanh;
-// the activations then cost a small part of a step next to the GEMM. double:
-// Sleef's 1-ulp exp/tanh (float64 is for exactness).
+// polynomial exp_u20 (<= 20 ulp, no Sleef call) for both sigmoid and tanh,
+// faster than Sleef's calls (bench/NOTES_cpp.md#activations). double: Sleef's
+// 1-ulp exp/tanh (float64 is for exactness).
 template <typename T>
 struct CellMath<Vectorized<T>> {
   using V = Vectorized<T>;
@@ -134,9 +134,8 @@ void backward_row(const T* gates, int64_t gs, const T* cell, const T* cprev, con
 // and keeps S packed once per call in panels of PW = 2 vectors of columns:
 // panel p is [K][PW] contiguous (columns past M zero). The kernel holds an
 // MR x (NP panels) block of c in registers and streams K: per k one broadcast
-// of a[r, k] per row and 2*NP vector loads of S. On this 2-core EPYC (1 thread)
-// it ran the per-step shapes 1.3-3x faster than MKL's sgemm_ called per step
-// (B=1 is a GEMV, where MKL's call overhead and layout dominate).
+// of a[r, k] per row and 2*NP vector loads of S. Faster than a BLAS call per
+// step at these shapes: bench/NOTES_cpp.md#per-step-product.
 
 template <typename T>
 struct Slab {
@@ -145,14 +144,10 @@ struct Slab {
   std::unique_ptr<T[]> owned;
 };
 
-// Slabs up to this many bytes reuse a buffer kept by the thread (the loop's
-// threads are the OpenMP pool's, which live on): a fresh buffer of that size
-// comes from mmap and page-faults on every call. Forward op, T=1, B=1, 1 thread:
-// H=8 19 -> 12 us, H=128 60 -> 46 us per call. The faults dominate short calls
-// with large weights too (lstm_fast.LSTM, T=1, 1 thread, 2-core EPYC, timed by a
-// script outside bench/: B=8 H=512 8.0 -> 1.7 ms, B=1 H=1024 26 -> 9.8 ms when this
-// went from 1 MiB to 64 MiB), so the cap only bounds what a pool thread keeps: at
-// most three weight-sized slabs.
+// Slabs up to this many bytes reuse a buffer kept by the (long-lived) OpenMP
+// pool thread: a fresh one comes from mmap and page-faults on every call. 64 MiB:
+// short calls with large weights ran 2.7-4.7x faster than with 1 MiB
+// (bench/NOTES_cpp.md#slab-cache); a pool thread keeps at most three slabs.
 constexpr size_t kSlabCacheBytes = size_t(1) << 26;
 
 template <typename T>
@@ -286,13 +281,11 @@ std::pair<int64_t, int64_t> split_range(int64_t N, int k, int nt) {
   return {std::min(N, u0 * L), std::min(N, u1 * L)};
 }
 
-// Threads for one call's time loop. Each step ends in a barrier (1, or 2 with
-// a projection), so splitting pays only when a step has enough work: n*4H*P
-// multiply-adds. T=100, fp32, 2 threads vs 1 on the idle 2-core EPYC (per step,
-// forward / backward): 1024 (B=1,H=16) 0.78x / 0.91x; 4096 (B=1,H=32) 1.11x /
-// 1.16x; 9216 (B=1,H=48) 1.28x / 1.19x; 65536 (B=1,H=128) 1.57x / 1.66x; B=32,
-// H=256 1.77x / 1.64x. Hence 8192. LSTM_FAST_CPU_SPLIT_MIN overrides it (0:
-// always split).
+// Threads for one call's time loop. Each step ends in a barrier (two with a
+// projection), so splitting pays only when a step has enough work: B*4H*P
+// multiply-adds of at least 8192, between where 2 threads lost (1024) and won
+// (4096 and up) on the 2-core EPYC (bench/NOTES_cpp.md#split-threshold).
+// LSTM_FAST_CPU_SPLIT_MIN overrides it (0: always split).
 int loop_threads(int64_t B, int64_t H, int64_t P) {
   static const int64_t min_work = [] {
     const char* env = std::getenv("LSTM_FAST_CPU_SPLIT_MIN");
@@ -346,7 +339,7 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
       const int64_t rows = p.T * B;
       gxc.reset(new T[rows * M]);
       // rows in blocks whose slice of x (~128 KiB of float) stays in L2 across the
-      // panels: the block size numba's _slab_gemm measured, not re-tuned here
+      // panels: the block size numba's _slab_gemm measured (bench/NOTES_cpp.md#input-projection)
       const int64_t rb = std::max<int64_t>(6, (int64_t(32768) / std::max<int64_t>(d.I, 1)) / 6 * 6);
       for (int64_t r0 = 0; r0 < rows; r0 += rb) {
         slab_gemm<T>(std::min(rb, rows - r0), d.x + r0 * d.I, d.I, s_ih, gxc.get() + r0 * M, M);

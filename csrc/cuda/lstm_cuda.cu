@@ -1,10 +1,11 @@
 // CUDA implementation. Per step: the recurrent GEMM through ATen (cuBLAS on
 // the current stream, input dtype in, fp32 out for half/bfloat16), then ONE
 // fused kernel for gx add, activations and the state update (forward) or for
-// the gate derivatives (backward). One templated kernel body per direction
-// serves float64, float32, float16 and bfloat16: scalar_t is the storage type,
-// acc_t = at::opmath_type<scalar_t> (float for the 16-bit types) is the type
-// of all arithmetic, of the cell state and of the saved gates/cells.
+// the gate derivatives (backward), their math from lstm_cell.h. One templated
+// kernel body per direction serves float64, float32, float16 and bfloat16:
+// scalar_t is the storage type, acc_t = at::opmath_type<scalar_t> (float for
+// the 16-bit types) is the type of all arithmetic, of the cell state and of
+// the saved gates/cells.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
