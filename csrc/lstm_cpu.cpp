@@ -144,10 +144,9 @@ struct Slab {
   std::unique_ptr<T[]> owned;
 };
 
-// Slabs up to this many bytes reuse a buffer kept by the (long-lived) OpenMP
-// pool thread: a fresh one comes from mmap and page-faults on every call. 64 MiB:
-// short calls with large weights ran 2.7-4.7x faster than with 1 MiB
-// (bench/NOTES_cpp.md#slab-cache); a pool thread keeps at most three slabs.
+// Slabs up to this many bytes reuse a buffer kept by the (long-lived) OpenMP pool
+// thread, as a fresh one page-faults on every call; at most three per thread.
+// 64 MiB ran short calls with large weights 2.7-4.7x faster than 1 MiB (bench/NOTES_cpp.md#slab-cache).
 constexpr size_t kSlabCacheBytes = size_t(1) << 26;
 
 template <typename T>
@@ -281,14 +280,13 @@ std::pair<int64_t, int64_t> split_range(int64_t N, int k, int nt) {
   return {std::min(N, u0 * L), std::min(N, u1 * L)};
 }
 
-// Threads for one call's time loop. Each step ends in a barrier (two with a
-// projection), so splitting pays only when a step has enough work: B*4H*P
-// multiply-adds of at least 8192, between where 2 threads lost (1024) and won
-// (4096 and up) on the 2-core EPYC (bench/NOTES_cpp.md#split-threshold).
-// LSTM_FAST_CPU_SPLIT_MIN overrides it (0: always split).
+// Threads for one call's time loop: a split adds a barrier per step, so it pays only
+// from enough multiply-adds (B*4H*P) per step. LSTM_FAST_CPU_SPLIT_MIN overrides the
+// threshold (0: always split).
 int loop_threads(int64_t B, int64_t H, int64_t P) {
   static const int64_t min_work = [] {
     const char* env = std::getenv("LSTM_FAST_CPU_SPLIT_MIN");
+    // 2 threads lost at 1024 and won from 4096 on the 2-core EPYC (bench/NOTES_cpp.md#split-threshold)
     return env ? std::atoll(env) : int64_t(8192);
   }();
   const int64_t nt = at::get_num_threads();
