@@ -33,31 +33,65 @@ namespace lstm_fast {
 using at::Tensor;
 using Tensor5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// Sizes and per-step active rows of one call, validated once on the host.
-struct Plan {
+// Argument bundles: the NamedTuples of lstm_fast/backends/base.py, same names
+// and fields, so that the C++ and Python sides name things alike.
+
+// Sizes of one call.
+struct LayerSizes {
   int64_t T = 0, B = 0, H = 0, P = 0;
-  bool reverse = false;
   bool packed = false;
+  bool reverse = false;
+};
+
+// A state: h [B,P], c [B,H] (the initial one, h0 and c0, in the ops).
+struct LSTMState {
+  Tensor h, c;
+};
+
+// w_hh [4H,P]; w_hr [P,H], or none without a projection.
+struct RecurrentWeights {
+  Tensor w_hh;
+  std::optional<Tensor> w_hr;
+  bool has_proj() const { return w_hr.has_value() && w_hr->defined(); }
+};
+
+// gx = x [T,B,I] @ w_ih^T [4H,I] + bias [4H] (or no bias).
+struct InputProjection {
+  Tensor w_ih;
+  std::optional<Tensor> bias;
+};
+
+// batch_sizes: a CPU int64 tensor [T] for packed input, or none; reverse:
+// process t = T-1 .. 0.
+struct SequenceLayout {
+  std::optional<Tensor> batch_sizes;
+  bool reverse = false;
+};
+
+// Upstream gradients of the outputs: y [T,B,P], h_n [B,P], c_n [B,H].
+struct OutputGrads {
+  Tensor y, h_n, c_n;
+};
+
+// Sizes and per-step active rows of one call, validated once on the host.
+struct Plan : LayerSizes {
   // order[s]: time index processed at step s; active[s]: rows 0..active[s)-1
   // take part in that step. active is non-increasing in s.
   std::vector<int64_t> order, active;
 };
 
-// Checks shapes, dtypes and devices and reads batch_sizes (a CPU int64 tensor
-// [T], or none) into plan.active. gx gives only sizes [T,B,4H] and the device
-// (backward passes gates here); h0 [B,P], c0 [B,H], w_hh [4H,P] and w_hr
-// [P,H] (or none) share one dtype.
-Plan make_plan(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-               const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
-               bool reverse);
+// Checks shapes, dtypes and devices and reads seq.batch_sizes into
+// plan.active. gx gives only sizes [T,B,4H] and the device (backward passes
+// gates here); the state and the weights share one dtype.
+Plan make_plan(const Tensor& gx, const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq);
 
 // float for half/bfloat16, else t: the type of gates, cells and cell state.
 at::ScalarType acc_type(at::ScalarType t);
 // gx [T,B,4H] must have h0's dtype.
 void check_forward_inputs(const Tensor& gx, const Tensor& h0);
 // Shapes/dtypes of lstm_backward's inputs against the plan (see the schema above).
-void check_backward_inputs(const Plan& plan, const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn,
-                           const Tensor& gates, const Tensor& cells, const Tensor& y, const Tensor& h0);
+void check_backward_inputs(const Plan& plan, const OutputGrads& grads, const Tensor& gates, const Tensor& cells,
+                           const Tensor& y, const Tensor& h0);
 
 // h_n [B,P] from y [T,B,P] and h0 [B,P]: each row's output at its last active
 // step, h0 for rows never active. Returns a fresh tensor.
@@ -70,20 +104,44 @@ Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan);
 // d_gates [T,B,G] and y [T,B,P] in the input dtype, h0 [B,P]; d_r [T,B,P] and
 // h_pre [T,B,H] in the input dtype or undefined. Inactive rows must hold zeros
 // in d_gates / d_r. Results are fresh tensors in the weights' dtype.
-std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0,
-                                        const Tensor& d_r, const Tensor& h_pre, const Plan& plan,
-                                        const Tensor& w_hh);
+std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0, const Tensor& d_r,
+                                        const Tensor& h_pre, const Plan& plan, const Tensor& w_hh);
 
-Tensor5 lstm_forward_cpu(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                         const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
-                         bool reverse, bool need_grad);
-Tensor5 lstm_forward_projected_cpu(const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& bias,
-                                   const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                                   const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
-                                   bool reverse, bool need_grad);
-Tensor5 lstm_backward_cpu(const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn,
-                          const Tensor& gates, const Tensor& cells, const Tensor& y, const Tensor& h0,
-                          const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
-                          const std::optional<Tensor>& batch_sizes, bool reverse);
+// The implementations of the ops (CPU here; CUDA in cuda/lstm_cuda.cu), on bundles.
+Tensor5 lstm_forward_cpu(const Tensor& gx, const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq,
+                         bool need_grad);
+Tensor5 lstm_forward_projected_cpu(const Tensor& x, const InputProjection& in, const LSTMState& init,
+                                   const RecurrentWeights& w, const SequenceLayout& seq, bool need_grad);
+Tensor5 lstm_backward_cpu(const OutputGrads& grads, const Tensor& gates, const Tensor& cells, const Tensor& y,
+                          const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq);
+
+// Op entry points: the schemas' flat arguments, bundled for an implementation.
+// TORCH_LIBRARY_IMPL registers e.g. &forward_op<lstm_forward_cpu>.
+using ForwardImpl = Tensor5 (*)(const Tensor&, const LSTMState&, const RecurrentWeights&, const SequenceLayout&, bool);
+using ForwardProjectedImpl = Tensor5 (*)(const Tensor&, const InputProjection&, const LSTMState&,
+                                         const RecurrentWeights&, const SequenceLayout&, bool);
+using BackwardImpl = Tensor5 (*)(const OutputGrads&, const Tensor&, const Tensor&, const Tensor&, const LSTMState&,
+                                 const RecurrentWeights&, const SequenceLayout&);
+
+template <ForwardImpl impl>
+Tensor5 forward_op(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                   const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse,
+                   bool need_grad) {
+  return impl(gx, {h0, c0}, {w_hh, w_hr}, {batch_sizes, reverse}, need_grad);
+}
+
+template <ForwardProjectedImpl impl>
+Tensor5 forward_projected_op(const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& bias, const Tensor& h0,
+                             const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                             const std::optional<Tensor>& batch_sizes, bool reverse, bool need_grad) {
+  return impl(x, {w_ih, bias}, {h0, c0}, {w_hh, w_hr}, {batch_sizes, reverse}, need_grad);
+}
+
+template <BackwardImpl impl>
+Tensor5 backward_op(const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& gates,
+                    const Tensor& cells, const Tensor& y, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse) {
+  return impl({grad_y, grad_hn, grad_cn}, gates, cells, y, {h0, c0}, {w_hh, w_hr}, {batch_sizes, reverse});
+}
 
 }  // namespace lstm_fast

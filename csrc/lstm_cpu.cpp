@@ -14,7 +14,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -23,48 +22,46 @@
 #include <omp.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
 
 #include "lstm.h"
+#include "lstm_cell.h"
 
 namespace lstm_fast {
-namespace {
 
 using at::vec::Vectorized;
 
-// float: ATen's inline polynomial exp_u20 (<= 20 ulp, no Sleef call) for both
-// sigmoid and tanh; the activations then cost a small part of a step next to
-// the GEMM. double: Sleef's 1-ulp exp/tanh (float64 is for exactness).
+// The cell math of lstm_cell.h on ATen's vectors. float: ATen's inline
+// polynomial exp_u20 (<= 20 ulp, no Sleef call) for both sigmoid and tanh,
+// faster than Sleef's calls (bench/NOTES_cpp.md#activations). double: Sleef's
+// 1-ulp exp/tanh (float64 is for exactness).
 template <typename T>
-inline Vectorized<T> vexp(const Vectorized<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-    // exp_u20 clamps its input with min/max, which turn NaN into a number: put
-    // NaN back so that it propagates as in torch.nn.LSTM.
-    return Vectorized<T>::blendv(x.exp_u20(), x, x.isnan());
-  } else {
-    return x.exp();
+struct CellMath<Vectorized<T>> {
+  using V = Vectorized<T>;
+  static V exp(const V& x) {
+    if constexpr (std::is_same_v<T, float>) {
+      // exp_u20 clamps its input with min/max, which turn NaN into a number: put
+      // NaN back so that it propagates as in torch.nn.LSTM.
+      return V::blendv(x.exp_u20(), x, x.isnan());
+    } else {
+      return x.exp();
+    }
   }
-}
-
-template <typename T>
-inline Vectorized<T> sigmoid(const Vectorized<T>& x) {
-  const Vectorized<T> one(T(1));
-  return one / (one + vexp(x.neg()));
-}
-
-// tanh(x) = 2 sigmoid(2x) - 1 for float (absolute error ~1e-7 near 0).
-template <typename T>
-inline Vectorized<T> vtanh(const Vectorized<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-    const Vectorized<T> two(T(2));
-    return two * sigmoid(two * x) - Vectorized<T>(T(1));
-  } else {
-    return x.tanh();
+  // tanh(x) = 2 sigmoid(2x) - 1 for float (absolute error ~1e-7 near 0).
+  static V tanh(const V& x) {
+    if constexpr (std::is_same_v<T, float>) {
+      const V two(T(2));
+      return two * sigmoid(two * x) - V(T(1));
+    } else {
+      return x.tanh();
+    }
   }
-}
+  static V fmadd(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+};
+
+namespace {
 
 // One row's hidden units [j0, j0+nj) of the forward step, in vector chunks
 // (tail by count). Each gate block q of a row sits at q*zs in z, q*xs in gx
@@ -84,20 +81,18 @@ void forward_row(const T* z, int64_t zs, const T* gx, int64_t xs, T* c, T* h, T*
   constexpr int64_t L = V::size();
   for (int64_t j = 0; j < nj; j += L) {
     const int64_t cnt = std::min<int64_t>(L, nj - j);
-    const V i = sigmoid(V::loadu(z + j, cnt) + V::loadu(gx + j, cnt));
-    const V f = sigmoid(V::loadu(z + zs + j, cnt) + V::loadu(gx + xs + j, cnt));
-    const V g = vtanh(V::loadu(z + 2 * zs + j, cnt) + V::loadu(gx + 2 * xs + j, cnt));
-    const V o = sigmoid(V::loadu(z + 3 * zs + j, cnt) + V::loadu(gx + 3 * xs + j, cnt));
-    const V cn = at::vec::fmadd(f, V::loadu(c + j, cnt), i * g);
-    const V hn = o * vtanh(cn);
-    cn.store(c + j, cnt);
-    hn.store(h + j, cnt);
-    if (cell) cn.store(cell + j, cnt);
+    const CellForward<V> a = cell_forward(
+        V::loadu(z + j, cnt) + V::loadu(gx + j, cnt), V::loadu(z + zs + j, cnt) + V::loadu(gx + xs + j, cnt),
+        V::loadu(z + 2 * zs + j, cnt) + V::loadu(gx + 2 * xs + j, cnt),
+        V::loadu(z + 3 * zs + j, cnt) + V::loadu(gx + 3 * xs + j, cnt), V::loadu(c + j, cnt));
+    a.c.store(c + j, cnt);
+    a.h.store(h + j, cnt);
+    if (cell) a.c.store(cell + j, cnt);
     if (gates) {
-      i.store(gates + j, cnt);
-      f.store(gates + gs + j, cnt);
-      g.store(gates + 2 * gs + j, cnt);
-      o.store(gates + 3 * gs + j, cnt);
+      a.i.store(gates + j, cnt);
+      a.f.store(gates + gs + j, cnt);
+      a.g.store(gates + 2 * gs + j, cnt);
+      a.o.store(gates + 3 * gs + j, cnt);
     }
   }
 }
@@ -115,21 +110,20 @@ void backward_row(const T* gates, int64_t gs, const T* cell, const T* cprev, con
                   T* hpre, int64_t nj) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  const V one(T(1));
   for (int64_t j = 0; j < nj; j += L) {
     const int64_t cnt = std::min<int64_t>(L, nj - j);
-    const V i = V::loadu(gates + j, cnt), f = V::loadu(gates + gs + j, cnt);
-    const V g = V::loadu(gates + 2 * gs + j, cnt), o = V::loadu(gates + 3 * gs + j, cnt);
-    const V tc = vtanh(V::loadu(cell + j, cnt));
     V d_h = V::loadu(dh + j, cnt);
     if (gy) d_h = d_h + V::loadu(gy + j, cnt);
-    const V d_c = at::vec::fmadd(d_h * o, one - tc * tc, V::loadu(dc + j, cnt));
-    (d_c * g * i * (one - i)).store(dg + j, cnt);
-    (d_c * V::loadu(cprev + j, cnt) * f * (one - f)).store(dg + gs + j, cnt);
-    (d_c * i * (one - g * g)).store(dg + 2 * gs + j, cnt);
-    (d_h * tc * o * (one - o)).store(dg + 3 * gs + j, cnt);
-    (d_c * f).store(dc + j, cnt);
-    if (hpre) (o * tc).store(hpre + j, cnt);
+    const CellBackward<V> d =
+        cell_backward(V::loadu(gates + j, cnt), V::loadu(gates + gs + j, cnt), V::loadu(gates + 2 * gs + j, cnt),
+                      V::loadu(gates + 3 * gs + j, cnt), V::loadu(cell + j, cnt), V::loadu(cprev + j, cnt), d_h,
+                      V::loadu(dc + j, cnt));
+    d.di.store(dg + j, cnt);
+    d.df.store(dg + gs + j, cnt);
+    d.dg.store(dg + 2 * gs + j, cnt);
+    d.do_.store(dg + 3 * gs + j, cnt);
+    d.dc_prev.store(dc + j, cnt);
+    if (hpre) d.h_pre.store(hpre + j, cnt);
   }
 }
 
@@ -140,9 +134,8 @@ void backward_row(const T* gates, int64_t gs, const T* cell, const T* cprev, con
 // and keeps S packed once per call in panels of PW = 2 vectors of columns:
 // panel p is [K][PW] contiguous (columns past M zero). The kernel holds an
 // MR x (NP panels) block of c in registers and streams K: per k one broadcast
-// of a[r, k] per row and 2*NP vector loads of S. On this 2-core EPYC (1 thread)
-// it ran the per-step shapes 1.3-3x faster than MKL's sgemm_ called per step
-// (B=1 is a GEMV, where MKL's call overhead and layout dominate).
+// of a[r, k] per row and 2*NP vector loads of S. Faster than a BLAS call per
+// step at these shapes: bench/NOTES_cpp.md#per-step-product.
 
 template <typename T>
 struct Slab {
@@ -151,14 +144,9 @@ struct Slab {
   std::unique_ptr<T[]> owned;
 };
 
-// Slabs up to this many bytes reuse a buffer kept by the thread (the loop's
-// threads are the OpenMP pool's, which live on): a fresh buffer of that size
-// comes from mmap and page-faults on every call. Forward op, T=1, B=1, 1 thread:
-// H=8 19 -> 12 us, H=128 60 -> 46 us per call. The faults dominate short calls
-// with large weights too (lstm_fast.LSTM, T=1, 1 thread, 2-core EPYC, timed by a
-// script outside bench/: B=8 H=512 8.0 -> 1.7 ms, B=1 H=1024 26 -> 9.8 ms when this
-// went from 1 MiB to 64 MiB), so the cap only bounds what a pool thread keeps: at
-// most three weight-sized slabs.
+// Slabs up to this many bytes reuse a buffer kept by the (long-lived) OpenMP pool
+// thread, as a fresh one page-faults on every call; at most three per thread.
+// 64 MiB ran short calls with large weights 2.7-4.7x faster than 1 MiB (bench/NOTES_cpp.md#slab-cache).
 constexpr size_t kSlabCacheBytes = size_t(1) << 26;
 
 template <typename T>
@@ -211,7 +199,7 @@ void pack_slab(Slab<T>& s, int which, int64_t K, int64_t M, int64_t sk, F col) {
 template <typename T, int MR, int NP>
 inline void micro_kernel(const T* a, int64_t lda, const Slab<T>& s, int64_t p0, T* c, int64_t ldc) {
   using V = Vectorized<T>;
-  constexpr int64_t L = V::size(), PW = 2 * L;
+  constexpr int64_t L = V::size(), PW = panel_width<T>();
   const int64_t K = s.K;
   const T* w = s.data + p0 * K * PW;
   V acc[MR][2 * NP];
@@ -292,16 +280,13 @@ std::pair<int64_t, int64_t> split_range(int64_t N, int k, int nt) {
   return {std::min(N, u0 * L), std::min(N, u1 * L)};
 }
 
-// Threads for one call's time loop. Each step ends in a barrier (1, or 2 with
-// a projection), so splitting pays only when a step has enough work: n*4H*P
-// multiply-adds. T=100, fp32, 2 threads vs 1 on the idle 2-core EPYC (per step,
-// forward / backward): 1024 (B=1,H=16) 0.78x / 0.91x; 4096 (B=1,H=32) 1.11x /
-// 1.16x; 9216 (B=1,H=48) 1.28x / 1.19x; 65536 (B=1,H=128) 1.57x / 1.66x; B=32,
-// H=256 1.77x / 1.64x. Hence 8192. LSTM_FAST_CPU_SPLIT_MIN overrides it (0:
-// always split).
+// Threads for one call's time loop: a split adds a barrier per step, so it pays only
+// from enough multiply-adds (B*4H*P) per step. LSTM_FAST_CPU_SPLIT_MIN overrides the
+// threshold (0: always split).
 int loop_threads(int64_t B, int64_t H, int64_t P) {
   static const int64_t min_work = [] {
     const char* env = std::getenv("LSTM_FAST_CPU_SPLIT_MIN");
+    // 2 threads lost at 1024 and won from 4096 on the 2-core EPYC (bench/NOTES_cpp.md#split-threshold)
     return env ? std::atoll(env) : int64_t(8192);
   }();
   const int64_t nt = at::get_num_threads();
@@ -309,19 +294,26 @@ int loop_threads(int64_t B, int64_t H, int64_t P) {
   return B * 4 * H * P >= min_work ? (int)nt : 1;
 }
 
+// Data of one forward call, for forward_loop: contiguous, distinct buffers.
+template <typename T>
+struct ForwardData {
+  // [T,B,4H], or nullptr when x is given: then x [T*B,I] @ w_ih^T [4H,I] + bias
+  // ([4H] or nullptr) is computed first, each thread for its own gate columns
+  const T* gx = nullptr;
+  const T *x = nullptr, *w_ih = nullptr, *bias = nullptr;
+  int64_t I = 0;
+  const T* h0 = nullptr;                     // [B,P]
+  T* c = nullptr;                            // [B,H] in: c0, out: c_n (inactive rows keep theirs)
+  const T *w_hh = nullptr, *w_hr = nullptr;  // [4H,P]; [P,H] or nullptr
+  T* y = nullptr;                            // [T,B,P] out (inactive rows untouched, pre-zeroed by the caller)
+  T *gates = nullptr, *cells = nullptr;      // [T,B,4H], [T,B,H] out, or both nullptr
+  T* hpre = nullptr;                         // [B,H] scratch when w_hr is set
+};
+
 // Forward time loop. Each thread owns hidden units [j0, j1) (and, with a
 // projection, output columns [p0, p1)); one barrier per step publishes h_t.
-// Pointers (all contiguous, distinct unless noted):
-//   gx [T,B,4H], or nullptr when x is given: then x [T*B, I] @ w_ih^T [4H, I] + bias
-//      ([4H] or nullptr) is computed first, each thread for its own gate columns
-//   h0 [B,P]; c [B,H] in: c0, out: c_n (inactive rows keep theirs)
-//   w_hh [4H,P]; w_hr [P,H] or nullptr
-//   y [T,B,P] out (inactive rows untouched, pre-zeroed by the caller)
-//   gates [T,B,4H] out or nullptr; cells [T,B,H] out or nullptr (both or none)
-//   hpre [B,H] scratch when w_hr is set
 template <typename T>
-void forward_loop(const Plan& p, const T* gx, const T* x, int64_t I, const T* w_ih, const T* bias, const T* h0, T* c,
-                  const T* w_hh, const T* w_hr, T* y, T* gates, T* cells, T* hpre) {
+void forward_loop(const Plan& p, const ForwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
 #pragma omp parallel num_threads(nt_req)
@@ -333,28 +325,28 @@ void forward_loop(const Plan& p, const T* gx, const T* x, int64_t I, const T* w_
     // Slab column q*nj + jj is W_hh row q*H + j0 + jj: the four gates of this
     // thread's units side by side, so z comes out in [i | f | g | o] blocks.
     Slab<T> s_hh, s_hr;
-    pack_slab(s_hh, 0, P, M, 1, [&](int64_t m) { return w_hh + ((m / nj) * H + j0 + m % nj) * P; });
-    if (w_hr) pack_slab(s_hr, 1, H, p1 - p0, 1, [&](int64_t m) { return w_hr + (p0 + m) * H; });
+    pack_slab(s_hh, 0, P, M, 1, [&](int64_t m) { return d.w_hh + ((m / nj) * H + j0 + m % nj) * P; });
+    if (d.w_hr) pack_slab(s_hr, 1, H, p1 - p0, 1, [&](int64_t m) { return d.w_hr + (p0 + m) * H; });
     std::vector<T> z(B * M);
     // With x: this thread's gate columns of the input projection for every row,
     // [T*B, M] in z's column order, bias added.
     std::unique_ptr<T[]> gxc;
-    if (x && M > 0) {
+    if (d.x && M > 0) {
       Slab<T> s_ih;
-      pack_slab(s_ih, 2, I, M, 1, [&](int64_t m) { return w_ih + ((m / nj) * H + j0 + m % nj) * I; });
+      pack_slab(s_ih, 2, d.I, M, 1, [&](int64_t m) { return d.w_ih + ((m / nj) * H + j0 + m % nj) * d.I; });
       const int64_t rows = p.T * B;
       gxc.reset(new T[rows * M]);
       // rows in blocks whose slice of x (~128 KiB of float) stays in L2 across the
-      // panels: the block size numba's _slab_gemm measured, not re-tuned here
-      const int64_t rb = std::max<int64_t>(6, (int64_t(32768) / std::max<int64_t>(I, 1)) / 6 * 6);
+      // panels: the block size numba's _slab_gemm measured (bench/NOTES_cpp.md#input-projection)
+      const int64_t rb = std::max<int64_t>(6, (int64_t(32768) / std::max<int64_t>(d.I, 1)) / 6 * 6);
       for (int64_t r0 = 0; r0 < rows; r0 += rb) {
-        slab_gemm<T>(std::min(rb, rows - r0), x + r0 * I, I, s_ih, gxc.get() + r0 * M, M);
+        slab_gemm<T>(std::min(rb, rows - r0), d.x + r0 * d.I, d.I, s_ih, gxc.get() + r0 * M, M);
       }
-      if (bias) {
+      if (d.bias) {
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t q = 0; q < 4; ++q) {
             T* dst = gxc.get() + r * M + q * nj;
-            const T* src = bias + q * H + j0;
+            const T* src = d.bias + q * H + j0;
             for (int64_t jj = 0; jj < nj; ++jj) dst[jj] += src[jj];
           }
       }
@@ -362,39 +354,48 @@ void forward_loop(const Plan& p, const T* gx, const T* x, int64_t I, const T* w_
     for (int64_t s = 0; s < p.T; ++s) {
       const int64_t t = p.order[s], n = p.active[s];
       if (n == 0) break;  // active only shrinks
-      const T* hprev = s == 0 ? h0 : y + p.order[s - 1] * B * P;
+      const T* hprev = s == 0 ? d.h0 : d.y + p.order[s - 1] * B * P;
       slab_gemm<T>(n, hprev, P, s_hh, z.data(), M);
-      T* hout = w_hr ? hpre : y + t * B * P;
+      T* hout = d.w_hr ? d.hpre : d.y + t * B * P;
       // input projection rows of this step: row stride, gate stride
-      const T* gxt = x ? gxc.get() + t * B * M : gx + t * B * G + j0;
-      const int64_t g_row = x ? M : G, g_gate = x ? nj : H;
-      T* cellt = cells ? cells + t * B * H + j0 : nullptr;
-      T* gt = gates ? gates + t * B * G + j0 : nullptr;
+      const T* gxt = d.x ? gxc.get() + t * B * M : d.gx + t * B * G + j0;
+      const int64_t g_row = d.x ? M : G, g_gate = d.x ? nj : H;
+      T* cellt = d.cells ? d.cells + t * B * H + j0 : nullptr;
+      T* gt = d.gates ? d.gates + t * B * G + j0 : nullptr;
       for (int64_t b = 0; b < n && nj > 0; ++b) {
-        forward_row<T>(z.data() + b * M, nj, gxt + b * g_row, g_gate, c + b * H + j0, hout + b * H + j0,
+        forward_row<T>(z.data() + b * M, nj, gxt + b * g_row, g_gate, d.c + b * H + j0, hout + b * H + j0,
                        cellt ? cellt + b * H : nullptr, gt ? gt + b * G : nullptr, H, nj);
       }
-      if (w_hr) {
+      if (d.w_hr) {
 #pragma omp barrier
-        slab_gemm<T>(n, hpre, H, s_hr, y + t * B * P + p0, P);
+        slab_gemm<T>(n, d.hpre, H, s_hr, d.y + t * B * P + p0, P);
       }
 #pragma omp barrier
     }
   }
 }
 
+// Data of one backward call, for backward_loop: contiguous, distinct buffers.
+template <typename T>
+struct BackwardData {
+  const T* grad_y = nullptr;                   // [T,B,P]
+  T* dh = nullptr;                             // [B,P] in: grad_hn, out: d_h0
+  T* dc = nullptr;                             // [B,H] in: grad_cn, out: d_c0
+  const T *gates = nullptr, *cells = nullptr;  // [T,B,4H], [T,B,H] from forward
+  const T* c0 = nullptr;                       // [B,H]
+  const T *w_hh = nullptr, *w_hr = nullptr;    // [4H,P]; [P,H] or nullptr
+  T* d_gx = nullptr;                           // [T,B,4H] out (inactive rows untouched, pre-zeroed by the caller)
+  T *d_r = nullptr, *hpre = nullptr;           // [T,B,P], [T,B,H] out, only with w_hr
+  T* dhbuf = nullptr;                          // [B,H] scratch, only with w_hr
+};
+
 // Backward time loop, processing order reversed. Each thread owns hidden units
 // [j0, j1) for the gate derivatives and columns [p0, p1) of dh_{t-1} =
 // dgates @ W_hh; without a projection the two ranges coincide (P = H), so a
 // thread reads next step only the dh columns it wrote: one barrier per step
-// (all of dgates before the product). Pointers (contiguous, distinct):
-//   grad_y [T,B,P]; dh [B,P] in: grad_hn, out: d_h0; dc [B,H] in: grad_cn, out: d_c0
-//   gates [T,B,4H], cells [T,B,H] from forward; c0 [B,H]; w_hh [4H,P]; w_hr [P,H] or nullptr
-//   d_gx [T,B,4H] out (inactive rows untouched, pre-zeroed by the caller)
-//   d_r [T,B,P], hpre [T,B,H] out and dhbuf [B,H] scratch, only with w_hr
+// (all of dgates before the product).
 template <typename T>
-void backward_loop(const Plan& p, const T* grad_y, T* dh, T* dc, const T* gates, const T* cells, const T* c0,
-                   const T* w_hh, const T* w_hr, T* d_gx, T* d_r, T* hpre, T* dhbuf) {
+void backward_loop(const Plan& p, const BackwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
 #pragma omp parallel num_threads(nt_req)
@@ -404,38 +405,38 @@ void backward_loop(const Plan& p, const T* grad_y, T* dh, T* dc, const T* gates,
     const auto [p0, p1] = split_range<T>(P, k, nt);
     const int64_t nj = j1 - j0;
     Slab<T> s_hh, s_hr;
-    pack_slab(s_hh, 0, G, p1 - p0, P, [&](int64_t m) { return w_hh + p0 + m; });
-    if (w_hr) pack_slab(s_hr, 1, P, nj, H, [&](int64_t m) { return w_hr + j0 + m; });
+    pack_slab(s_hh, 0, G, p1 - p0, P, [&](int64_t m) { return d.w_hh + p0 + m; });
+    if (d.w_hr) pack_slab(s_hr, 1, P, nj, H, [&](int64_t m) { return d.w_hr + j0 + m; });
     for (int64_t s = p.T - 1; s >= 0; --s) {
       const int64_t t = p.order[s], n = p.active[s];
       if (n == 0) continue;
-      const T* cprev = s == 0 ? c0 : cells + p.order[s - 1] * B * H;
-      const T* gyt = grad_y + t * B * P;
-      const T* dh_in = dh;
+      const T* cprev = s == 0 ? d.c0 : d.cells + p.order[s - 1] * B * H;
+      const T* gyt = d.grad_y + t * B * P;
+      const T* dh_in = d.dh;
       const T* gy_in = gyt;
-      if (w_hr) {
+      if (d.w_hr) {
         // d_r = dh + grad_y reaches y_t = W_hr h_pre; then back through W_hr.
-        T* drt = d_r + t * B * P;
+        T* drt = d.d_r + t * B * P;
         for (int64_t b = 0; b < n; ++b)
-          for (int64_t e = p0; e < p1; ++e) drt[b * P + e] = dh[b * P + e] + gyt[b * P + e];
+          for (int64_t e = p0; e < p1; ++e) drt[b * P + e] = d.dh[b * P + e] + gyt[b * P + e];
 #pragma omp barrier
-        slab_gemm<T>(n, drt, P, s_hr, dhbuf + j0, H);
-        dh_in = dhbuf;
+        slab_gemm<T>(n, drt, P, s_hr, d.dhbuf + j0, H);
+        dh_in = d.dhbuf;
         gy_in = nullptr;
       }
-      const T* gt = gates + t * B * G + j0;
-      const T* ct = cells + t * B * H + j0;
-      T* dgt = d_gx + t * B * G;
-      T* hpt = hpre ? hpre + t * B * H + j0 : nullptr;
+      const T* gt = d.gates + t * B * G + j0;
+      const T* ct = d.cells + t * B * H + j0;
+      T* dgt = d.d_gx + t * B * G;
+      T* hpt = d.hpre ? d.hpre + t * B * H + j0 : nullptr;
       for (int64_t b = 0; b < n && nj > 0; ++b) {
         backward_row<T>(gt + b * G, H, ct + b * H, cprev + b * H + j0, dh_in + b * H + j0,
-                        gy_in ? gy_in + b * P + j0 : nullptr, dc + b * H + j0, dgt + b * G + j0,
+                        gy_in ? gy_in + b * P + j0 : nullptr, d.dc + b * H + j0, dgt + b * G + j0,
                         hpt ? hpt + b * H : nullptr, nj);
       }
 #pragma omp barrier
       // dh_{t-1}[:, p0:p1] = dgates @ W_hh[:, p0:p1]; with a projection the next
       // step's d_r reads only these columns before its barrier.
-      slab_gemm<T>(n, dgt, G, s_hh, dh + p0, P);
+      slab_gemm<T>(n, dgt, G, s_hh, d.dh + p0, P);
     }
   }
 }
@@ -446,37 +447,44 @@ void check_cpu(const Tensor& t, const char* name) {
               "lstm_fast cpu: float32 and float64 only, got ", t.scalar_type());
 }
 
-}  // namespace
-
-namespace {
-
-// Shared by lstm_forward_cpu (gx given) and lstm_forward_projected_cpu (x, w_ih,
-// bias given; gx_ then only carries the sizes [T,B,4H] and the device).
-Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const Tensor& w_ih_, const Tensor& bias_,
-                    const Tensor& h0_, const Tensor& c0_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
-                    const std::optional<Tensor>& batch_sizes, bool reverse, bool need_grad) {
-  const Plan p = make_plan(gx_, h0_, c0_, w_hh_, w_hr_, batch_sizes, reverse);
+// Shared by lstm_forward_cpu (gx given) and lstm_forward_projected_cpu (x and
+// its projection given; gx_ then only carries the sizes [T,B,4H] and the device).
+Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const InputProjection& in, const LSTMState& init,
+                    const RecurrentWeights& w, const SequenceLayout& seq, bool need_grad) {
+  const Plan p = make_plan(gx_, init, w, seq);
   const bool fused = x_.defined();
-  check_forward_inputs(fused ? x_ : gx_, h0_);
-  check_cpu(h0_, "h0");
-  const bool proj = w_hr_.has_value() && w_hr_->defined();
-  const Tensor gx = fused ? Tensor() : gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
-  const Tensor x = fused ? x_.contiguous() : Tensor(), w_ih = fused ? w_ih_.contiguous() : Tensor();
-  const Tensor bias = bias_.defined() ? bias_.contiguous() : Tensor();
-  const int64_t I = fused ? x.size(2) : 0;
-  const Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  check_forward_inputs(fused ? x_ : gx_, init.h);
+  check_cpu(init.h, "h0");
+  const bool proj = w.has_proj();
+  const Tensor gx = fused ? Tensor() : gx_.contiguous(), h0 = init.h.contiguous(), w_hh = w.w_hh.contiguous();
+  const Tensor x = fused ? x_.contiguous() : Tensor(), w_ih = fused ? in.w_ih.contiguous() : Tensor();
+  const Tensor bias = in.bias.has_value() && in.bias->defined() ? in.bias->contiguous() : Tensor();
+  const Tensor w_hr = proj ? w.w_hr->contiguous() : Tensor();
   const auto opts = h0.options();
   const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
   auto alloc = [&](at::IntArrayRef sizes) { return p.packed ? at::zeros(sizes, opts) : at::empty(sizes, opts); };
   Tensor y = alloc({T, B, P});
-  Tensor c = c0_.clone(at::MemoryFormat::Contiguous);
+  Tensor c = init.c.clone(at::MemoryFormat::Contiguous);
   Tensor gates = need_grad ? alloc({T, B, G}) : at::empty({0}, opts);
   Tensor cells = need_grad ? alloc({T, B, H}) : at::empty({0}, opts);
   Tensor hpre = proj ? at::empty({B, H}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_forward_cpu", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    forward_loop<scalar_t>(p, ptr(gx), ptr(x), I, ptr(w_ih), ptr(bias), ptr(h0), ptr(c), ptr(w_hh), ptr(w_hr),
-                           ptr(y), need_grad ? ptr(gates) : nullptr, need_grad ? ptr(cells) : nullptr, ptr(hpre));
+    ForwardData<scalar_t> d;
+    d.gx = ptr(gx);
+    d.x = ptr(x);
+    d.w_ih = ptr(w_ih);
+    d.bias = ptr(bias);
+    d.I = fused ? x.size(2) : 0;
+    d.h0 = ptr(h0);
+    d.c = ptr(c);
+    d.w_hh = ptr(w_hh);
+    d.w_hr = ptr(w_hr);
+    d.y = ptr(y);
+    d.gates = need_grad ? ptr(gates) : nullptr;
+    d.cells = need_grad ? ptr(cells) : nullptr;
+    d.hpre = ptr(hpre);
+    forward_loop<scalar_t>(p, d);
   });
   Tensor h_n = final_hidden(y, h0, p);
   return {y, h_n, c, gates, cells};
@@ -484,17 +492,16 @@ Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const Tensor& w_ih_, co
 
 }  // namespace
 
-Tensor5 lstm_forward_cpu(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                         const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
-                         bool reverse, bool need_grad) {
+Tensor5 lstm_forward_cpu(const Tensor& gx, const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq,
+                         bool need_grad) {
   check_cpu(gx, "gx");
-  return forward_cpu(gx, Tensor(), Tensor(), Tensor(), h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad);
+  return forward_cpu(gx, Tensor(), InputProjection{}, init, w, seq, need_grad);
 }
 
-Tensor5 lstm_forward_projected_cpu(const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& bias,
-                                   const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                                   const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
-                                   bool reverse, bool need_grad) {
+Tensor5 lstm_forward_projected_cpu(const Tensor& x, const InputProjection& in, const LSTMState& init,
+                                   const RecurrentWeights& w, const SequenceLayout& seq, bool need_grad) {
+  const Tensor& w_ih = in.w_ih;
+  const std::optional<Tensor>& bias = in.bias;
   check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 3, "lstm_fast: x must be [T, B, I], got ", x.sizes());
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(1) == x.size(2) && w_ih.size(0) % 4 == 0 && w_ih.size(0) > 0,
@@ -510,34 +517,43 @@ Tensor5 lstm_forward_projected_cpu(const Tensor& x, const Tensor& w_ih, const st
   }
   // sizes [T, B, 4H] and x's device for the plan, without memory
   const Tensor shape = at::empty({1}, x.options()).expand({x.size(0), x.size(1), w_ih.size(0)});
-  return forward_cpu(shape, x, w_ih, has_bias ? *bias : Tensor(), h0, c0, w_hh, w_hr, batch_sizes, reverse,
-                     need_grad);
+  return forward_cpu(shape, x, in, init, w, seq, need_grad);
 }
 
-Tensor5 lstm_backward_cpu(const Tensor& grad_y_, const Tensor& grad_hn, const Tensor& grad_cn,
-                          const Tensor& gates_, const Tensor& cells_, const Tensor& y_, const Tensor& h0_,
-                          const Tensor& c0_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
-                          const std::optional<Tensor>& batch_sizes, bool reverse) {
-  const Plan p = make_plan(gates_, h0_, c0_, w_hh_, w_hr_, batch_sizes, reverse);
-  check_backward_inputs(p, grad_y_, grad_hn, grad_cn, gates_, cells_, y_, h0_);
-  check_cpu(h0_, "h0");
-  const bool proj = w_hr_.has_value() && w_hr_->defined();
-  const Tensor grad_y = grad_y_.contiguous(), gates = gates_.contiguous(), cells = cells_.contiguous();
-  const Tensor y = y_.contiguous(), h0 = h0_.contiguous(), c0 = c0_.contiguous(), w_hh = w_hh_.contiguous();
-  const Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+Tensor5 lstm_backward_cpu(const OutputGrads& grads, const Tensor& gates_, const Tensor& cells_, const Tensor& y_,
+                          const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq) {
+  const Plan p = make_plan(gates_, init, w, seq);
+  check_backward_inputs(p, grads, gates_, cells_, y_, init.h);
+  check_cpu(init.h, "h0");
+  const bool proj = w.has_proj();
+  const Tensor grad_y = grads.y.contiguous(), gates = gates_.contiguous(), cells = cells_.contiguous();
+  const Tensor y = y_.contiguous(), h0 = init.h.contiguous(), c0 = init.c.contiguous(), w_hh = w.w_hh.contiguous();
+  const Tensor w_hr = proj ? w.w_hr->contiguous() : Tensor();
   const auto opts = h0.options();
   const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
   auto alloc = [&](at::IntArrayRef sizes) { return p.packed ? at::zeros(sizes, opts) : at::empty(sizes, opts); };
   Tensor d_gx = alloc({T, B, G});
-  Tensor dh = grad_hn.clone(at::MemoryFormat::Contiguous);
-  Tensor dc = grad_cn.clone(at::MemoryFormat::Contiguous);
+  Tensor dh = grads.h_n.clone(at::MemoryFormat::Contiguous);
+  Tensor dc = grads.c_n.clone(at::MemoryFormat::Contiguous);
   Tensor d_r = proj ? alloc({T, B, P}) : Tensor();
   Tensor hpre = proj ? alloc({T, B, H}) : Tensor();
   Tensor dhbuf = proj ? at::empty({B, H}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_backward_cpu", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    backward_loop<scalar_t>(p, ptr(grad_y), ptr(dh), ptr(dc), ptr(gates), ptr(cells), ptr(c0), ptr(w_hh),
-                            ptr(w_hr), ptr(d_gx), ptr(d_r), ptr(hpre), ptr(dhbuf));
+    BackwardData<scalar_t> d;
+    d.grad_y = ptr(grad_y);
+    d.dh = ptr(dh);
+    d.dc = ptr(dc);
+    d.gates = ptr(gates);
+    d.cells = ptr(cells);
+    d.c0 = ptr(c0);
+    d.w_hh = ptr(w_hh);
+    d.w_hr = ptr(w_hr);
+    d.d_gx = ptr(d_gx);
+    d.d_r = ptr(d_r);
+    d.hpre = ptr(hpre);
+    d.dhbuf = ptr(dhbuf);
+    backward_loop<scalar_t>(p, d);
   });
   auto [d_w_hh, d_w_hr] = weight_grads(d_gx, y, h0, d_r, hpre, p, w_hh);
   if (!proj) d_w_hr = at::empty({0}, opts);
@@ -547,7 +563,7 @@ Tensor5 lstm_backward_cpu(const Tensor& grad_y_, const Tensor& grad_hn, const Te
 }  // namespace lstm_fast
 
 TORCH_LIBRARY_IMPL(lstm_fast, CPU, m) {
-  m.impl("lstm_forward", &lstm_fast::lstm_forward_cpu);
-  m.impl("lstm_forward_projected", &lstm_fast::lstm_forward_projected_cpu);
-  m.impl("lstm_backward", &lstm_fast::lstm_backward_cpu);
+  m.impl("lstm_forward", &lstm_fast::forward_op<lstm_fast::lstm_forward_cpu>);
+  m.impl("lstm_forward_projected", &lstm_fast::forward_projected_op<lstm_fast::lstm_forward_projected_cpu>);
+  m.impl("lstm_backward", &lstm_fast::backward_op<lstm_fast::lstm_backward_cpu>);
 }

@@ -4,7 +4,6 @@
 // (lstm_fast/_ops.py) so that torch.compile can trace the ops.
 #include <Python.h>
 
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -12,85 +11,79 @@
 
 namespace lstm_fast {
 
-Plan make_plan(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-               const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes,
-               bool reverse) {
+Plan make_plan(const Tensor& gx, const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq) {
+  const Tensor &h0 = init.h, &c0 = init.c, &w_hh = w.w_hh;
+  const std::optional<Tensor>& w_hr = w.w_hr;
   TORCH_CHECK(gx.dim() == 3, "lstm_fast: gx must be [T, B, 4H], got ", gx.sizes());
   Plan p;
   p.T = gx.size(0);
   p.B = gx.size(1);
-  TORCH_CHECK(gx.size(2) % 4 == 0 && gx.size(2) > 0, "lstm_fast: gx's last dim must be 4H > 0, got ",
-              gx.size(2));
+  TORCH_CHECK(gx.size(2) % 4 == 0 && gx.size(2) > 0, "lstm_fast: gx's last dim must be 4H > 0, got ", gx.size(2));
   p.H = gx.size(2) / 4;
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == p.B, "lstm_fast: h0 must be [B, P] with B=", p.B, ", got ",
-              h0.sizes());
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == p.B, "lstm_fast: h0 must be [B, P] with B=", p.B, ", got ", h0.sizes());
   p.P = h0.size(1);
-  TORCH_CHECK(c0.dim() == 2 && c0.size(0) == p.B && c0.size(1) == p.H, "lstm_fast: c0 must be [", p.B,
-              ", ", p.H, "], got ", c0.sizes());
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * p.H && w_hh.size(1) == p.P,
-              "lstm_fast: w_hh must be [", 4 * p.H, ", ", p.P, "], got ", w_hh.sizes());
-  const bool proj = w_hr.has_value() && w_hr->defined();
+  TORCH_CHECK(c0.dim() == 2 && c0.size(0) == p.B && c0.size(1) == p.H, "lstm_fast: c0 must be [", p.B, ", ", p.H,
+              "], got ", c0.sizes());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * p.H && w_hh.size(1) == p.P, "lstm_fast: w_hh must be [", 4 * p.H,
+              ", ", p.P, "], got ", w_hh.sizes());
+  const bool proj = w.has_proj();
   if (proj) {
-    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) == p.P && w_hr->size(1) == p.H,
-                "lstm_fast: w_hr must be [", p.P, ", ", p.H, "], got ", w_hr->sizes());
+    TORCH_CHECK(w_hr->dim() == 2 && w_hr->size(0) == p.P && w_hr->size(1) == p.H, "lstm_fast: w_hr must be [", p.P,
+                ", ", p.H, "], got ", w_hr->sizes());
   } else {
     TORCH_CHECK(p.P == p.H, "lstm_fast: h0 is [B, ", p.P, "] but there is no projection and H=", p.H);
   }
   for (const Tensor* t : {&c0, &w_hh}) {
     TORCH_CHECK(t->scalar_type() == h0.scalar_type() && t->device() == gx.device(),
-                "lstm_fast: h0, c0 and the weights must share one dtype (", h0.scalar_type(),
-                ") and gx's device (", gx.device(), "), got ", t->scalar_type(), ", ", t->device());
+                "lstm_fast: h0, c0 and the weights must share one dtype (", h0.scalar_type(), ") and gx's device (",
+                gx.device(), "), got ", t->scalar_type(), ", ", t->device());
   }
   TORCH_CHECK(h0.device() == gx.device(), "lstm_fast: h0 must be on gx's device");
   if (proj) {
     TORCH_CHECK(w_hr->scalar_type() == h0.scalar_type() && w_hr->device() == gx.device(),
                 "lstm_fast: w_hr must share h0's dtype and gx's device");
   }
-  p.reverse = reverse;
+  p.reverse = seq.reverse;
   p.order.resize(p.T);
-  for (int64_t s = 0; s < p.T; ++s) p.order[s] = reverse ? p.T - 1 - s : s;
+  for (int64_t s = 0; s < p.T; ++s) p.order[s] = p.reverse ? p.T - 1 - s : s;
   p.active.assign(p.T, p.B);
-  p.packed = batch_sizes.has_value() && batch_sizes->defined();
+  p.packed = seq.batch_sizes.has_value() && seq.batch_sizes->defined();
   if (p.packed) {
-    const Tensor& bs = *batch_sizes;
+    const Tensor& bs = *seq.batch_sizes;
     TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1 && bs.size(0) == p.T,
-                "lstm_fast: batch_sizes must be a CPU int64 tensor [T=", p.T, "], got ", bs.scalar_type(),
-                " ", bs.device(), " ", bs.sizes());
+                "lstm_fast: batch_sizes must be a CPU int64 tensor [T=", p.T, "], got ", bs.scalar_type(), " ",
+                bs.device(), " ", bs.sizes());
     const Tensor bsc = bs.contiguous();
     const int64_t* v = bsc.const_data_ptr<int64_t>();
     for (int64_t s = 0; s < p.T; ++s) {
       const int64_t n = v[p.order[s]];
       TORCH_CHECK(n >= 0 && n <= p.B, "lstm_fast: batch_sizes values must lie in [0, B=", p.B, "], got ", n);
       // An active row's previous state must be the previous step's output.
-      TORCH_CHECK(s == 0 || n <= p.active[s - 1],
-                  "lstm_fast: batch_sizes must be non-increasing in processing order");
+      TORCH_CHECK(s == 0 || n <= p.active[s - 1], "lstm_fast: batch_sizes must be non-increasing in processing order");
       p.active[s] = n;
     }
   }
   return p;
 }
 
-at::ScalarType acc_type(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
+at::ScalarType acc_type(at::ScalarType t) { return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t; }
 
 void check_forward_inputs(const Tensor& gx, const Tensor& h0) {
-  TORCH_CHECK(gx.scalar_type() == h0.scalar_type(), "lstm_fast: gx and h0 must share one dtype, got ",
-              gx.scalar_type(), " and ", h0.scalar_type());
+  TORCH_CHECK(gx.scalar_type() == h0.scalar_type(), "lstm_fast: gx and h0 must share one dtype, got ", gx.scalar_type(),
+              " and ", h0.scalar_type());
 }
 
-void check_backward_inputs(const Plan& p, const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn,
-                           const Tensor& gates, const Tensor& cells, const Tensor& y, const Tensor& h0) {
+void check_backward_inputs(const Plan& p, const OutputGrads& grads, const Tensor& gates, const Tensor& cells,
+                           const Tensor& y, const Tensor& h0) {
   const auto dt = h0.scalar_type(), acc = acc_type(dt);
   auto check = [&](const Tensor& t, at::IntArrayRef sizes, at::ScalarType want, const char* name) {
-    TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == want && t.device() == h0.device(), "lstm_fast: ",
-                name, " must be ", sizes, " ", want, " on ", h0.device(), ", got ", t.sizes(), " ",
-                t.scalar_type(), " on ", t.device(),
-                " (gates/cells come from lstm_forward with need_grad=True)");
+    TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == want && t.device() == h0.device(), "lstm_fast: ", name,
+                " must be ", sizes, " ", want, " on ", h0.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ",
+                t.device(), " (gates/cells come from lstm_forward with need_grad=True)");
   };
-  check(grad_y, {p.T, p.B, p.P}, dt, "grad_y");
-  check(grad_hn, {p.B, p.P}, dt, "grad_hn");
-  check(grad_cn, {p.B, p.H}, dt, "grad_cn");
+  check(grads.y, {p.T, p.B, p.P}, dt, "grad_y");
+  check(grads.h_n, {p.B, p.P}, dt, "grad_hn");
+  check(grads.c_n, {p.B, p.H}, dt, "grad_cn");
   check(gates, {p.T, p.B, 4 * p.H}, acc, "gates");
   check(cells, {p.T, p.B, p.H}, acc, "cells");
   check(y, {p.T, p.B, p.P}, dt, "y");
@@ -110,9 +103,8 @@ Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan) {
   return h;
 }
 
-std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0,
-                                        const Tensor& d_r, const Tensor& h_pre, const Plan& plan,
-                                        const Tensor& w_hh) {
+std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0, const Tensor& d_r,
+                                        const Tensor& h_pre, const Plan& plan, const Tensor& w_hh) {
   const int64_t G = 4 * plan.H, P = plan.P, T = plan.T;
   Tensor d_w_hh, d_w_hr;
   if (T == 0) {

@@ -1,14 +1,14 @@
 // CUDA implementation. Per step: the recurrent GEMM through ATen (cuBLAS on
 // the current stream, input dtype in, fp32 out for half/bfloat16), then ONE
 // fused kernel for gx add, activations and the state update (forward) or for
-// the gate derivatives (backward). One templated kernel body per direction
-// serves float64, float32, float16 and bfloat16: scalar_t is the storage type,
-// acc_t = at::opmath_type<scalar_t> (float for the 16-bit types) is the type
-// of all arithmetic, of the cell state and of the saved gates/cells.
+// the gate derivatives (backward), their math from lstm_cell.h. One templated
+// kernel body per direction serves float64, float32, float16 and bfloat16:
+// scalar_t is the storage type, acc_t = at::opmath_type<scalar_t> (float for
+// the 16-bit types) is the type of all arithmetic, of the cell state and of
+// the saved gates/cells.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -16,9 +16,11 @@
 // cuBLAS/cuSPARSE headers, which a minimal CUDA toolkit lacks.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "lstm.h"
+#include "lstm_cell.h"
 
 namespace lstm_fast {
 namespace {
@@ -26,15 +28,6 @@ namespace {
 // Threads per block of the pointwise kernels: a common choice for
 // memory-bound elementwise kernels; not tuned yet (no GPU measurement so far).
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float exp_(float x) { return expf(x); }
-__device__ __forceinline__ double exp_(double x) { return exp(x); }
-__device__ __forceinline__ float tanh_(float x) { return tanhf(x); }
-__device__ __forceinline__ double tanh_(double x) { return tanh(x); }
-template <typename T>
-__device__ __forceinline__ T sigmoid_(T x) {
-  return T(1) / (T(1) + exp_(-x));
-}
 
 // Forward step for n active rows; one thread per (row b, hidden unit j).
 //   zg    [n,4H] in: h_{t-1} @ W_hh^T; out: activations i,f,g,o when keep_gates
@@ -48,23 +41,20 @@ __global__ void forward_step_kernel(acc_t* zg, const scalar_t* __restrict__ gx, 
                                     scalar_t* __restrict__ h, acc_t* __restrict__ cell, int64_t n, int64_t H,
                                     bool keep_gates) {
   const int64_t total = n * H;
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
-       e += (int64_t)gridDim.x * blockDim.x) {
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = e / H, j = e - b * H;
     const int64_t r = b * 4 * H + j;
-    const acc_t i = sigmoid_(zg[r] + static_cast<acc_t>(gx[r]));
-    const acc_t f = sigmoid_(zg[r + H] + static_cast<acc_t>(gx[r + H]));
-    const acc_t g = tanh_(zg[r + 2 * H] + static_cast<acc_t>(gx[r + 2 * H]));
-    const acc_t o = sigmoid_(zg[r + 3 * H] + static_cast<acc_t>(gx[r + 3 * H]));
-    const acc_t cn = f * c[e] + i * g;
-    c[e] = cn;
-    h[e] = static_cast<scalar_t>(o * tanh_(cn));
-    if (cell) cell[e] = cn;
+    const CellForward<acc_t> a = cell_forward<acc_t>(
+        zg[r] + static_cast<acc_t>(gx[r]), zg[r + H] + static_cast<acc_t>(gx[r + H]),
+        zg[r + 2 * H] + static_cast<acc_t>(gx[r + 2 * H]), zg[r + 3 * H] + static_cast<acc_t>(gx[r + 3 * H]), c[e]);
+    c[e] = a.c;
+    h[e] = static_cast<scalar_t>(a.h);
+    if (cell) cell[e] = a.c;
     if (keep_gates) {
-      zg[r] = i;
-      zg[r + H] = f;
-      zg[r + 2 * H] = g;
-      zg[r + 3 * H] = o;
+      zg[r] = a.i;
+      zg[r + H] = a.f;
+      zg[r + 2 * H] = a.g;
+      zg[r + 3 * H] = a.o;
     }
   }
 }
@@ -79,24 +69,22 @@ __global__ void forward_step_kernel(acc_t* zg, const scalar_t* __restrict__ gx, 
 template <typename scalar_t, typename acc_t>
 __global__ void backward_step_kernel(const acc_t* __restrict__ gates, const acc_t* __restrict__ cell,
                                      const acc_t* __restrict__ cprev, const acc_t* __restrict__ dh,
-                                     const scalar_t* __restrict__ gy, acc_t* __restrict__ dc,
-                                     scalar_t* __restrict__ dg, scalar_t* __restrict__ hpre, int64_t n, int64_t H) {
+                                     const scalar_t* __restrict__ gy, acc_t* __restrict__ dc, scalar_t* __restrict__ dg,
+                                     scalar_t* __restrict__ hpre, int64_t n, int64_t H) {
   const int64_t total = n * H;
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
-       e += (int64_t)gridDim.x * blockDim.x) {
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = e / H, j = e - b * H;
     const int64_t r = b * 4 * H + j;
-    const acc_t i = gates[r], f = gates[r + H], g = gates[r + 2 * H], o = gates[r + 3 * H];
-    const acc_t tc = tanh_(cell[e]);
     acc_t d_h = dh[e];
     if (gy) d_h += static_cast<acc_t>(gy[e]);
-    const acc_t d_c = dc[e] + d_h * o * (acc_t(1) - tc * tc);
-    dg[r] = static_cast<scalar_t>(d_c * g * i * (acc_t(1) - i));
-    dg[r + H] = static_cast<scalar_t>(d_c * cprev[e] * f * (acc_t(1) - f));
-    dg[r + 2 * H] = static_cast<scalar_t>(d_c * i * (acc_t(1) - g * g));
-    dg[r + 3 * H] = static_cast<scalar_t>(d_h * tc * o * (acc_t(1) - o));
-    dc[e] = d_c * f;
-    if (hpre) hpre[e] = static_cast<scalar_t>(o * tc);
+    const CellBackward<acc_t> d =
+        cell_backward<acc_t>(gates[r], gates[r + H], gates[r + 2 * H], gates[r + 3 * H], cell[e], cprev[e], d_h, dc[e]);
+    dg[r] = static_cast<scalar_t>(d.di);
+    dg[r + H] = static_cast<scalar_t>(d.df);
+    dg[r + 2 * H] = static_cast<scalar_t>(d.dg);
+    dg[r + 3 * H] = static_cast<scalar_t>(d.do_);
+    dc[e] = d.dc_prev;
+    if (hpre) hpre[e] = static_cast<scalar_t>(d.h_pre);
   }
 }
 
@@ -124,83 +112,87 @@ void gemm(const Tensor& a, const Tensor& w_op, Tensor& out) {
   }
 }
 
-// Which CUDA algorithm runs a call. Only the per-step one exists; a persistent
-// kernel (weights resident in shared memory/registers across steps) is the
-// planned second entry, chosen here by measured size thresholds.
-enum class Algo { kStepwise, kPersistent };
+// Outputs and scratch of one forward call (acc_t: see the top of this file).
+struct ForwardBuffers {
+  Tensor y;             // [T,B,P] out
+  Tensor c;             // [B,H] acc_t, in: c0, out: c_n
+  Tensor gates, cells;  // [T,B,4H], [T,B,H] acc_t out, or [0] when need_grad is off
+  Tensor z;             // [B,4H] acc_t scratch when need_grad is off
+  Tensor hpre;          // [B,H] scratch with a projection
+  bool need_grad = false;
+};
 
-Algo choose_algo(const Plan&, at::ScalarType) { return Algo::kStepwise; }
-
-// Forward over all steps. Tensors: gx [T,B,4H], h0 [B,P] (scalar_t);
-// c [B,H] acc_t in: c0, out: c_n; w_hh [4H,P], w_hr [P,H] or undefined;
-// y [T,B,P] out; gates [T,B,4H], cells [T,B,H] acc_t out or [0] (need_grad off);
-// z [B,4H] acc_t scratch (inference); hpre [B,H] scalar_t scratch (projection).
+// Forward over all steps: gx [T,B,4H], h0 [B,P] and contiguous weights w.
 template <typename scalar_t>
-void forward_stepwise(const Plan& p, const Tensor& gx, const Tensor& h0, Tensor& c, const Tensor& w_hh,
-                      const Tensor& w_hr, Tensor& y, Tensor& gates, Tensor& cells, Tensor& z, Tensor& hpre,
-                      bool need_grad) {
+void forward_stepwise(const Plan& p, const Tensor& gx, const Tensor& h0, const RecurrentWeights& w,
+                      ForwardBuffers& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = p.B, H = p.H, P = p.P;
+  const int64_t H = p.H;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const Tensor w_hh_t = w_hh.t();
-  const Tensor w_hr_t = w_hr.defined() ? w_hr.t() : Tensor();
+  const bool proj = w.has_proj();
+  const Tensor w_hh_t = w.w_hh.t();
+  const Tensor w_hr_t = proj ? w.w_hr->t() : Tensor();
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = p.order[s], n = p.active[s];
     if (n == 0) break;  // active only shrinks
-    const Tensor hprev = (s == 0 ? h0 : y.select(0, p.order[s - 1])).narrow(0, 0, n);
-    Tensor zt = (need_grad ? gates.select(0, t) : z).narrow(0, 0, n);
+    const Tensor hprev = (s == 0 ? h0 : out.y.select(0, p.order[s - 1])).narrow(0, 0, n);
+    Tensor zt = (out.need_grad ? out.gates.select(0, t) : out.z).narrow(0, 0, n);
     gemm(hprev, w_hh_t, zt);
-    Tensor hout = (w_hr.defined() ? hpre : y.select(0, t)).narrow(0, 0, n);
+    Tensor hout = (proj ? out.hpre : out.y.select(0, t)).narrow(0, 0, n);
     forward_step_kernel<scalar_t, acc_t><<<blocks_for(n * H), kThreads, 0, stream>>>(
-        zt.data_ptr<acc_t>(), gx.select(0, t).const_data_ptr<scalar_t>(), c.data_ptr<acc_t>(),
-        hout.data_ptr<scalar_t>(), need_grad ? cells.select(0, t).data_ptr<acc_t>() : nullptr, n, H, need_grad);
+        zt.data_ptr<acc_t>(), gx.select(0, t).const_data_ptr<scalar_t>(), out.c.data_ptr<acc_t>(),
+        hout.data_ptr<scalar_t>(), out.need_grad ? out.cells.select(0, t).data_ptr<acc_t>() : nullptr, n, H,
+        out.need_grad);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (w_hr.defined()) {
-      Tensor yt = y.select(0, t).narrow(0, 0, n);
+    if (proj) {
+      Tensor yt = out.y.select(0, t).narrow(0, 0, n);
       gemm(hout, w_hr_t, yt);
     }
   }
-  (void)B;
-  (void)P;
 }
 
-// Backward over all steps, processing order reversed. Tensors: grad_y [T,B,P];
-// dh [B,P] acc_t in: grad_hn, out: d_h0; dc [B,H] acc_t in: grad_cn, out: d_c0;
-// gates [T,B,4H], cells [T,B,H] acc_t; c0 [B,H] acc_t; w_hh [4H,P], w_hr [P,H]
-// or undefined; d_gx [T,B,4H] out; d_r [T,B,P], hpre [T,B,H] out and dhbuf
-// [B,H] acc_t scratch only with w_hr.
+// Outputs and scratch of one backward call.
+struct BackwardBuffers {
+  Tensor dh;         // [B,P] acc_t, in: grad_hn, out: d_h0
+  Tensor dc;         // [B,H] acc_t, in: grad_cn, out: d_c0
+  Tensor d_gx;       // [T,B,4H] out
+  Tensor d_r, hpre;  // [T,B,P], [T,B,H] out, with a projection
+  Tensor dhbuf;      // [B,H] acc_t scratch, with a projection
+};
+
+// Backward over all steps, processing order reversed: grad_y [T,B,P]; gates
+// [T,B,4H], cells [T,B,H] and c0 [B,H] acc_t; contiguous weights w.
 template <typename scalar_t>
-void backward_stepwise(const Plan& p, const Tensor& grad_y, Tensor& dh, Tensor& dc, const Tensor& gates,
-                       const Tensor& cells, const Tensor& c0, const Tensor& w_hh, const Tensor& w_hr, Tensor& d_gx,
-                       Tensor& d_r, Tensor& hpre, Tensor& dhbuf) {
+void backward_stepwise(const Plan& p, const Tensor& grad_y, const Tensor& gates, const Tensor& cells, const Tensor& c0,
+                       const RecurrentWeights& w, BackwardBuffers& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = p.H, P = p.P;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool proj = w_hr.defined();
+  const bool proj = w.has_proj();
   for (int64_t s = p.T - 1; s >= 0; --s) {
     const int64_t t = p.order[s], n = p.active[s];
     if (n == 0) continue;
     const Tensor cprev = s == 0 ? c0 : cells.select(0, p.order[s - 1]);
     const scalar_t* gy = grad_y.select(0, t).const_data_ptr<scalar_t>();
-    const acc_t* dh_in = dh.const_data_ptr<acc_t>();
+    const acc_t* dh_in = out.dh.const_data_ptr<acc_t>();
     if (proj) {
-      Tensor drt = d_r.select(0, t).narrow(0, 0, n);
-      add_kernel<scalar_t, acc_t><<<blocks_for(n * P), kThreads, 0, stream>>>(dh_in, gy, drt.data_ptr<scalar_t>(),
-                                                                             n * P);
+      Tensor drt = out.d_r.select(0, t).narrow(0, 0, n);
+      add_kernel<scalar_t, acc_t>
+          <<<blocks_for(n * P), kThreads, 0, stream>>>(dh_in, gy, drt.data_ptr<scalar_t>(), n * P);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      Tensor dhb = dhbuf.narrow(0, 0, n);
-      gemm(drt, w_hr, dhb);
-      dh_in = dhbuf.const_data_ptr<acc_t>();
+      Tensor dhb = out.dhbuf.narrow(0, 0, n);
+      gemm(drt, *w.w_hr, dhb);
+      dh_in = out.dhbuf.const_data_ptr<acc_t>();
       gy = nullptr;
     }
-    Tensor dgt = d_gx.select(0, t).narrow(0, 0, n);
+    Tensor dgt = out.d_gx.select(0, t).narrow(0, 0, n);
     backward_step_kernel<scalar_t, acc_t><<<blocks_for(n * H), kThreads, 0, stream>>>(
         gates.select(0, t).const_data_ptr<acc_t>(), cells.select(0, t).const_data_ptr<acc_t>(),
-        cprev.const_data_ptr<acc_t>(), dh_in, gy, dc.data_ptr<acc_t>(), dgt.data_ptr<scalar_t>(),
-        proj ? hpre.select(0, t).data_ptr<scalar_t>() : nullptr, n, H);
+        cprev.const_data_ptr<acc_t>(), dh_in, gy, out.dc.data_ptr<acc_t>(), dgt.data_ptr<scalar_t>(),
+        proj ? out.hpre.select(0, t).data_ptr<scalar_t>() : nullptr, n, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    Tensor dht = dh.narrow(0, 0, n);
-    gemm(dgt, w_hh, dht);  // dh_{t-1} = dgates @ W_hh
+    Tensor dht = out.dh.narrow(0, 0, n);
+    gemm(dgt, w.w_hh, dht);  // dh_{t-1} = dgates @ W_hh
   }
 }
 
@@ -213,77 +205,70 @@ void check_cuda(const Tensor& t) {
 
 }  // namespace
 
-Tensor5 lstm_forward_cuda(const Tensor& gx_, const Tensor& h0_, const Tensor& c0_, const Tensor& w_hh_,
-                          const std::optional<Tensor>& w_hr_, const std::optional<Tensor>& batch_sizes, bool reverse,
-                          bool need_grad) {
-  const Plan p = make_plan(gx_, h0_, c0_, w_hh_, w_hr_, batch_sizes, reverse);
-  check_forward_inputs(gx_, h0_);
+Tensor5 lstm_forward_cuda(const Tensor& gx_, const LSTMState& init, const RecurrentWeights& w_,
+                          const SequenceLayout& seq, bool need_grad) {
+  const Plan p = make_plan(gx_, init, w_, seq);
+  check_forward_inputs(gx_, init.h);
   check_cuda(gx_);
   const c10::cuda::CUDAGuard guard(gx_.device());
-  const bool proj = w_hr_.has_value() && w_hr_->defined();
-  const Tensor gx = gx_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
-  const Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+  const bool proj = w_.has_proj();
+  const Tensor gx = gx_.contiguous(), h0 = init.h.contiguous();
+  const RecurrentWeights w{w_.w_hh.contiguous(), proj ? std::optional<Tensor>(w_.w_hr->contiguous()) : std::nullopt};
   const auto opts = gx.options();
   const auto acc_opts = opts.dtype(acc_type(gx.scalar_type()));
   const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
   auto alloc = [&](at::IntArrayRef sizes, const at::TensorOptions& o) {
     return p.packed ? at::zeros(sizes, o) : at::empty(sizes, o);
   };
-  Tensor y = alloc({T, B, P}, opts);
-  Tensor c = c0_.to(acc_opts.dtype(), /*non_blocking=*/false, /*copy=*/true).contiguous();
-  Tensor gates = need_grad ? alloc({T, B, G}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor cells = need_grad ? alloc({T, B, H}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor z = need_grad ? Tensor() : at::empty({B, G}, acc_opts);
-  Tensor hpre = proj ? at::empty({B, H}, opts) : Tensor();
-  switch (choose_algo(p, gx.scalar_type())) {
-    case Algo::kStepwise:
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "lstm_forward_cuda", [&] {
-        forward_stepwise<scalar_t>(p, gx, h0, c, w_hh, w_hr, y, gates, cells, z, hpre, need_grad);
-      });
-      break;
-    case Algo::kPersistent:
-      TORCH_CHECK(false, "lstm_fast cuda: the persistent kernel is not available in this build");
-  }
-  Tensor h_n = final_hidden(y, h0, p);
-  Tensor c_n = c.to(gx.scalar_type(), false, /*copy=*/c.scalar_type() != gx.scalar_type());
-  return {y, h_n, c_n, gates, cells};
+  ForwardBuffers out;
+  out.y = alloc({T, B, P}, opts);
+  out.c = init.c.to(acc_opts.dtype(), /*non_blocking=*/false, /*copy=*/true).contiguous();
+  out.gates = need_grad ? alloc({T, B, G}, acc_opts) : at::empty({0}, acc_opts);
+  out.cells = need_grad ? alloc({T, B, H}, acc_opts) : at::empty({0}, acc_opts);
+  out.z = need_grad ? Tensor() : at::empty({B, G}, acc_opts);
+  out.hpre = proj ? at::empty({B, H}, opts) : Tensor();
+  out.need_grad = need_grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "lstm_forward_cuda",
+                                  [&] { forward_stepwise<scalar_t>(p, gx, h0, w, out); });
+  Tensor h_n = final_hidden(out.y, h0, p);
+  Tensor c_n = out.c.to(gx.scalar_type(), false, /*copy=*/out.c.scalar_type() != gx.scalar_type());
+  return {out.y, h_n, c_n, out.gates, out.cells};
 }
 
-Tensor5 lstm_backward_cuda(const Tensor& grad_y_, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& gates_,
-                           const Tensor& cells_, const Tensor& y_, const Tensor& h0_, const Tensor& c0_,
-                           const Tensor& w_hh_, const std::optional<Tensor>& w_hr_,
-                           const std::optional<Tensor>& batch_sizes, bool reverse) {
-  const Plan p = make_plan(gates_, h0_, c0_, w_hh_, w_hr_, batch_sizes, reverse);
-  check_backward_inputs(p, grad_y_, grad_hn, grad_cn, gates_, cells_, y_, h0_);
-  check_cuda(h0_);
-  const c10::cuda::CUDAGuard guard(h0_.device());
-  const bool proj = w_hr_.has_value() && w_hr_->defined();
-  const auto dt = h0_.scalar_type();
-  const Tensor grad_y = grad_y_.contiguous(), gates = gates_.contiguous(), cells = cells_.contiguous();
-  const Tensor y = y_.contiguous(), h0 = h0_.contiguous(), w_hh = w_hh_.contiguous();
-  const Tensor w_hr = proj ? w_hr_->contiguous() : Tensor();
+Tensor5 lstm_backward_cuda(const OutputGrads& grads, const Tensor& gates_, const Tensor& cells_, const Tensor& y_,
+                           const LSTMState& init, const RecurrentWeights& w_, const SequenceLayout& seq) {
+  const Plan p = make_plan(gates_, init, w_, seq);
+  check_backward_inputs(p, grads, gates_, cells_, y_, init.h);
+  check_cuda(init.h);
+  const c10::cuda::CUDAGuard guard(init.h.device());
+  const bool proj = w_.has_proj();
+  const auto dt = init.h.scalar_type();
+  const Tensor grad_y = grads.y.contiguous(), gates = gates_.contiguous(), cells = cells_.contiguous();
+  const Tensor y = y_.contiguous(), h0 = init.h.contiguous();
+  const RecurrentWeights w{w_.w_hh.contiguous(), proj ? std::optional<Tensor>(w_.w_hr->contiguous()) : std::nullopt};
   const auto opts = h0.options();
   const auto acc_opts = opts.dtype(acc_type(dt));
   const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
   auto alloc = [&](at::IntArrayRef sizes) { return p.packed ? at::zeros(sizes, opts) : at::empty(sizes, opts); };
-  Tensor d_gx = alloc({T, B, G});
-  Tensor dh = grad_hn.to(acc_opts.dtype(), false, /*copy=*/true).contiguous();
-  Tensor dc = grad_cn.to(acc_opts.dtype(), false, /*copy=*/true).contiguous();
-  Tensor c0 = c0_.to(acc_opts.dtype()).contiguous();
-  Tensor d_r = proj ? alloc({T, B, P}) : Tensor();
-  Tensor hpre = proj ? alloc({T, B, H}) : Tensor();
-  Tensor dhbuf = proj ? at::empty({B, H}, acc_opts) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_backward_cuda", [&] {
-    backward_stepwise<scalar_t>(p, grad_y, dh, dc, gates, cells, c0, w_hh, w_hr, d_gx, d_r, hpre, dhbuf);
-  });
-  auto [d_w_hh, d_w_hr] = weight_grads(d_gx, y, h0, d_r, hpre, p, w_hh);
+  BackwardBuffers out;
+  out.d_gx = alloc({T, B, G});
+  out.dh = grads.h_n.to(acc_opts.dtype(), false, /*copy=*/true).contiguous();
+  out.dc = grads.c_n.to(acc_opts.dtype(), false, /*copy=*/true).contiguous();
+  const Tensor c0 = init.c.to(acc_opts.dtype()).contiguous();
+  out.d_r = proj ? alloc({T, B, P}) : Tensor();
+  out.hpre = proj ? alloc({T, B, H}) : Tensor();
+  out.dhbuf = proj ? at::empty({B, H}, acc_opts) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_backward_cuda",
+                                  [&] { backward_stepwise<scalar_t>(p, grad_y, gates, cells, c0, w, out); });
+  auto [d_w_hh, d_w_hr] = weight_grads(out.d_gx, y, h0, out.d_r, out.hpre, p, w.w_hh);
   if (!proj) d_w_hr = at::empty({0}, opts);
-  return {d_gx, dh.to(dt, false, dh.scalar_type() != dt), dc.to(dt, false, dc.scalar_type() != dt), d_w_hh, d_w_hr};
+  const Tensor &dh = out.dh, &dc = out.dc;
+  return {out.d_gx, dh.to(dt, false, dh.scalar_type() != dt), dc.to(dt, false, dc.scalar_type() != dt), d_w_hh, d_w_hr};
 }
 
 }  // namespace lstm_fast
 
 TORCH_LIBRARY_IMPL(lstm_fast, CUDA, m) {
-  m.impl("lstm_forward", &lstm_fast::lstm_forward_cuda);
-  m.impl("lstm_backward", &lstm_fast::lstm_backward_cuda);
+  m.impl("lstm_forward", &lstm_fast::forward_op<lstm_fast::lstm_forward_cuda>);
+  m.impl("lstm_backward", &lstm_fast::backward_op<lstm_fast::lstm_backward_cuda>);
 }
