@@ -337,7 +337,7 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
       const int64_t rows = p.T * B;
       gxc.reset(new T[rows * M]);
       // rows in blocks whose slice of x (~128 KiB of float) stays in L2 across the
-      // panels: the block size numba's _slab_gemm measured (bench/NOTES_cpp.md#input-projection)
+      // panels: the block size numba's gemm.slab_gemm measured (bench/NOTES_cpp.md#input-projection)
       const int64_t rb = std::max<int64_t>(6, (int64_t(32768) / std::max<int64_t>(d.I, 1)) / 6 * 6);
       for (int64_t r0 = 0; r0 < rows; r0 += rb) {
         slab_gemm<T>(std::min(rb, rows - r0), d.x + r0 * d.I, d.I, s_ih, gxc.get() + r0 * M, M);
