@@ -299,8 +299,9 @@ def _run(x, projection, state: LSTMState, weights: RecurrentWeights, layout: Seq
             return _run(x, projection, state, weights, layout, backend)
     _check_call(x, projection, state, weights, layout)
     T, B = x.shape[:2]
-    sizes = LayerSizes(T=T, B=B, H=weights.w_hh.shape[0] // 4, P=state.h.shape[-1],
-                       packed=layout.batch_sizes is not None, reverse=layout.reverse)
+    h0, c0 = state
+    w_hh, w_hr = weights
+    sizes = LayerSizes(T, B, w_hh.shape[0] // 4, h0.shape[-1], layout.batch_sizes is not None, layout.reverse)
     chosen = select_backend(backend, x.device, x.dtype, sizes)
     if chosen.widens_16bit and x.dtype in HALF_DTYPES:
         # The backend computes in float32: widen here, and autograd's casts round the
@@ -308,22 +309,28 @@ def _run(x, projection, state: LSTMState, weights: RecurrentWeights, layout: Seq
         wide = (_cast(t, torch.float32) for t in (x, projection, state, weights))
         return tuple(t.to(x.dtype) for t in _run(*wide, layout, chosen.name))
     w_ih, b_ih, b_hh = projection if projection is not None else (None, None, None)
-    tensors = (x, w_ih, b_ih, b_hh, *state, *weights)
     # A trace is one graph for both grad modes (torch.jit.trace checks it by tracing
     # again under no_grad), so while tracing only requires_grad decides.
-    need_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and any(
-        t is not None and t.requires_grad for t in tensors)
-    args = (*(None if t is None else t.contiguous() for t in tensors),
+    need_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and (
+        x.requires_grad or h0.requires_grad or c0.requires_grad or w_hh.requires_grad
+        or (w_ih is not None and w_ih.requires_grad) or (b_ih is not None and b_ih.requires_grad)
+        or (b_hh is not None and b_hh.requires_grad) or (w_hr is not None and w_hr.requires_grad))
+    args = (x.contiguous(), _contiguous(w_ih), _contiguous(b_ih), _contiguous(b_hh), h0.contiguous(),
+            c0.contiguous(), w_hh.contiguous(), _contiguous(w_hr),
             RecurrenceCall(chosen, layout, projection is not None, need_grad))
+    compiling = torch.compiler.is_compiling()
     # under a torch.func transform the kernels must see plain tensors: the Function's vmap rule gives them
-    use_function = need_grad or (_functorch.peek_interpreter_stack() is not None
-                                 and not torch.compiler.is_compiling())
+    use_function = need_grad or (not compiling and _functorch.peek_interpreter_stack() is not None)
     recurrence = _with_function if use_function else _forward_without_grad
-    if chosen.traceable or not torch.compiler.is_compiling():
+    if chosen.traceable or not compiling:
         return recurrence(*args)
     # numba's and Triton's launchers are Python around foreign kernels, which dynamo
     # cannot follow: under torch.compile the recurrence is an eager island
     return _call_outside_graph(recurrence, *args)
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
 
 
 def _cast(bundle, dtype):
@@ -351,14 +358,20 @@ def _check_call(x, projection, state, weights, layout):
         # the module reverses packed sequences within their lengths itself
         raise ValueError("lstm_fast: reverse=True with batch_sizes (packed input) is not supported; "
                          "reverse each sequence within its length and run forward")
-    check_state(x, state, check_dtype=True)
+    dtype, (h0, c0) = x.dtype, state
+    # one cheap test for the usual call; the messages come from the slow path
+    if h0.dtype != dtype or c0.dtype != dtype or h0.device != x.device or c0.device != x.device:
+        check_state(x, state, check_dtype=True)
     w_ih, b_ih, b_hh = projection if projection is not None else (None, None, None)
-    for name, w in (("weight_ih", w_ih), ("weight_hh", weights.w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
-                    ("weight_hr", weights.w_hr)):
-        # torch.nn.LSTM fails on such a mix too (inside oneDNN or cuBLAS); no backend may
-        # silently compute it in another precision
-        if w is not None and w.dtype != x.dtype:
-            raise RuntimeError(f"lstm_fast: {name} dtype ({w.dtype}) does not match input dtype ({x.dtype})")
+    w_hh, w_hr = weights
+    if w_hh.dtype != dtype or (w_ih is not None and w_ih.dtype != dtype) or (b_ih is not None and b_ih.dtype != dtype) \
+            or (b_hh is not None and b_hh.dtype != dtype) or (w_hr is not None and w_hr.dtype != dtype):
+        for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
+                        ("weight_hr", w_hr)):
+            # torch.nn.LSTM fails on such a mix too (inside oneDNN or cuBLAS); no backend may
+            # silently compute it in another precision
+            if w is not None and w.dtype != dtype:
+                raise RuntimeError(f"lstm_fast: {name} dtype ({w.dtype}) does not match input dtype ({dtype})")
 
 
 def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=False, backend=None):
