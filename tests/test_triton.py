@@ -350,3 +350,120 @@ def test_gpu_no_recompile_for_new_T_or_B(triton_backend, path):
     call(3, 16)
     torch.cuda.synchronize()
     assert n_compiled() == before
+
+
+# ------------------------------------------------------ offsets beyond int32
+def test_int32_limits_in_supports(triton_backend):
+    """Activations of T*B*4H >= 2^31 elements are served (the kernels index rows in int64); a W_hh of
+    2^31 elements (int32 weight offsets) and an H whose step grid exceeds CUDA's second axis are refused,
+    each with the limit in the reason. Sizes only: nothing is allocated."""
+    from lstm_fast.backends import triton_gpu
+
+    b = triton_backend
+    b.path = "auto"
+    for sizes in (LayerSizes(T=65, B=2 ** 20, H=8, P=8), LayerSizes(T=2 ** 20, B=4096, H=256, P=256),
+                  LayerSizes(T=3, B=2 ** 31 - 1, H=512, P=512), LayerSizes(T=3, B=2, H=23170, P=23170)):
+        assert b.supports(DEVICE, torch.float32, sizes)[0], sizes
+    ok, why = b.supports(DEVICE, torch.float32, LayerSizes(T=3, B=2, H=23171, P=23171))
+    assert not ok and "2^31" in why and "W_hh" in why
+    limit = triton_gpu._MIN_BLOCK_H * triton_gpu._MAX_GRID_Y
+    assert b.supports(DEVICE, torch.float32, LayerSizes(T=3, B=2, H=limit, P=1))[0]
+    ok, why = b.supports(DEVICE, torch.float32, LayerSizes(T=3, B=2, H=limit + 1, P=1))
+    assert not ok and "65535" in why
+    step_k, _ = b._kernels()
+    assert min(c.kwargs["BLOCK_H"] for c in step_k._FWD_GPU) == triton_gpu._MIN_BLOCK_H
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+def test_interpreter_step_beyond_int32_offsets():
+    """One forward step at t = T-1 of a gx [T, B, 4H] with more than 2^31 elements: its rows start past
+    int32's range, which the interpreter's int32 arithmetic wraps as the GPU's does. Only that step's
+    slice is written, so the 4 GiB buffer stays address space, not memory. In a child process: a
+    wrapped offset reads outside the buffer and may crash it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; "
+            "import test_triton as m; m._step_beyond_int32()")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode == 3:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def _step_beyond_int32():
+    from lstm_fast.backends.triton_gpu import triton_cdiv
+
+    step_k, _ = get_backend("triton")._kernels()
+    H = P = 16
+    B, G = 4, 64
+    T = 2 ** 31 // (B * G) + 2
+    try:
+        gx = torch.empty(T, B, G, dtype=torch.float16)
+    except RuntimeError as exc:
+        print(f"cannot reserve {T * B * G * 2 / 2 ** 30:.1f} GiB of address space: {exc}")
+        sys.exit(3)
+    t = T - 1
+    assert t * B * G >= 2 ** 31
+    g = torch.Generator().manual_seed(3)
+    gx[t] = torch.randn(B, G, generator=g).half()
+    w = (torch.randn(G, P, generator=g) * 0.4).half()
+    y_ext = torch.randn(2, B, P, generator=g).half()  # slot 0: h_{t-1}; slot 1 receives h_t
+    cells = torch.randn(2, B, H, generator=g)  # slot 0: c_{t-1}; slot 1 receives c_t
+    step_k.lstm_fwd_step_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]), triton_cdiv(H, m["BLOCK_H"]))](
+        gx, w, y_ext, y_ext, cells, cells, B, B, t, 0, 1, 0, 1,
+        H=H, P=P, B_BUCKET=step_k.bucket(B), SAVE=False, DOT_PRECISION="ieee")
+    z = gx[t].double() + y_ext[0].double() @ w.double().T
+    i, f, gg, o = torch.sigmoid(z[:, :H]), torch.sigmoid(z[:, H:2 * H]), torch.tanh(z[:, 2 * H:3 * H]), \
+        torch.sigmoid(z[:, 3 * H:])
+    c = f * cells[0].double() + i * gg
+    torch.testing.assert_close(cells[1].double(), c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_ext[1].double(), o * torch.tanh(c), rtol=2e-3, atol=2e-3)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_beyond_int32_offsets():
+    """gx, gates and their gradients with T*B*4H > 2^31 elements (H=8, B=2^20, T=65, float16, ~35 GB at
+    peak): the cuda backend and both triton paths match the reference on the rows at both ends of the
+    batch, the last step's rows lying past int32 offsets. One test, backends in turn: memory is freed
+    between them."""
+    import lstm_fast.backends as registry
+
+    T, B, H = 65, 2 ** 20, 8
+    assert T * B * 4 * H > 2 ** 31
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(7)
+    rows = torch.cat([torch.arange(3), torch.arange(B - 16, B)]).to(dev)
+    triton = registry.get_backend("triton")
+    saved = triton.path
+    try:
+        for name, path in (("cuda", None), ("triton", "step"), ("triton", "sequence")):
+            ok, why = registry.get_backend(name).is_available()
+            if not ok:
+                pytest.fail(f"a GPU is visible but {name} is not usable: {why}")
+            if path:
+                triton.path = path
+            gx = torch.randn(T, B, 4 * H, device=dev, dtype=torch.float16, generator=g).requires_grad_()
+            h0, c0 = (torch.randn(B, H, device=dev, dtype=torch.float16, generator=g).requires_grad_()
+                      for _ in range(2))
+            w_hh = (torch.randn(4 * H, H, device=dev, dtype=torch.float16, generator=g) * 0.4).requires_grad_()
+            y, h, c = lstm_recurrence(gx, h0, c0, w_hh, None, backend=name)
+            gy = torch.randn(T, B, H, device=dev, dtype=torch.float16, generator=g)
+            d_gx, d_h0, d_c0 = torch.autograd.grad(y, [gx, h0, c0], grad_outputs=gy)
+            got = [y[:, rows], h[rows], c[rows], d_gx[:, rows], d_h0[rows], d_c0[rows]]
+            del y, h, c, d_gx, d_h0, d_c0
+            leaves = [t.detach()[:, rows].double().requires_grad_() if t.dim() == 3 else
+                      t.detach()[rows].double().requires_grad_() for t in (gx, h0, c0)]
+            del gx
+            torch.cuda.empty_cache()
+            w64 = w_hh.detach().double()
+            y_r, h_r, c_r = lstm_recurrence(*leaves, w64, None, backend="reference")
+            want = [y_r, h_r, c_r, *torch.autograd.grad(y_r, leaves, grad_outputs=gy[:, rows].double())]
+            label = f"{name} {path or ''}"
+            for k, (a, b) in enumerate(zip(got, want)):
+                torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2,
+                                           msg=lambda m, k=k, label=label: f"{label} output {k}: {m}")
+            del got, want, leaves
+            torch.cuda.empty_cache()
+    finally:
+        triton.path = saved

@@ -47,6 +47,12 @@ FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 SEQ_MAX_H = {torch.float32: 64, torch.float16: 128, torch.bfloat16: 128}
 
 
+# The forward step kernel's grid is (B / BLOCK_B, H / BLOCK_H); CUDA allows 65535 blocks on the
+# second axis and the narrowest BLOCK_H candidate is 32 (kernels/lstm_step.py).
+_MAX_GRID_Y = 65535
+_MIN_BLOCK_H = 32
+
+
 def seq_max_h(dtype) -> int:
     return SEQ_MAX_H.get(dtype, 64)
 
@@ -135,8 +141,13 @@ class TritonBackend(Backend):
         recorder = graph_recorder()
         if recorder:
             return False, f"Triton kernels are not torch ops, so {recorder} cannot record them (cuda can)"
+        # Activation offsets (rows of [T, B, ..] buffers) are int64 in every kernel, so T*B*4H may pass 2^31;
+        # weight offsets are int32, hence this bound on W_hh.
         if 4 * sizes.H * sizes.P >= 2 ** 31:
-            return False, "W_hh has 2^31 elements or more (int32 weight offsets)"
+            return False, f"W_hh [4H, P] has 4*H*P = {4 * sizes.H * sizes.P} >= 2^31 elements (int32 weight offsets)"
+        if triton_cdiv(sizes.H, _MIN_BLOCK_H) > _MAX_GRID_Y:
+            return False, (f"H = {sizes.H} > {_MIN_BLOCK_H * _MAX_GRID_Y}: the forward step grid's second axis "
+                           f"(H / {_MIN_BLOCK_H} programs) exceeds CUDA's {_MAX_GRID_Y}")
         if self.path == "sequence":
             ok, why = self.sequence_ok(sizes, dtype)
             if not ok:
