@@ -8,6 +8,8 @@ where a GPU is visible and compare low precision against cuDNN's own error.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -346,3 +348,26 @@ def test_cuda_low_precision_packed_reverse_proj(T, B, H, P, packed, reverse, dty
 @needs_cuda
 def test_cuda_opcheck(dtype):
     check_ops("cuda", dtype)
+
+
+def test_cuda_serves_activations_beyond_int32_offsets():
+    """The cuda backend takes T*B*4H >= 2^31 (the GPU run checks the results: test_triton.py's
+    test_gpu_beyond_int32_offsets), because every offset its kernels compute is int64_t: no int or
+    unsigned local inside a __global__ function, grid-stride loops over int64_t. Sizes and source only."""
+    import re
+
+    from lstm_fast import _sources
+    from lstm_fast.backends.base import LayerSizes
+
+    sizes = LayerSizes(T=65, B=2 ** 20, H=8, P=8)
+    assert 65 * 2 ** 20 * 32 > 2 ** 31
+    for dtype in (torch.float32, torch.float16):
+        assert get_backend("cuda").supports(torch.device("cuda"), dtype, sizes)[0]
+    with open(os.path.join(_sources.folder("lstm_fast._csrc"), "cuda", "lstm_cuda.cu")) as f:
+        src = f.read()
+    kernels = re.findall(r"__global__ void (\w+)\((.*?)\n}\n", src, flags=re.S)
+    assert len(kernels) >= 3, "kernel bodies not found: the check below would pass vacuously"
+    for name, body in kernels:
+        assert not re.search(r"\b(int|unsigned|int32_t|uint32_t|long)\s+\w+\s*[=;,)]", body), name
+        loops = re.findall(r"for \((\w+) ", body)
+        assert loops and set(loops) == {"int64_t"}, (name, loops)
