@@ -84,6 +84,33 @@ LATENCY_GPU = [S(1024, 1, 256), S(512, 8, 512)]
 THROUGHPUT_GPU = [S(128, 256, 1024)]
 STACKED_GPU = [S(256, 64, 512, L=4), S(256, 64, 512, L=2, bidir=True), S(256, 64, 1024, proj=256)]
 
+# The H200 run (bench/gpu_run.sh), two invocations because cli takes one dtype list:
+#   flashrnn-gpu    --dtype fp16,bf16,tf32,fp32: FlashRNN's published H100 comparison, B=16, I=H=768, T=1024
+#   h200-sweep-gpu  --dtype bf16,fp32: B in {16, 64} x H in {1024, 256, 512}, T=1024, I=H
+# Each is run in both modes, shapes in the order listed; a budgeted run skips what it does not reach.
+# Estimate per call (ms), from cuDNN's usual speed: a step costs max(~8 us latency, 8*B*H^2 / small-M
+# GEMM rate: ~150 TFLOP/s bf16/fp16, ~80 tf32, ~25 fp32) plus the input GEMM 8*B*T*H*I at ~600 / 300 /
+# 50 TFLOP/s; training 3x. cuda: >= 10 us a step (a cuBLAS GEMM and a kernel launched per step);
+# triton: >= 25 us a step (a Python loop of Triton launches), backward about 1.2x forward; the GEMM
+# floor: >= 6 us a step (one torch.mm launch).
+#                                  inference (ms)             training (ms)
+#   rows                          cudnn cuda triton floor  row_s   cudnn cuda triton floor  row_s
+#   B16 H768 fp16, bf16, tf32         8   10     26     6   0.7      25   23     57    19   1.7
+#   B16 H768 fp32                    10   12     27     8   0.8      29   27     61    23   1.9
+#   sweep bf16 (every B, H)         8-9 10-11 26-27  6-7   0.7   25-27 23-25  56-59 19-21 1.7-1.8
+#   sweep fp32 but B64 H1024       8-11 10-13 26-28  6-9 0.7-0.8 25-33 23-31  57-65 19-27 1.7-2.1
+#   B64 H1024 fp32                   33   33     37    33   1.8      99   81     89    99   5.0
+# row_s: 14 calls of each runner (2 warm-up, 1 estimate, 1 memory, 10 repeats) and 12 of the floor;
+# a tight budget cuts repeats to 3 (half of that). All 32 rows: ~44 s of calls, ~10 s of module set-up,
+# ~2 x 10 s for two process starts and matmul rates; plus Triton's autotuning on the first call of each
+# of the 16 (shape, dtype) pairs: ~2-3 s each from a warm cache (gpu_run.sh compiles the kernels beside
+# the build), 15-27 s each cold (8-15 configs compiled at ~1.5 s). So ~130 s with the warm cache, all of
+# it fits the ~150 s gpu_run.sh leaves; cold, only flashrnn-gpu and 2-3 sweep pairs fit. Repeats then
+# adapt upward to fill the budget.
+FLASHRNN_GPU = [S(1024, 16, 768, tags=("flashrnn",))]
+# H=1024 and 256 first: the two ends of the sweep; B=16 (FlashRNN's batch) before 64 at each H.
+H200_SWEEP_GPU = [S(1024, b, h, tags=("sweep",)) for h in (1024, 256, 512) for b in (16, 64)]
+
 NAMED = {
     "reference": REFERENCE_CPU,
     "sweep": SWEEP_CPU,
@@ -94,6 +121,8 @@ NAMED = {
     "sweep-gpu": SWEEP_GPU,
     "quick-gpu": [SWEEP_GPU[1], SWEEP_GPU[3], LATENCY_GPU[0], STACKED_GPU[1]],
     "full-gpu": SWEEP_GPU + LATENCY_GPU + THROUGHPUT_GPU + STACKED_GPU,
+    "flashrnn-gpu": FLASHRNN_GPU,
+    "h200-sweep-gpu": H200_SWEEP_GPU,
     "cell": CELL_CPU,
     "tiny": [S(8, 4, 32), S(8, 4, 32, L=2, bidir=True), S(4, 2, 16, cell=True)],  # smoke tests of the harness
 }

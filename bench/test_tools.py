@@ -128,3 +128,12 @@ def test_numba_breakdown_table(capsys):
     numba_breakdown.main(["--configs", "4,2,8,16", "--repeats", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| T4 B2 I8 H16")]
     assert [r.split(" | ")[1] for r in rows] == ["inference", "training"]
+
+
+def test_h200_sets():
+    """The GPU run's matrix: FlashRNN's H100 comparison, and the B x H sweep at T=1024."""
+    flash, = cfg.resolve_configs("flashrnn-gpu", "cuda", quick=False)
+    assert (flash.T, flash.B, flash.I, flash.H, flash.L, flash.bidir, flash.proj) == (1024, 16, 768, 768, 1, False, 0)
+    sweep = cfg.resolve_configs("h200-sweep-gpu", "cuda", quick=False)
+    assert sorted((s.B, s.H) for s in sweep) == sorted((b, h) for b in (16, 64) for h in (256, 512, 1024))
+    assert all(s.T == 1024 and s.I == s.H and s.L == 1 and s.modes == cfg.MODES for s in sweep)
