@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -130,10 +132,19 @@ def test_numba_breakdown_table(capsys):
     assert [r.split(" | ")[1] for r in rows] == ["inference", "training"]
 
 
-def test_h200_sets():
-    """The GPU run's matrix: FlashRNN's H100 comparison, and the B x H sweep at T=1024."""
+def test_h200_sets_and_gpu_run_script():
+    """The GPU run's matrix: FlashRNN's H100 comparison first, then the B x H sweep, as gpu_run.sh names them."""
     flash, = cfg.resolve_configs("flashrnn-gpu", "cuda", quick=False)
     assert (flash.T, flash.B, flash.I, flash.H, flash.L, flash.bidir, flash.proj) == (1024, 16, 768, 768, 1, False, 0)
     sweep = cfg.resolve_configs("h200-sweep-gpu", "cuda", quick=False)
     assert sorted((s.B, s.H) for s in sweep) == sorted((b, h) for b in (16, 64) for h in (256, 512, 1024))
     assert all(s.T == 1024 and s.I == s.H and s.L == 1 and s.modes == cfg.MODES for s in sweep)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_run.sh")
+    with open(path) as f:
+        script = f.read().replace('"', "")
+    first = script.index("--configs flashrnn-gpu --dtype fp16,bf16,tf32,fp32")
+    assert first < script.index("--configs h200-sweep-gpu --dtype bf16,fp32")
+    bash = shutil.which("bash")
+    if bash:
+        run = subprocess.run([bash, "-n", path], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
