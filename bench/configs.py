@@ -105,8 +105,8 @@ STACKED_GPU = [S(256, 64, 512, L=4), S(256, 64, 512, L=2, bidir=True), S(256, 64
 # ~2 x 10 s for two process starts and matmul rates; plus Triton's autotuning on the first call of each
 # of the 16 (shape, dtype) pairs: ~2-3 s each from a warm cache (gpu_run.sh compiles the kernels beside
 # the build), 15-27 s each cold (8-15 configs compiled at ~1.5 s). So ~130 s with the warm cache, all of
-# it fits the ~150 s gpu_run.sh leaves; cold, only flashrnn-gpu and 2-3 sweep pairs fit. Repeats then
-# adapt upward to fill the budget.
+# it about fits the ~140 s gpu_run.sh leaves (the last sweep pairs may be skipped); cold, only
+# flashrnn-gpu and 2-3 sweep pairs would fit. Repeats adapt upward to fill the budget.
 FLASHRNN_GPU = [S(1024, 16, 768, tags=("flashrnn",))]
 # H=1024 and 256 first: the two ends of the sweep; B=16 (FlashRNN's batch) before 64 at each H.
 H200_SWEEP_GPU = [S(1024, b, h, tags=("sweep",)) for h in (1024, 256, 512) for b in (16, 64)]
