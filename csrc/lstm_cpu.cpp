@@ -21,8 +21,17 @@
 
 #include <omp.h>
 
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include <atomic>
+#include <climits>
 #include <cstdlib>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -270,6 +279,66 @@ void slab_gemm(int64_t n, const T* a, int64_t lda, const Slab<T>& s, T* c, int64
   }
 }
 
+// ---------------------------------------------------------------------------
+// The barrier between the steps of a split time loop. A waiter spins briefly,
+// then sleeps on a futex until the last thread arrives. OpenMP's barrier spins
+// far longer (libgomp: 300000 spins, ~7 ms): when the OS preempts one thread of
+// the loop, the others burn their time slices spinning, and a training step ran
+// 30-60x slower with two other processes busy on the cores
+// (bench/NOTES_cpp.md#preempted-threads).
+
+// Spins (with a pause hint) before a waiter sleeps: 2000 took ~50 us on the
+// 2-core EPYC (bench/NOTES_numba.md#spin-wait), more than a step's imbalance
+// between threads where splitting pays and far less than an OS time slice.
+constexpr int kBarrierSpins = 2000;
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+class StepBarrier {
+ public:
+  // Blocks until n threads (the whole team) have called it for this round.
+  void arrive_and_wait(int n) {
+    if (n <= 1) return;
+    const uint32_t gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count_.store(0, std::memory_order_relaxed);  // nobody touches count_ before gen_ moves
+      gen_.fetch_add(1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) wake();
+      return;
+    }
+    for (int i = 0; i < kBarrierSpins; ++i) {
+      if (gen_.load(std::memory_order_acquire) != gen) return;
+      spin_pause();
+    }
+    // seq_cst on both sides: either the last thread sees sleepers_ > 0 and wakes
+    // us, or our futex wait sees gen_ moved and returns at once.
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    while (gen_.load(std::memory_order_seq_cst) == gen) sleep(gen);
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+ private:
+#if defined(__linux__)
+  void sleep(uint32_t gen) {
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&gen_), FUTEX_WAIT_PRIVATE, gen, nullptr, nullptr, 0);
+  }
+  void wake() {
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&gen_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+  }
+#else
+  void sleep(uint32_t) { std::this_thread::yield(); }
+  void wake() {}
+#endif
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<uint32_t> gen_{0};
+  std::atomic<int> sleepers_{0};
+};
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
+
 // [lo, hi) of 0..N for part k of nt, in whole vectors where possible so the
 // pointwise passes run without tails; parts differ by at most one vector.
 template <typename T>
@@ -316,6 +385,7 @@ template <typename T>
 void forward_loop(const Plan& p, const ForwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
+  StepBarrier barrier;
 #pragma omp parallel num_threads(nt_req)
   {
     const int nt = omp_get_num_threads(), k = omp_get_thread_num();
@@ -367,10 +437,10 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
                        cellt ? cellt + b * H : nullptr, gt ? gt + b * G : nullptr, H, nj);
       }
       if (d.w_hr) {
-#pragma omp barrier
+        barrier.arrive_and_wait(nt);
         slab_gemm<T>(n, d.hpre, H, s_hr, d.y + t * B * P + p0, P);
       }
-#pragma omp barrier
+      barrier.arrive_and_wait(nt);
     }
   }
 }
@@ -398,6 +468,7 @@ template <typename T>
 void backward_loop(const Plan& p, const BackwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
+  StepBarrier barrier;
 #pragma omp parallel num_threads(nt_req)
   {
     const int nt = omp_get_num_threads(), k = omp_get_thread_num();
@@ -419,7 +490,7 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
         T* drt = d.d_r + t * B * P;
         for (int64_t b = 0; b < n; ++b)
           for (int64_t e = p0; e < p1; ++e) drt[b * P + e] = d.dh[b * P + e] + gyt[b * P + e];
-#pragma omp barrier
+        barrier.arrive_and_wait(nt);
         slab_gemm<T>(n, drt, P, s_hr, d.dhbuf + j0, H);
         dh_in = d.dhbuf;
         gy_in = nullptr;
@@ -433,7 +504,7 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
                         gy_in ? gy_in + b * P + j0 : nullptr, d.dc + b * H + j0, dgt + b * G + j0,
                         hpt ? hpt + b * H : nullptr, nj);
       }
-#pragma omp barrier
+      barrier.arrive_and_wait(nt);
       // dh_{t-1}[:, p0:p1] = dgates @ W_hh[:, p0:p1]; with a projection the next
       // step's d_r reads only these columns before its barrier.
       slab_gemm<T>(n, dgt, G, s_hh, d.dh + p0, P);
