@@ -28,6 +28,7 @@
 #endif
 
 #include <atomic>
+#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <memory>
@@ -292,6 +293,11 @@ void slab_gemm(int64_t n, const T* a, int64_t lda, const Slab<T>& s, T* c, int64
 // between threads where splitting pays and far less than an OS time slice.
 constexpr int kBarrierSpins = 2000;
 
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 inline void spin_pause() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -316,10 +322,15 @@ class StepBarrier {
     }
     // seq_cst on both sides: either the last thread sees sleepers_ > 0 and wakes
     // us, or our futex wait sees gen_ moved and returns at once.
+    const int64_t t0 = now_ns();
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
     while (gen_.load(std::memory_order_seq_cst) == gen) sleep(gen);
     sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    slept_ns_.fetch_add(now_ns() - t0, std::memory_order_relaxed);
   }
+
+  // Nanoseconds all threads slept in this barrier (waits past the spin).
+  int64_t slept_ns() const { return slept_ns_.load(std::memory_order_relaxed); }
 
  private:
 #if defined(__linux__)
@@ -336,6 +347,7 @@ class StepBarrier {
   alignas(64) std::atomic<int> count_{0};
   alignas(64) std::atomic<uint32_t> gen_{0};
   std::atomic<int> sleepers_{0};
+  std::atomic<int64_t> slept_ns_{0};
 };
 static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
 
@@ -351,16 +363,41 @@ std::pair<int64_t, int64_t> split_range(int64_t N, int k, int nt) {
 
 // Threads for one call's time loop: a split adds a barrier per step, so it pays only
 // from enough multiply-adds (B*4H*P) per step. LSTM_FAST_CPU_SPLIT_MIN overrides the
-// threshold (0: always split).
-int loop_threads(int64_t B, int64_t H, int64_t P) {
+// threshold (0: always split, and no solo fallback).
+int64_t split_min() {
   static const int64_t min_work = [] {
     const char* env = std::getenv("LSTM_FAST_CPU_SPLIT_MIN");
     // 2 threads lost at 1024 and won from 4096 on the 2-core EPYC (bench/NOTES_cpp.md#split-threshold)
     return env ? std::atoll(env) : int64_t(8192);
   }();
+  return min_work;
+}
+
+// Solo fallback. When the threads of a split call slept at its barriers for more
+// than half the loop's wall time (their partners were preempted: the cores are
+// shared), the following calls of the process run on one thread for a while, then
+// one split call tries again; the pause doubles while the retries keep failing
+// (bench/NOTES_cpp.md#preempted-threads).
+constexpr int64_t kSoloMinNs = 250'000'000, kSoloMaxNs = 4'000'000'000;
+std::atomic<int64_t> g_solo_until_ns{0}, g_solo_pause_ns{kSoloMinNs};
+
+int loop_threads(int64_t B, int64_t H, int64_t P) {
   const int64_t nt = at::get_num_threads();
-  if (nt <= 1 || omp_in_parallel()) return 1;
-  return B * 4 * H * P >= min_work ? (int)nt : 1;
+  if (nt <= 1 || omp_in_parallel() || B * 4 * H * P < split_min()) return 1;
+  if (split_min() > 0 && now_ns() < g_solo_until_ns.load(std::memory_order_relaxed)) return 1;
+  return (int)nt;
+}
+
+// After a split call: its threads slept `slept` ns at barriers during `wall` ns.
+void note_split(int nt, int64_t slept, int64_t wall) {
+  if (nt <= 1 || split_min() == 0) return;
+  if (2 * slept > wall) {
+    const int64_t pause = g_solo_pause_ns.load(std::memory_order_relaxed);
+    g_solo_until_ns.store(now_ns() + pause, std::memory_order_relaxed);
+    g_solo_pause_ns.store(std::min(2 * pause, kSoloMaxNs), std::memory_order_relaxed);
+  } else {
+    g_solo_pause_ns.store(kSoloMinNs, std::memory_order_relaxed);
+  }
 }
 
 // Data of one forward call, for forward_loop: contiguous, distinct buffers.
@@ -386,6 +423,7 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
   StepBarrier barrier;
+  const int64_t t0 = now_ns();
 #pragma omp parallel num_threads(nt_req)
   {
     const int nt = omp_get_num_threads(), k = omp_get_thread_num();
@@ -443,6 +481,7 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
       barrier.arrive_and_wait(nt);
     }
   }
+  note_split(nt_req, barrier.slept_ns(), now_ns() - t0);
 }
 
 // Data of one backward call, for backward_loop: contiguous, distinct buffers.
@@ -469,6 +508,7 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
   StepBarrier barrier;
+  const int64_t t0 = now_ns();
 #pragma omp parallel num_threads(nt_req)
   {
     const int nt = omp_get_num_threads(), k = omp_get_thread_num();
@@ -510,6 +550,7 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
       slab_gemm<T>(n, dgt, G, s_hh, d.dh + p0, P);
     }
   }
+  note_split(nt_req, barrier.slept_ns(), now_ns() - t0);
 }
 
 void check_cpu(const Tensor& t, const char* name) {
