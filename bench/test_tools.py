@@ -128,3 +128,15 @@ def test_numba_breakdown_table(capsys):
     numba_breakdown.main(["--configs", "4,2,8,16", "--repeats", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| T4 B2 I8 H16")]
     assert [r.split(" | ")[1] for r in rows] == ["inference", "training"]
+
+
+def test_contend_spinners_stop():
+    """--contend K: K busy processes while timing, all gone after stop()."""
+    from bench import contend
+
+    procs = contend.start(2)
+    try:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    finally:
+        contend.stop(procs)
+    assert all(p.poll() is not None for p in procs)
