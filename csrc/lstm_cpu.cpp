@@ -23,6 +23,7 @@
 
 #if defined(__linux__)
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -31,7 +32,9 @@
 #include <chrono>
 #include <climits>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -381,8 +384,36 @@ int64_t split_min() {
 constexpr int64_t kSoloMinNs = 250'000'000, kSoloMaxNs = 4'000'000'000;
 std::atomic<int64_t> g_solo_until_ns{0}, g_solo_pause_ns{kSoloMinNs};
 
+// CPUs the OS gives the process: min(its affinity mask, the cgroup's CFS quota
+// rounded down, at least 1), read once. The same policy as lstm_fast/_threads.py's
+// os_thread_limit (which numba uses); the op's schema does not carry it.
+int os_thread_limit() {
+  static const int limit = [] {
+    int n = (int)std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN));
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) n = std::max(1, CPU_COUNT(&set));
+#endif
+    auto quota_cpus = [](double quota, double period) { return std::max(1, (int)(quota / period)); };
+    std::ifstream v2("/sys/fs/cgroup/cpu.max");
+    std::string q;
+    double period = 0;
+    if (v2 >> q >> period) {
+      if (q != "max" && period > 0) n = std::min(n, quota_cpus(std::stod(q), period));
+      return n;
+    }
+    for (const char* dir : {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"}) {
+      std::ifstream fq(std::string(dir) + "/cpu.cfs_quota_us"), fp(std::string(dir) + "/cpu.cfs_period_us");
+      double quota = 0;
+      if (fq >> quota && fp >> period && quota > 0 && period > 0) return std::min(n, quota_cpus(quota, period));
+    }
+    return n;
+  }();
+  return limit;
+}
+
 int loop_threads(int64_t B, int64_t H, int64_t P) {
-  const int64_t nt = at::get_num_threads();
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), os_thread_limit());
   if (nt <= 1 || omp_in_parallel() || B * 4 * H * P < split_min()) return 1;
   if (split_min() > 0 && now_ns() < g_solo_until_ns.load(std::memory_order_relaxed)) return 1;
   return (int)nt;
