@@ -44,6 +44,9 @@ def parse_args(argv):
                                                 "none otherwise)")
     p.add_argument("--repeats", type=int, help="fixed number of interleaved repeats (default: adaptive)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all usable cores)")
+    p.add_argument("--contend", type=int, default=0, metavar="K",
+                   help="K processes spin on the cores while configurations are timed (shared cores, preempted "
+                        "threads); the report header says so")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     p.add_argument("--no-plot", action="store_true")
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     import torch
 
     from . import configs as cfg
-    from . import machine
+    from . import contend, machine
     from .measure import BASELINE, Options, base_row, run_config
     from .progress import Progress
 
@@ -173,7 +176,8 @@ def main(argv=None) -> int:
         "run": {"command": "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None
                                                                                   else argv)),
                 "quick": args.quick, "device": device, "configs": args.configs or cfg.default_set(device, args.quick),
-                "dtypes": dtypes, "modes": modes, "budget_s": budget, "seed": args.seed},
+                "dtypes": dtypes, "modes": modes, "budget_s": budget, "seed": args.seed,
+                "contend": args.contend},
         "backends": plan,
         "matmul_peak": {},
         "rows": [],
@@ -196,7 +200,9 @@ def main(argv=None) -> int:
 
     bar = Progress(len(matrix), enabled=not args.no_progress)
     stopped = None
+    spinners = []
     try:
+        spinners = contend.start(args.contend)
         for k, (shape, dtype, mode) in enumerate(matrix):
             label = f"{mode} {dtype} {shape.name}"
             elapsed = time.time() - t_start
@@ -227,6 +233,8 @@ def main(argv=None) -> int:
                     row = base_row(shape, dtype, mode, n)
                     row.update(status="error", reason=f"harness: {type(exc).__name__}: {exc}"[:300])
                     rows.append(row)
+            for r in rows:
+                r["contend"] = args.contend
             report["rows"] += rows
             rep.write_json(json_path, report)
             bar.update(label)
@@ -234,6 +242,7 @@ def main(argv=None) -> int:
         stopped = "interrupted"
         bar.write("interrupted: writing the partial report")
     finally:
+        contend.stop(spinners)
         bar.close()
 
     machine.finish(info)

@@ -63,7 +63,8 @@ def report_section(rep) -> str:
     order = sorted(keyed, key=lambda k: (not any("reference" in r.get("tags", []) for r in keyed[k].values()),
                                           list(keyed).index(k)))
     lines = [
-        f"### {m.get('machine')} ({m.get('device')}): {os.path.basename(rep['_abs'])}",
+        f"### {m.get('machine')} ({m.get('device')}): {os.path.basename(rep['_abs'])}"
+        + (f", contended ({run['contend']} spinning processes)" if run.get("contend") else ""),
         "",
         f"{m.get('timestamp', '?')[:10]}, commit `{commit}`, torch {m.get('torch')}"
         + (f", cuDNN {m.get('cudnn')}" if m.get("device") == "cuda" else "")

@@ -90,7 +90,8 @@ def header_md(report) -> str:
                       if v.get("gflops"))
     sizes = ", ".join(sorted({f"{v['n']}²" for v in report.get("matmul_peak", {}).values()}))
     lines = [
-        f"# lstm_fast benchmark: {info.get('machine')}",
+        f"# lstm_fast benchmark: {info.get('machine')}"
+        + (f", contended ({meta['contend']} spinning processes)" if meta.get("contend") else ""),
         "",
         f"- when: {info.get('timestamp')}, commit {commit}, command `{meta.get('command')}`",
         f"- machine: {info.get('cpu_model')} ({info.get('cpu_cores')} cores, torch threads "
@@ -110,6 +111,10 @@ def header_md(report) -> str:
         f"- wall time of the run: {meta.get('wall_s', 0):.0f} s"
         + (f"; stopped early: {meta['stopped']}" if meta.get("stopped") else ""),
     ]
+    if meta.get("contend"):
+        lines.append(f"- ⚠ contended run (`--contend {meta['contend']}`): {meta['contend']} processes spun on the "
+                     "cores (Python busy loops) while every row below was timed, so threads of every runner "
+                     "were preempted; compare these rows with an uncontended run, not with each other's load")
     load = [x[0] for x in (info.get("loadavg_start"), info.get("loadavg_end")) if x]
     if info.get("device") == "cpu" and load and max(load) > (info.get("cpu_cores") or 1):
         lines.append(f"- ⚠ the 1-minute load average ({max(load):.1f}) exceeded the {info.get('cpu_cores')} cores: "

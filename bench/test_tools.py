@@ -148,3 +148,15 @@ def test_h200_sets_and_gpu_run_script():
     if bash:
         run = subprocess.run([bash, "-n", path], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
+
+
+def test_contend_spinners_stop():
+    """--contend K: K busy processes while timing, all gone after stop()."""
+    from bench import contend
+
+    procs = contend.start(2)
+    try:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    finally:
+        contend.stop(procs)
+    assert all(p.poll() is not None for p in procs)

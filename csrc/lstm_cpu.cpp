@@ -21,8 +21,21 @@
 
 #include <omp.h>
 
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include <atomic>
+#include <chrono>
+#include <climits>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
+#include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -270,6 +283,77 @@ void slab_gemm(int64_t n, const T* a, int64_t lda, const Slab<T>& s, T* c, int64
   }
 }
 
+// ---------------------------------------------------------------------------
+// The barrier between the steps of a split time loop. A waiter spins briefly,
+// then sleeps on a futex until the last thread arrives. OpenMP's barrier spins
+// far longer (libgomp: 300000 spins, ~7 ms): when the OS preempts one thread of
+// the loop, the others burn their time slices spinning, and a training step ran
+// 30-60x slower with two other processes busy on the cores
+// (bench/NOTES_cpp.md#preempted-threads).
+
+// Spins (with a pause hint) before a waiter sleeps: 2000 took ~50 us on the
+// 2-core EPYC (bench/NOTES_numba.md#spin-wait), more than a step's imbalance
+// between threads where splitting pays and far less than an OS time slice.
+constexpr int kBarrierSpins = 2000;
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+class StepBarrier {
+ public:
+  // Blocks until n threads (the whole team) have called it for this round.
+  void arrive_and_wait(int n) {
+    if (n <= 1) return;
+    const uint32_t gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count_.store(0, std::memory_order_relaxed);  // nobody touches count_ before gen_ moves
+      gen_.fetch_add(1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) wake();
+      return;
+    }
+    for (int i = 0; i < kBarrierSpins; ++i) {
+      if (gen_.load(std::memory_order_acquire) != gen) return;
+      spin_pause();
+    }
+    // seq_cst on both sides: either the last thread sees sleepers_ > 0 and wakes
+    // us, or our futex wait sees gen_ moved and returns at once.
+    const int64_t t0 = now_ns();
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    while (gen_.load(std::memory_order_seq_cst) == gen) sleep(gen);
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    slept_ns_.fetch_add(now_ns() - t0, std::memory_order_relaxed);
+  }
+
+  // Nanoseconds all threads slept in this barrier (waits past the spin).
+  int64_t slept_ns() const { return slept_ns_.load(std::memory_order_relaxed); }
+
+ private:
+#if defined(__linux__)
+  void sleep(uint32_t gen) {
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&gen_), FUTEX_WAIT_PRIVATE, gen, nullptr, nullptr, 0);
+  }
+  void wake() {
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&gen_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+  }
+#else
+  void sleep(uint32_t) { std::this_thread::yield(); }
+  void wake() {}
+#endif
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<uint32_t> gen_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<int64_t> slept_ns_{0};
+};
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
+
 // [lo, hi) of 0..N for part k of nt, in whole vectors where possible so the
 // pointwise passes run without tails; parts differ by at most one vector.
 template <typename T>
@@ -282,16 +366,69 @@ std::pair<int64_t, int64_t> split_range(int64_t N, int k, int nt) {
 
 // Threads for one call's time loop: a split adds a barrier per step, so it pays only
 // from enough multiply-adds (B*4H*P) per step. LSTM_FAST_CPU_SPLIT_MIN overrides the
-// threshold (0: always split).
-int loop_threads(int64_t B, int64_t H, int64_t P) {
+// threshold (0: always split, and no solo fallback).
+int64_t split_min() {
   static const int64_t min_work = [] {
     const char* env = std::getenv("LSTM_FAST_CPU_SPLIT_MIN");
     // 2 threads lost at 1024 and won from 4096 on the 2-core EPYC (bench/NOTES_cpp.md#split-threshold)
     return env ? std::atoll(env) : int64_t(8192);
   }();
-  const int64_t nt = at::get_num_threads();
-  if (nt <= 1 || omp_in_parallel()) return 1;
-  return B * 4 * H * P >= min_work ? (int)nt : 1;
+  return min_work;
+}
+
+// Solo fallback. When the threads of a split call slept at its barriers for more
+// than half the loop's wall time (their partners were preempted: the cores are
+// shared), the following calls of the process run on one thread for a while, then
+// one split call tries again; the pause doubles while the retries keep failing
+// (bench/NOTES_cpp.md#preempted-threads).
+constexpr int64_t kSoloMinNs = 250'000'000, kSoloMaxNs = 4'000'000'000;
+std::atomic<int64_t> g_solo_until_ns{0}, g_solo_pause_ns{kSoloMinNs};
+
+// CPUs the OS gives the process: min(its affinity mask, the cgroup's CFS quota
+// rounded down, at least 1), read once. The same policy as lstm_fast/_threads.py's
+// os_thread_limit (which numba uses); the op's schema does not carry it.
+int os_thread_limit() {
+  static const int limit = [] {
+    int n = (int)std::max<long>(1, sysconf(_SC_NPROCESSORS_ONLN));
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) n = std::max(1, CPU_COUNT(&set));
+#endif
+    auto quota_cpus = [](double quota, double period) { return std::max(1, (int)(quota / period)); };
+    std::ifstream v2("/sys/fs/cgroup/cpu.max");
+    std::string q;
+    double period = 0;
+    if (v2 >> q >> period) {
+      if (q != "max" && period > 0) n = std::min(n, quota_cpus(std::stod(q), period));
+      return n;
+    }
+    for (const char* dir : {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"}) {
+      std::ifstream fq(std::string(dir) + "/cpu.cfs_quota_us"), fp(std::string(dir) + "/cpu.cfs_period_us");
+      double quota = 0;
+      if (fq >> quota && fp >> period && quota > 0 && period > 0) return std::min(n, quota_cpus(quota, period));
+    }
+    return n;
+  }();
+  return limit;
+}
+
+int loop_threads(int64_t B, int64_t H, int64_t P) {
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), os_thread_limit());
+  if (nt <= 1 || omp_in_parallel() || B * 4 * H * P < split_min()) return 1;
+  if (split_min() > 0 && now_ns() < g_solo_until_ns.load(std::memory_order_relaxed)) return 1;
+  return (int)nt;
+}
+
+// After a split call: its threads slept `slept` ns at barriers during `wall` ns.
+void note_split(int nt, int64_t slept, int64_t wall) {
+  if (nt <= 1 || split_min() == 0) return;
+  if (2 * slept > wall) {
+    const int64_t pause = g_solo_pause_ns.load(std::memory_order_relaxed);
+    g_solo_until_ns.store(now_ns() + pause, std::memory_order_relaxed);
+    g_solo_pause_ns.store(std::min(2 * pause, kSoloMaxNs), std::memory_order_relaxed);
+  } else {
+    g_solo_pause_ns.store(kSoloMinNs, std::memory_order_relaxed);
+  }
 }
 
 // Data of one forward call, for forward_loop: contiguous, distinct buffers.
@@ -316,6 +453,8 @@ template <typename T>
 void forward_loop(const Plan& p, const ForwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
+  StepBarrier barrier;
+  const int64_t t0 = now_ns();
 #pragma omp parallel num_threads(nt_req)
   {
     const int nt = omp_get_num_threads(), k = omp_get_thread_num();
@@ -367,12 +506,13 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
                        cellt ? cellt + b * H : nullptr, gt ? gt + b * G : nullptr, H, nj);
       }
       if (d.w_hr) {
-#pragma omp barrier
+        barrier.arrive_and_wait(nt);
         slab_gemm<T>(n, d.hpre, H, s_hr, d.y + t * B * P + p0, P);
       }
-#pragma omp barrier
+      barrier.arrive_and_wait(nt);
     }
   }
+  note_split(nt_req, barrier.slept_ns(), now_ns() - t0);
 }
 
 // Data of one backward call, for backward_loop: contiguous, distinct buffers.
@@ -398,6 +538,8 @@ template <typename T>
 void backward_loop(const Plan& p, const BackwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
+  StepBarrier barrier;
+  const int64_t t0 = now_ns();
 #pragma omp parallel num_threads(nt_req)
   {
     const int nt = omp_get_num_threads(), k = omp_get_thread_num();
@@ -419,7 +561,7 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
         T* drt = d.d_r + t * B * P;
         for (int64_t b = 0; b < n; ++b)
           for (int64_t e = p0; e < p1; ++e) drt[b * P + e] = d.dh[b * P + e] + gyt[b * P + e];
-#pragma omp barrier
+        barrier.arrive_and_wait(nt);
         slab_gemm<T>(n, drt, P, s_hr, d.dhbuf + j0, H);
         dh_in = d.dhbuf;
         gy_in = nullptr;
@@ -433,12 +575,13 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
                         gy_in ? gy_in + b * P + j0 : nullptr, d.dc + b * H + j0, dgt + b * G + j0,
                         hpt ? hpt + b * H : nullptr, nj);
       }
-#pragma omp barrier
+      barrier.arrive_and_wait(nt);
       // dh_{t-1}[:, p0:p1] = dgates @ W_hh[:, p0:p1]; with a projection the next
       // step's d_r reads only these columns before its barrier.
       slab_gemm<T>(n, dgt, G, s_hh, d.dh + p0, P);
     }
   }
+  note_split(nt_req, barrier.slept_ns(), now_ns() - t0);
 }
 
 void check_cpu(const Tensor& t, const char* name) {

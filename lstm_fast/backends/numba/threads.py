@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import threading
 
-import torch
+from ..._threads import usable_threads
 
 # Multiply-adds per step (B * 4H * P) from which a call splits its time loop over threads
 # (bench/NOTES_numba.md#split-threshold); LSTM_FAST_NUMBA_SPLIT_MIN overrides it, 0: always.
@@ -19,12 +19,13 @@ _launch_lock = threading.Lock()
 
 
 def chunk_count(B, H, P):
-    """Chunks (= threads asked for) of one call: torch's thread count, capped by numba's pool."""
+    """Chunks (= threads asked for) of one call: usable_threads() (torch's thread count within the
+    process's CPU affinity and cgroup quota), capped by numba's pool."""
     import numba
 
     if _pool_pid not in (None, os.getpid()):
         return 1
-    n_threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    n_threads = min(usable_threads(), numba.config.NUMBA_NUM_THREADS)
     return n_threads if n_threads > 1 and B * 4 * H * P >= SPLIT_MIN else 1
 
 

@@ -1,0 +1,62 @@
+"""The thread count of the CPU time loops: torch's count, within the affinity mask and the cgroup quota."""
+import pytest
+import torch
+
+from lstm_fast import _threads
+
+
+@pytest.fixture
+def fake_os(monkeypatch):
+    """Set the affinity, the cgroup files and torch's count; returns a setter."""
+    def setup(affinity=8, files=None, torch_threads=8):
+        files = files or {}
+        monkeypatch.setattr(_threads, "_affinity", lambda: affinity)
+        monkeypatch.setattr(_threads, "_read", lambda path: files.get(path))
+        monkeypatch.setattr(torch, "get_num_threads", lambda: torch_threads)
+        monkeypatch.setattr(_threads, "_os_limit", None)
+    return setup
+
+
+V2 = "/sys/fs/cgroup/cpu.max"
+V1Q, V1P = "/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"
+
+
+@pytest.mark.parametrize("affinity, files, torch_threads, expected", [
+    (8, {}, 8, 8),                                      # no quota: the affinity mask
+    (2, {}, 8, 2),                                      # taskset to 2 CPUs
+    (8, {}, 3, 3),                                      # torch.set_num_threads(3) is the user's knob
+    (8, {V2: "max 100000"}, 8, 8),                      # v2, no quota
+    (8, {V2: "200000 100000"}, 8, 2),                   # v2: 2 CPUs
+    (8, {V2: "150000 100000"}, 8, 1),                   # 1.5 CPUs: rounded down
+    (8, {V2: "50000 100000"}, 8, 1),                    # half a CPU: at least one thread
+    (1, {V2: "400000 100000"}, 8, 1),                   # the mask is smaller than the quota
+    (8, {V1Q: "300000", V1P: "100000"}, 8, 3),          # v1 quota
+    (8, {V1Q: "-1", V1P: "100000"}, 8, 8),              # v1, no quota
+    (8, {V2: "400000 100000"}, 2, 2),                   # torch's count below both
+])
+def test_usable_threads(fake_os, affinity, files, torch_threads, expected):
+    fake_os(affinity, files, torch_threads)
+    assert _threads.usable_threads() == expected
+
+
+def test_os_limit_read_once_per_process(fake_os, monkeypatch):
+    fake_os(affinity=4)
+    assert _threads.os_thread_limit() == 4
+    monkeypatch.setattr(_threads, "_affinity", lambda: 1)
+    assert _threads.os_thread_limit() == 4  # cached for this process
+    monkeypatch.setattr(_threads, "_os_limit", (-1, 4))  # as seen from a forked child
+    assert _threads.os_thread_limit() == 1
+
+
+def test_numba_chunks_follow_the_policy(fake_os, monkeypatch):
+    pytest.importorskip("numba")
+    from lstm_fast.backends.numba import threads as numba_threads
+
+    monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)
+    monkeypatch.setattr(numba_threads, "_pool_pid", None)
+    import numba
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 16)
+    fake_os(affinity=8, files={V2: "200000 100000"}, torch_threads=8)
+    assert numba_threads.chunk_count(8, 64, 64) == 2
+    fake_os(affinity=8, files={}, torch_threads=1)
+    assert numba_threads.chunk_count(8, 64, 64) == 1
