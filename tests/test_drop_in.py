@@ -66,16 +66,30 @@ def test_batched(backend, name, kwargs, T, B, dtype, with_state):
         check_against(ref, ours, build, dtype, f"{backend}/{name}")
 
 
+# (id, T, B, H, P, batch_sizes, reverse) of one layer with I=16
+LOW_PRECISION_LAYOUTS = [
+    ("noproj", 12, 5, 32, 32, None, False),
+    ("proj", 12, 5, 32, 24, None, False),
+    ("packed", 12, 5, 32, 32, (5, 5, 5, 4, 4, 4, 3, 3, 2, 2, 1, 1), False),
+    ("proj_reverse", 12, 5, 32, 24, None, True),
+    ("T1_H33_proj_packed", 1, 5, 33, 17, (5,), False),
+    ("B1_H33_proj_reverse", 6, 1, 33, 17, None, True),
+    ("H1_reverse", 6, 3, 1, 1, None, True),
+]
+
+
 @pytest.mark.gpu  # on the GPU run: cuda and triton against cuDNN
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("P", [32, 24], ids=["noproj", "proj"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout,T,B,H,P,batch_sizes,reverse", LOW_PRECISION_LAYOUTS,
+                         ids=[c[0] for c in LOW_PRECISION_LAYOUTS])
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
-def test_half_precision_error_within_2x_torch(backend, dtype, P):
-    """16-bit input, one whole layer: every output and gradient no further from a float64
-    reference than twice torch.nn.LSTM's own distance in that dtype on this device."""
-    require(backend, DEVICE, dtype, T=12, B=5, H=32, P=P)
-    ours, by_torch = layer_errors_vs_fp64(backend, DEVICE.type, dtype, T=12, B=5, I=16, H=32, P=P)
-    assert_within_2x_torch(ours, by_torch, dtype)
+def test_error_within_2x_torch(backend, layout, T, B, H, P, batch_sizes, reverse, dtype):
+    """float32 and 16-bit input, one layer-direction: every output and gradient no further
+    from a float64 reference than twice torch's own LSTM kernel in that dtype on this device."""
+    bs = None if batch_sizes is None else torch.tensor(batch_sizes)
+    require(backend, DEVICE, dtype, T=T, B=B, H=H, P=P, packed=bs is not None, reverse=reverse)
+    errors = layer_errors_vs_fp64(backend, DEVICE, dtype, T=T, B=B, I=16, H=H, P=P, batch_sizes=bs, reverse=reverse)
+    assert_within_2x_torch(errors, dtype)
 
 
 UNBATCHED = [c for c in CONFIGS if c[0] in ("plain", "batch_first", "proj_stacked_bidir_bf")]
