@@ -6,7 +6,7 @@ c_n and the gradient of every input, state and parameter, with random upstream
 gradients on the output and on both final states, within TOL[dtype] (helpers.py):
 
 - whole modules against torch.nn.LSTM / LSTMCell: odd sizes, projections, stacked,
-  bidirectional, batch_first, unbatched, packed;
+  bidirectional, batch_first, unbatched, packed (sorted and unsorted), frozen parts;
 - one layer-direction through the functional entries, lstm_recurrence (on gx) and
   lstm_projected (on x), against torch's own LSTM kernel and the reference backend:
   packed, reverse, projections, rows past batch_sizes[0], T=1, B=1, H=1, H=33;
@@ -137,11 +137,16 @@ PACKED = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_state", [True, False], ids=["hx", "no_hx"])
+@pytest.mark.parametrize("order", ["unsorted", "sorted"])
 @pytest.mark.parametrize("name,kwargs", PACKED, ids=[c[0] for c in PACKED])
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
-def test_packed(backend, name, kwargs, dtype, with_state):
+def test_packed(backend, name, kwargs, order, dtype, with_state):
+    """pack_sequence with enforce_sorted=False (the module permutes the states by
+    sorted_indices) and with sequences already sorted by length (no permutation)."""
     L, P, H = _sizes(kwargs)
-    lengths = [3, 5, 1, 5, 2]  # unsorted, with ties and a length-1 sequence
+    lengths = [3, 5, 1, 5, 2]  # with ties and a length-1 sequence
+    if order == "sorted":
+        lengths.sort(reverse=True)
     require(backend, DEVICE, dtype, T=max(lengths), B=len(lengths), H=H, P=P, packed=True)
     torch.manual_seed(2)
     ref = torch.nn.LSTM(**kwargs, device=DEVICE, dtype=dtype)
@@ -150,7 +155,7 @@ def test_packed(backend, name, kwargs, dtype, with_state):
     def build():
         leaves = {f"seq{i}": torch.randn(n, kwargs["input_size"], device=DEVICE, dtype=dtype, requires_grad=True)
                   for i, n in enumerate(lengths)}
-        packed = pack_sequence(list(leaves.values()), enforce_sorted=False)
+        packed = pack_sequence(list(leaves.values()), enforce_sorted=order == "sorted")
         hx = None
         if with_state:
             leaves["h0"] = torch.randn(L, len(lengths), P, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -158,7 +163,34 @@ def test_packed(backend, name, kwargs, dtype, with_state):
             hx = (leaves["h0"], leaves["c0"])
         return packed, hx, leaves
 
-    check_against(ref, ours, build, dtype, f"{backend}/packed/{name}")
+    check_against(ref, ours, build, dtype, f"{backend}/packed/{name}/{order}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_frozen_input_and_parameters(backend, dtype):
+    """An input that needs no gradient and frozen parameters (fine-tuning): the others get
+    torch.nn.LSTM's gradients. Layer 0 then asks for no projection gradient at all, layer
+    1 for d_x and the bias's but not W_ih's (backward_projected's `wanted`)."""
+    kwargs = dict(input_size=5, hidden_size=7, num_layers=2, proj_size=3)
+    L, P, H = _sizes(kwargs)
+    T, B = 4, 3
+    require(backend, DEVICE, dtype, T=T, B=B, H=H, P=P)
+    torch.manual_seed(4)
+    ref = torch.nn.LSTM(**kwargs, device=DEVICE, dtype=dtype)
+    for name in ("weight_ih_l0", "bias_ih_l0", "bias_hh_l0", "weight_ih_l1", "weight_hr_l1"):
+        getattr(ref, name).requires_grad_(False)
+    ours = from_torch(ref, backend)
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == ["weight_hh_l0", "weight_hr_l0",
+                                                                          "weight_hh_l1", "bias_ih_l1", "bias_hh_l1"]
+
+    def build():
+        x = torch.randn(T, B, kwargs["input_size"], device=DEVICE, dtype=dtype)
+        leaves = {"h0": torch.randn(L, B, P, device=DEVICE, dtype=dtype, requires_grad=True),
+                  "c0": torch.randn(L, B, H, device=DEVICE, dtype=dtype, requires_grad=True)}
+        return x, (leaves["h0"], leaves["c0"]), leaves
+
+    check_against(ref, ours, build, dtype, f"{backend}/frozen")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
