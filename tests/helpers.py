@@ -1,5 +1,7 @@
-"""Shared pieces of the test suite: which backends run here and how to compare."""
+"""Shared pieces of the test suite: which backends run here, the inputs, the
+tolerances and the comparison runners."""
 import contextlib
+import os
 
 import pytest
 import torch
@@ -8,16 +10,27 @@ from torch.nn.utils.rnn import PackedSequence
 import lstm_fast
 from lstm_fast.backends import BACKEND_NAMES, get_backend  # noqa: F401 (re-exported for tests)
 from lstm_fast.backends.base import LayerSizes
-from lstm_fast.function import lstm_projected
+from lstm_fast.function import lstm_projected, lstm_recurrence
 
-# Tolerances. float64: both sides agree to rounding (~1e-16) amplified by the
-# recurrence and the T*B-term sums of the weight gradients; 1e-9 leaves 10^6
-# headroom. float32: eps 1.2e-7 per op, amplified the same way over the short
-# sequences used here; independent fp32 implementations land within ~1e-6.
+# Tolerances by dtype, for assert_close(ours, expected) of two computations of the same
+# quantity from the same inputs (assert_close passes |a - b| <= atol + rtol * |b|).
 TOL = {
+    # rounding ~1e-16 on both sides, amplified by the recurrence and the T*B-term sums of
+    # the weight gradients; 1e-9 leaves 10^6 headroom
     torch.float64: dict(rtol=1e-9, atol=1e-9),
+    # eps 1.2e-7 per op, amplified the same way over the short sequences used here;
+    # independent float32 implementations land within ~1e-6
     torch.float32: dict(rtol=2e-5, atol=2e-5),
+    # against the float32 computation of the same inputs: one rounding to 11 bits (at most
+    # half of eps relative), atol for float32 noise on values near zero
+    torch.float16: dict(rtol=torch.finfo(torch.float16).eps, atol=1e-5),
+    # the same with 8 bits
+    torch.bfloat16: dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-5),
 }
+
+# Backends whose kernels run in the Triton interpreter here: each launch costs Python
+# time per program, so the costliest checks take their cheaper form for them.
+INTERPRETED = {"triton"} if os.environ.get("TRITON_INTERPRET") == "1" else set()
 
 
 @contextlib.contextmanager
@@ -42,7 +55,7 @@ def device_of_tests():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def require(backend, device, dtype, T=4, B=3, H=7, P=None, packed=False):
+def require(backend, device, dtype, T=4, B=3, H=7, P=None, packed=False, reverse=False):
     """Skip (with the backend's own reason) when it cannot run this case."""
     b = get_backend(backend)
     ok, why = b.is_available()
@@ -50,13 +63,116 @@ def require(backend, device, dtype, T=4, B=3, H=7, P=None, packed=False):
         pytest.fail(f"a GPU is visible but the {backend} backend is not usable: {why}")  # not a silent skip
     if not ok:
         pytest.skip(f"{backend} unavailable: {why}")
-    ok, why = b.supports(device, dtype, LayerSizes(T=T, B=B, H=H, P=P or H, packed=packed))
+    ok, why = b.supports(device, dtype, LayerSizes(T=T, B=B, H=H, P=P or H, packed=packed, reverse=reverse))
     if not ok:
         pytest.skip(f"{backend} does not support {device.type} {dtype}: {why}")
 
 
 def assert_close(actual, expected, dtype, what):
     torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+# ----------------------------------------------------------------- one layer-direction
+
+TORCH = "torch"  # run_layer's name for torch's own LSTM kernel (ATen on CPU, cuDNN on a GPU)
+
+
+def layer_inputs(T, B, H, P, dtype, device, I=None, bias=True, seed=0):  # noqa: E741 (I: input size)
+    """The leaves of one layer-direction, all requiring grad, from float64 draws rounded to
+    dtype (so every dtype sees the same values). I=None: the recurrence-only entry,
+    {gx, h0, c0, w_hh[, w_hr]}; otherwise the projecting one, {x, h0, c0, w_ih, w_hh
+    [, b_ih, b_hh][, w_hr]}. Weights scaled by fan-in^-1/2 as nn.LSTM's init, so the
+    gates are not saturated."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    leaves = {"gx": rnd(T, B, 4 * H)} if I is None else {"x": rnd(T, B, I)}
+    leaves.update(h0=rnd(B, P), c0=rnd(B, H))
+    if I is not None:
+        leaves["w_ih"] = rnd(4 * H, I, scale=I ** -0.5)
+    leaves["w_hh"] = rnd(4 * H, P, scale=P ** -0.5)
+    if I is not None and bias:
+        leaves.update(b_ih=rnd(4 * H, scale=H ** -0.5), b_hh=rnd(4 * H, scale=H ** -0.5))
+    if P != H:
+        leaves["w_hr"] = rnd(P, H, scale=H ** -0.5)
+    return leaves
+
+
+def widened(leaves, dtype=torch.float32):
+    """The same leaves in another dtype, as fresh leaves."""
+    return {k: v.detach().to(dtype).requires_grad_() for k, v in leaves.items()}
+
+
+def call_layer(backend, leaves, batch_sizes=None, reverse=False):
+    """(y, h_n, c_n) of one layer-direction: through lstm_recurrence (leaves with gx) or
+    lstm_projected (leaves with x) on the named backend, or through torch's own LSTM
+    kernel for backend=TORCH."""
+    if backend == TORCH:
+        return torch_layer(leaves, batch_sizes, reverse)
+    if "gx" in leaves:
+        return lstm_recurrence(leaves["gx"], leaves["h0"], leaves["c0"], leaves["w_hh"], leaves.get("w_hr"),
+                               batch_sizes=batch_sizes, reverse=reverse, backend=backend)
+    return lstm_projected(leaves["x"], leaves["h0"], leaves["c0"], leaves["w_ih"], leaves["w_hh"],
+                          leaves.get("b_ih"), leaves.get("b_hh"), leaves.get("w_hr"),
+                          batch_sizes=batch_sizes, reverse=reverse, backend=backend)
+
+
+def torch_layer(leaves, batch_sizes=None, reverse=False):
+    """One layer-direction on torch's LSTM kernel (what torch.nn.LSTM runs), with the
+    functional entries' conventions: gx enters as the input of a layer whose W_ih is the
+    identity (x @ I is exact), reverse flips time, and packed rows past batch_sizes[t]
+    get y = 0 and keep their state (torch's packed kernel takes the first
+    batch_sizes[0] rows, the others pass through)."""
+    if "gx" in leaves:
+        gx = leaves["gx"]
+        x, w_ih, biases = gx, torch.eye(gx.shape[-1], dtype=gx.dtype, device=gx.device), []
+    else:
+        x, w_ih = leaves["x"], leaves["w_ih"]
+        biases = [leaves["b_ih"], leaves["b_hh"]] if "b_ih" in leaves else []
+    h0, c0 = leaves["h0"], leaves["c0"]
+    params = [w_ih, leaves["w_hh"], *biases] + ([leaves["w_hr"]] if "w_hr" in leaves else [])
+    if batch_sizes is None:
+        x = x.flip(0) if reverse else x
+        y, h, c = torch._VF.lstm(x, (h0[None], c0[None]), params, bool(biases), 1, 0.0, True, False, False)
+        return (y.flip(0) if reverse else y), h[0], c[0]
+    assert not reverse, "packed input runs forward (function._check_call)"
+    T, B = x.shape[:2]
+    sizes = batch_sizes.tolist()
+    active = sizes[0]
+    data = torch.cat([x[t, :n] for t, n in enumerate(sizes)])
+    out, h, c = torch._VF.lstm(data, batch_sizes, (h0[None, :active], c0[None, :active]), params, bool(biases), 1,
+                               0.0, True, False)
+    rows = out.split(sizes)
+    y = torch.stack([torch.cat([r, r.new_zeros(B - n, r.shape[1])]) for r, n in zip(rows, sizes)])
+    return y, torch.cat([h[0], h0[active:]]), torch.cat([c[0], c0[active:]])
+
+
+def run_layer(backend, leaves, batch_sizes=None, reverse=False, upstream_dtype=None, seed=1):
+    """Outputs and the gradient of every leaf of one layer-direction (call_layer), with
+    random upstream gradients on y, h_n and c_n (drawn in float64, rounded to
+    upstream_dtype first if given). Returns {"y", "h_n", "c_n", "d_<leaf>"...}."""
+    y, h_n, c_n = call_layer(backend, leaves, batch_sizes, reverse)
+    g = torch.Generator().manual_seed(seed)
+    outs = (y, h_n, c_n)
+    ups = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(upstream_dtype or t.dtype).to(t)
+           for t in outs]
+    grads = torch.autograd.grad(sum((t * u).sum() for t, u in zip(outs, ups)), list(leaves.values()))
+    return {"y": y, "h_n": h_n, "c_n": c_n, **{f"d_{k}": v for k, v in zip(leaves, grads)}}
+
+
+def assert_results_close(ours, expected, dtype, label):
+    """Every entry of two run_layer results: same names, dtypes and shapes, values within TOL[dtype]."""
+    assert ours.keys() == expected.keys(), label
+    for name, want in expected.items():
+        got = ours[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, f"{label} {name}: {got.dtype}{list(got.shape)}"
+        assert_close(got, want, dtype, f"{label} {name}")
+
+
+# ----------------------------------------------------------------- whole modules
 
 
 def _data(out):
@@ -69,6 +185,7 @@ def check_against(ref, ours, build, dtype, label):
     build() -> (input, hx or None, {name: leaf tensor}); it is called once per
     module under the same seed, so both get equal but independent leaves.
     Upstream gradients are random on the output and on both final states.
+    Gradients are taken for every leaf and every parameter that requires one.
     """
     runs = []
     for module in (ref, ours):
@@ -87,9 +204,9 @@ def check_against(ref, ours, build, dtype, label):
     grads = []
     for module, out, h, c, leaves in runs:
         loss = sum((t * g).sum() for t, g in zip((out, h, c), upstream))
-        wrt = list(leaves.values()) + list(module.parameters())
+        wrt = list(leaves.values()) + [p for p in module.parameters() if p.requires_grad]
         grads.append(torch.autograd.grad(loss, wrt))
-    names = list(runs[0][4]) + [n for n, _ in ref.named_parameters()]
+    names = list(runs[0][4]) + [n for n, p in ref.named_parameters() if p.requires_grad]
     assert len(names) == len(grads[0]) == len(grads[1])
     for name, g_o, g_r in zip(names, grads[1], grads[0]):
         assert_close(g_o, g_r, dtype, f"{label} grad {name}")
@@ -111,56 +228,32 @@ def from_torch(ref, backend):
     return lstm_fast.LSTM.from_torch(ref, backend=backend)
 
 
-# Whole-layer errors against a float64 reference: in a low-precision dtype ours must
-# stay within 2x torch.nn.LSTM's own error in that dtype on the same device (cuDNN on
-# a GPU, ATen/oneDNN on CPU), plus one unit in the last place, so a lucky, near-exact
-# torch value cannot fail the test.
-ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
-ERROR_NAMES = ["y", "h_n", "c_n", "d_x", "d_h0", "d_c0", "d_w_ih", "d_w_hh", "d_b_ih", "d_b_hh", "d_w_hr"]
+# ----------------------------------------------------------------- errors against float64
+
+# Whole-layer errors against a float64 reference: in a lower precision ours must stay
+# within 2x torch's own LSTM error in that dtype on the same device (cuDNN on a GPU,
+# ATen/oneDNN on CPU), plus one unit in the last place (torch.finfo(dtype).eps) of the
+# quantity's scale, so a lucky, near-exact torch value cannot fail the test.
 
 
-def layer_errors_vs_fp64(backend, device, dtype, T, B, I, H, P):
-    """(ours, torch's) max relative errors per quantity (ERROR_NAMES), one whole layer
-    with its input projection, as lstm_fast.LSTM runs it."""
-    torch.manual_seed(0)
-    lstm64 = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).double()
-    x64 = torch.randn(T, B, I, dtype=torch.float64)
-    h064, c064 = torch.randn(1, B, P, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64)
-    ups = [torch.randn(T, B, P, dtype=torch.float64), torch.randn(1, B, P, dtype=torch.float64),
-           torch.randn(1, B, H, dtype=torch.float64)]
-    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"] + (["weight_hr_l0"] if P != H else [])
+def layer_errors_vs_fp64(backend, device, dtype, T, B, I, H, P, batch_sizes=None, reverse=False):  # noqa: E741
+    """{name: (ours, torch's)} max relative errors of every output and gradient of one
+    layer-direction with its input projection (lstm_projected, as lstm_fast.LSTM runs
+    it), against the reference backend in float64."""
+    leaves64 = layer_inputs(T, B, H, P, torch.float64, "cpu", I=I)
+    ref = run_layer("reference", leaves64, batch_sizes, reverse)
 
-    def ours(backend, dev, dt):
-        p = {n: getattr(lstm64, n).detach().to(dev, dt).requires_grad_() for n in names}
-        x = x64.to(dev, dt).requires_grad_()
-        h0, c0 = h064[0].to(dev, dt).requires_grad_(), c064[0].to(dev, dt).requires_grad_()
-        y, h_n, c_n = lstm_projected(x, h0, c0, p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
-                                     p["bias_hh_l0"], p.get("weight_hr_l0"), backend=backend)
-        outs = [y, h_n.unsqueeze(0), c_n.unsqueeze(0)]
-        loss = sum((o * u.to(dev, dt)).sum() for o, u in zip(outs, ups))
-        grads = torch.autograd.grad(loss, [x, h0, c0] + [p[n] for n in names])
-        return [o.double().cpu() for o in outs] + [g.double().cpu() for g in grads]
+    def errors(name, dev):
+        low = {k: v.detach().to(dev, dtype).requires_grad_() for k, v in leaves64.items()}
+        got = run_layer(name, low, batch_sizes, reverse)
+        return {k: ((got[k].double().cpu() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+                for k, r in ref.items()}
 
-    def by_torch(dt):
-        m = torch.nn.LSTM(I, H, proj_size=P if P != H else 0).to(device, dt)
-        m.load_state_dict({k: v.to(dt) for k, v in lstm64.state_dict().items()})
-        x = x64.to(device, dt).requires_grad_()
-        h0, c0 = h064.to(device, dt).requires_grad_(), c064.to(device, dt).requires_grad_()
-        y, (h_n, c_n) = m(x, (h0, c0))
-        outs = [y, h_n, c_n]
-        loss = sum((o * u.to(device, dt)).sum() for o, u in zip(outs, ups))
-        grads = torch.autograd.grad(loss, [x, h0, c0] + [getattr(m, n) for n in names])
-        grads = [grads[0], grads[1][0], grads[2][0], *grads[3:]]
-        return [o.double().cpu() for o in outs] + [g.double().cpu() for g in grads]
-
-    ref = ours("reference", "cpu", torch.float64)
-
-    def err(vals):
-        return [((a - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for a, r in zip(vals, ref)]
-
-    return err(ours(backend, device, dtype)), err(by_torch(dtype))
+    ours, by_torch = errors(backend, device), errors(TORCH, device)
+    return {k: (ours[k], by_torch[k]) for k in ref}
 
 
-def assert_within_2x_torch(ours, by_torch, dtype):
-    for name, e_ours, e_torch in zip(ERROR_NAMES, ours, by_torch):
-        assert e_ours <= 2 * e_torch + ULP[dtype], f"{name}: ours {e_ours:.2e} vs torch {e_torch:.2e}"
+def assert_within_2x_torch(errors, dtype):
+    ulp = torch.finfo(dtype).eps
+    for name, (e_ours, e_torch) in errors.items():
+        assert e_ours <= 2 * e_torch + ulp, f"{name}: ours {e_ours:.2e} vs torch {e_torch:.2e}"

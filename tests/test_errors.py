@@ -4,6 +4,7 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import lstm_fast
+from helpers import require
 
 I, H, T, B = 4, 5, 3, 2
 
@@ -122,10 +123,11 @@ def test_state_dtype_mismatch_is_clear():
         ours(_x(T, B, I), (_x(1, B, H, dtype=torch.float64), _x(1, B, H)))
 
 
-@pytest.mark.parametrize("backend", ["reference", "numba", "cpp"])
+@pytest.mark.parametrize("backend", lstm_fast.BACKEND_NAMES)
 def test_weight_dtype_mix_is_refused(backend):
     """One float64 weight in a float32 module: torch.nn.LSTM fails (inside oneDNN); no
     backend may compute it silently in float32."""
+    require(backend, torch.device("cpu"), torch.float32, T=T, B=B, H=H)
     ours = lstm_fast.LSTM(I, H, backend=backend)
     ours.weight_hh_l0 = torch.nn.Parameter(ours.weight_hh_l0.detach().double())
     with pytest.raises(RuntimeError, match=r"weight_hh dtype \(torch.float64\) does not match input dtype"):

@@ -96,18 +96,6 @@ def test_matches_reference(T, B, H, P, packed, reverse, dtype, split, monkeypatc
         assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e}"
 
 
-@pytest.mark.parametrize("proj,packed,reverse", [(False, False, False), (True, False, True), (True, True, False)])
-def test_gradcheck_float64(proj, packed, reverse):
-    gx, h0, c0, w_hh, w_hr, bs = make_inputs(4, 5, 3, 2 if proj else 3, torch.float64, packed, seed=3)
-
-    def f(gx, h0, c0, w_hh, *w_hr):
-        return lstm_recurrence(gx, h0, c0, w_hh, w_hr[0] if w_hr else None,
-                               batch_sizes=bs, reverse=reverse, backend="numba")
-
-    args = (gx, h0, c0, w_hh) + ((w_hr,) if proj else ())
-    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
 def test_inference_saves_nothing():
     gx, h0, c0, w_hh, w_hr, _ = make_inputs(3, 4, 8, 8, torch.float32)
     state, weights = LSTMState(h0.detach(), c0.detach()), RecurrentWeights(w_hh.detach())

@@ -1,14 +1,16 @@
-"""The `triton` backend against the reference backend and cuDNN.
+"""What is unique to the `triton` backend.
+
+The comparisons every backend shares (torch.nn.LSTM, the reference, gradcheck,
+float64, errors against float64) are in test_drop_in.py. Here: both kernel
+paths (step, sequence) forced in turn, and the dispatch between them; the fp32
+dot precisions; the kernels compiled for sm_90 without a GPU; on a GPU (tests
+marked `gpu`) each path and precision against cuDNN's own error, and no
+recompilation for new T or B.
 
 Without a GPU the kernels run on CPU tensors through the Triton interpreter
 (TRITON_INTERPRET=1, set before triton is imported): float32 on small shapes,
-both kernel paths (step, sequence) forced in turn, forward and every gradient
-(gx, h0, c0, w_hh, w_hr), packed and reverse. The interpreter is slow, so T
-and H stay tiny.
-
-On a GPU (tests marked `gpu`): float32 (tf32 and ieee), float16 and bfloat16
-against a float64 reference, allowed twice cuDNN's own error in that dtype.
-float64 (step path only) runs against the reference on either.
+forward and every gradient (gx, h0, c0, w_hh, w_hr), packed and reverse. The
+interpreter is slow, so T and H stay tiny.
 """
 import os
 import subprocess
@@ -22,14 +24,12 @@ if not torch.cuda.is_available():
 
 from lstm_fast.backends import get_backend  # noqa: E402
 from lstm_fast.backends.base import LayerSizes  # noqa: E402
-from helpers import tf32  # noqa: E402
+from helpers import TOL, assert_results_close, layer_inputs, run_layer, tf32  # noqa: E402
 from lstm_fast.function import lstm_layer, lstm_recurrence  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu") if INTERP else torch.device("cuda")
-TOL32 = dict(rtol=2e-5, atol=2e-5)  # fp32, T <= 5: independent orders of summation land ~1e-6 apart
-TOL64 = dict(rtol=1e-9, atol=1e-9)  # fp64: ~1e-16 rounding, the same amplification; 10^6 headroom
 
 
 @pytest.fixture
@@ -45,33 +45,12 @@ def triton_backend():
     b.path, b.fp32_precision = saved
 
 
-def _inputs(T, B, H, P, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-
-    leaves = {"gx": r(T, B, 4 * H), "h0": r(B, P), "c0": r(B, H), "w_hh": r(4 * H, P, scale=0.4)}
-    if P != H:
-        leaves["w_hr"] = r(P, H, scale=0.4)
-    return {k: v.requires_grad_() for k, v in leaves.items()}
-
-
 def _batch_sizes(T, B, seed):
     """Non-increasing batch_sizes with the first row full length and varied lengths."""
     g = torch.Generator().manual_seed(seed)
     lengths = sorted(torch.randint(1, T + 1, (B,), generator=g).tolist(), reverse=True)
     lengths[0] = T
     return torch.tensor([sum(l > t for l in lengths) for t in range(T)], dtype=torch.int64)
-
-
-def _run(backend, leaves, batch_sizes, reverse, upstream_seed=1):
-    y, h, c = lstm_recurrence(leaves["gx"], leaves["h0"], leaves["c0"], leaves["w_hh"], leaves.get("w_hr"),
-                              batch_sizes=batch_sizes, reverse=reverse, backend=backend)
-    g = torch.Generator().manual_seed(upstream_seed)
-    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t)).sum() for t in (y, h, c))
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return {"y": y, "h_n": h, "c_n": c, **{f"d_{k}": v for k, v in zip(leaves, grads)}}
 
 
 # (id, T, B, H, P, packed, reverse): B=1, T=1, H not a multiple of 16/32, packed, reverse.
@@ -95,76 +74,37 @@ PROJ_CASES = [  # projection: step path only
 @pytest.mark.parametrize("path", ["step", "sequence"])
 @pytest.mark.parametrize("name,T,B,H,P,packed,reverse", CASES + PROJ_CASES, ids=[c[0] for c in CASES + PROJ_CASES])
 def test_interpreter_matches_reference(triton_backend, path, name, T, B, H, P, packed, reverse):
+    """Each kernel path forced: outputs and every gradient against the reference; the
+    sequence path refuses a projection, with its reason."""
     triton_backend.path = path
     sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
     ok, why = triton_backend.supports(DEVICE, torch.float32, sizes)
+    leaves = layer_inputs(T, B, H, P, torch.float32, DEVICE)
     if P != H and path == "sequence":
         assert not ok and "projection" in why
         with pytest.raises(RuntimeError, match="projection"):
-            lstm_recurrence(*_inputs(T, B, H, P, torch.float32, DEVICE).values(), backend="triton")
+            lstm_recurrence(*leaves.values(), backend="triton")
         return
     assert ok, why
     bs = _batch_sizes(T, B, seed=T * 100 + B) if packed else None
-    leaves = _inputs(T, B, H, P, torch.float32, DEVICE)
-    ref = _run("reference", leaves, bs, reverse)
-    ours = _run("triton", leaves, bs, reverse)
-    assert set(ours) == set(ref)
-    for k in ref:
-        torch.testing.assert_close(ours[k], ref[k], **TOL32, msg=lambda m, k=k: f"{name}/{path} {k}: {m}")
-
-
-@pytest.mark.gpu  # on the GPU run: the float64 kernels on CUDA
-@pytest.mark.parametrize("name,T,B,H,P,packed,reverse", CASES + PROJ_CASES, ids=[c[0] for c in CASES + PROJ_CASES])
-def test_float64_matches_reference(triton_backend, name, T, B, H, P, packed, reverse):
-    """float64 accumulates in float64 (gates, cells, gradients) on the step path, which
-    auto picks: the sequence kernel has no float64 variant and says so."""
-    sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
-    assert triton_backend.supports(DEVICE, torch.float64, sizes)[0]
-    assert not triton_backend.use_sequence(sizes, torch.float64)
-    bs = _batch_sizes(T, B, seed=T * 100 + B) if packed else None
-    leaves = _inputs(T, B, H, P, torch.float64, DEVICE)
-    ref = _run("reference", leaves, bs, reverse)
-    ours = _run("triton", leaves, bs, reverse)
-    for k in ref:
-        assert ours[k].dtype == torch.float64, k
-        torch.testing.assert_close(ours[k], ref[k], **TOL64, msg=lambda m, k=k: f"{name} {k}: {m}")
+    ours, ref = run_layer("triton", leaves, bs, reverse), run_layer("reference", leaves, bs, reverse)
+    assert_results_close(ours, ref, torch.float32, f"{name}/{path}")
 
 
 @pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
 @pytest.mark.parametrize("path", ["step", "sequence"])
 @pytest.mark.parametrize("packed,reverse", [(False, False), (True, False), (False, True)])
 def test_interpreter_inference(triton_backend, path, packed, reverse):
-    """No grad: nothing saved, the step path ping-pongs the cell state."""
+    """No grad, each kernel path forced: nothing saved, the step path ping-pongs the cell state."""
     triton_backend.path = path
     T, B, H = 5, 4, 7
     bs = _batch_sizes(T, B, seed=3) if packed else None
-    leaves = {k: v.detach() for k, v in _inputs(T, B, H, H, torch.float32, DEVICE).items()}
+    leaves = {k: v.detach() for k, v in layer_inputs(T, B, H, H, torch.float32, DEVICE).items()}
     with torch.no_grad():
         ref = lstm_recurrence(*leaves.values(), batch_sizes=bs, reverse=reverse, backend="reference")
         ours = lstm_recurrence(*leaves.values(), batch_sizes=bs, reverse=reverse, backend="triton")
     for name, a, b in zip(("y", "h_n", "c_n"), ours, ref):
-        torch.testing.assert_close(a, b, **TOL32, msg=lambda m, name=name: f"{name}: {m}")
-
-
-@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
-def test_interpreter_module(triton_backend):
-    """lstm_fast.LSTM(backend='triton') runs here: 2 layers, bidirectional, one packed batch."""
-    import lstm_fast
-    from torch.nn.utils.rnn import pack_sequence
-
-    torch.manual_seed(0)
-    ref = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True)
-    ours = lstm_fast.LSTM.from_torch(ref, backend="triton")
-    seqs = [torch.randn(n, 4) for n in (4, 3, 1)]
-    out_r, (h_r, c_r) = ref(pack_sequence(seqs))
-    out_o, (h_o, c_o) = ours(pack_sequence(seqs))
-    for a, b in ((out_o.data, out_r.data), (h_o, h_r), (c_o, c_r)):
-        torch.testing.assert_close(a, b, **TOL32)
-    g = torch.randn_like(out_r.data)
-    grads_r = torch.autograd.grad((out_r.data * g).sum() + h_r.sum() + c_r.sum(), list(ref.parameters()))
-    grads_o = torch.autograd.grad((out_o.data * g).sum() + h_o.sum() + c_o.sum(), list(ours.parameters()))
-    for (name, _), a, b in zip(ref.named_parameters(), grads_o, grads_r):
-        torch.testing.assert_close(a, b, **TOL32, msg=lambda m, name=name: f"grad {name}: {m}")
+        torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_dispatch_and_limits(triton_backend):
@@ -316,11 +256,10 @@ def test_gpu_fp32_ieee_matches_reference(triton_backend, path, packed, reverse):
     with tf32(False):
         T, B, H = 7, 19, 33
         bs = _batch_sizes(T, B, seed=11) if packed else None
-        leaves = _inputs(T, B, H, H, torch.float32, DEVICE)
-        ref = _run("reference", leaves, bs, reverse)
-        ours = _run("triton", leaves, bs, reverse)
-    for k in ref:
-        torch.testing.assert_close(ours[k], ref[k], **TOL32, msg=lambda m, k=k: f"{path} {k}: {m}")
+        leaves = layer_inputs(T, B, H, H, torch.float32, DEVICE)
+        ref = run_layer("reference", leaves, bs, reverse)
+        ours = run_layer("triton", leaves, bs, reverse)
+    assert_results_close(ours, ref, torch.float32, path)
 
 
 @gpu
@@ -341,8 +280,8 @@ def test_gpu_no_recompile_for_new_T_or_B(triton_backend, path):
             pytest.skip("this triton version keeps no device_caches to count")
 
     def call(T, B):
-        leaves = _inputs(T, B, 32, 32, torch.float16, DEVICE)
-        _run("triton", leaves, None, False)
+        leaves = layer_inputs(T, B, 32, 32, torch.float16, DEVICE)
+        run_layer("triton", leaves)
 
     call(5, 9)
     before = n_compiled()
