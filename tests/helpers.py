@@ -77,7 +77,7 @@ def assert_close(actual, expected, dtype, what):
 TORCH = "torch"  # run_layer's name for torch's own LSTM kernel (ATen on CPU, cuDNN on a GPU)
 
 
-def layer_inputs(T, B, H, P, dtype, device, I=None, bias=True, seed=0):  # noqa: E741 (I: input size)
+def layer_inputs(T, B, H, P, dtype, device, I=None, bias=True, seed=0):
     """The leaves of one layer-direction, all requiring grad, from float64 draws rounded to
     dtype (so every dtype sees the same values). I=None: the recurrence-only entry,
     {gx, h0, c0, w_hh[, w_hr]}; otherwise the projecting one, {x, h0, c0, w_ih, w_hh
@@ -236,7 +236,7 @@ def from_torch(ref, backend):
 # quantity's scale, so a lucky, near-exact torch value cannot fail the test.
 
 
-def layer_errors_vs_fp64(backend, device, dtype, T, B, I, H, P, batch_sizes=None, reverse=False):  # noqa: E741
+def layer_errors_vs_fp64(backend, device, dtype, T, B, I, H, P, batch_sizes=None, reverse=False):
     """{name: (ours, torch's)} max relative errors of every output and gradient of one
     layer-direction with its input projection (lstm_projected, as lstm_fast.LSTM runs
     it), against the reference backend in float64."""

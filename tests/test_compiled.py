@@ -27,7 +27,7 @@ needs_cpp = pytest.mark.skipif(not CPP_OK, reason=f"cpp backend unavailable: {CP
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device is visible")
 
 
-def op_inputs(T, B, H, P, dtype, device="cpu", I=None, bias=True, seed=0):  # noqa: E741
+def op_inputs(T, B, H, P, dtype, device="cpu", I=None, bias=True, seed=0):
     """layer_inputs as plain tensors, for calling the ops directly."""
     return {k: v.detach() for k, v in layer_inputs(T, B, H, P, dtype, device, I=I, bias=bias, seed=seed).items()}
 
@@ -116,7 +116,7 @@ def test_cpp_opcheck():
     check_ops("cpu", torch.float32)
 
 
-def projected_args(T, B, I, H, P, batch_sizes, reverse, dtype, need_grad, bias=True):  # noqa: E741
+def projected_args(T, B, I, H, P, batch_sizes, reverse, dtype, need_grad, bias=True):
     """lstm_forward_projected's arguments: x, w_ih, bias (b_ih + b_hh), h0, c0, w_hh, w_hr,
     batch_sizes, reverse, need_grad."""
     t = op_inputs(T, B, H, P, dtype, I=I, bias=bias, seed=5)

@@ -21,11 +21,27 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import lstm_fast
+from helpers import (
+    BACKEND_NAMES,
+    INTERPRETED,
+    TORCH,
+    CellAsLSTM,
+    assert_close,
+    assert_results_close,
+    assert_within_2x_torch,
+    call_layer,
+    check_against,
+    device_of_tests,
+    from_torch,
+    get_backend,
+    layer_errors_vs_fp64,
+    layer_inputs,
+    require,
+    run_layer,
+    widened,
+)
 from lstm_fast.backends.base import InputProjection, LSTMState, RecurrentWeights, SequenceLayout
 from lstm_fast.function import lstm_projected
-from helpers import (BACKEND_NAMES, INTERPRETED, TORCH, CellAsLSTM, assert_close, assert_results_close,
-                     assert_within_2x_torch, call_layer, check_against, device_of_tests, from_torch, get_backend,
-                     layer_errors_vs_fp64, layer_inputs, require, run_layer, widened)
 
 DEVICE = device_of_tests()
 DTYPES = [torch.float64, torch.float32]

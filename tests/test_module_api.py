@@ -5,10 +5,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lstm_fast
+from helpers import TOL
 from lstm_fast.backends import select_backend
 from lstm_fast.backends.base import LayerSizes
-
-from helpers import TOL
 
 KW = dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True, proj_size=3)
 

@@ -184,10 +184,10 @@ def test_import_is_cheap():
 def test_module_fused_projection(kw, packed, dtype, split, monkeypatch):
     """The module path, where this backend computes the input projection inside its
     own launch, against torch.nn.LSTM: outputs, states and every gradient."""
-    from helpers import check_against
     from torch.nn.utils.rnn import pack_sequence
 
     import lstm_fast
+    from helpers import check_against
     from lstm_fast.backends.numba import threads as numba_threads
 
     if split:

@@ -5,7 +5,6 @@ import torch
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
 
 import lstm_fast
-
 from helpers import BACKEND_NAMES, TOL, device_of_tests, require
 
 DEVICE = device_of_tests()

@@ -22,10 +22,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-from lstm_fast.backends import get_backend  # noqa: E402
-from lstm_fast.backends.base import LayerSizes  # noqa: E402
-from helpers import TOL, assert_results_close, layer_inputs, run_layer, tf32  # noqa: E402
-from lstm_fast.function import lstm_layer, lstm_recurrence  # noqa: E402
+from helpers import TOL, assert_results_close, layer_inputs, run_layer, tf32
+from lstm_fast.backends import get_backend
+from lstm_fast.backends.base import LayerSizes
+from lstm_fast.function import lstm_layer, lstm_recurrence
 
 HAS_CUDA = torch.cuda.is_available()
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"

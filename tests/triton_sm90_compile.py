@@ -36,14 +36,14 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
 
-from lstm_fast.backends.base import LSTMState, OutputGrads, RecurrentWeights, SequenceLayout  # noqa: E402
-from lstm_fast.backends.triton_gpu import TritonBackend  # noqa: E402
+from lstm_fast.backends.base import LSTMState, OutputGrads, RecurrentWeights, SequenceLayout
+from lstm_fast.backends.triton_gpu import TritonBackend
 
 _PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
         torch.int32: "*i32", torch.int64: "*i64"}
@@ -101,7 +101,10 @@ def _drive_backend(cases):
     for dtype, prec, path, H, P, packed, reverse in cases:
         b.path, b.fp32_precision = path, prec
         bs = batch_sizes if packed else None
-        mk = lambda *shape: torch.empty(*shape, dtype=dtype, device=meta)  # noqa: E731
+
+        def mk(*shape, dtype=dtype):
+            return torch.empty(*shape, dtype=dtype, device=meta)
+
         gx, h0, c0, w_hh = mk(T, B, 4 * H), mk(B, P), mk(B, H), mk(4 * H, P)
         w_hr = mk(P, H) if P != H else None
         state, weights, layout = LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr), SequenceLayout(bs, reverse)
@@ -165,7 +168,7 @@ def main(argv=None):
 
     print(f"triton {triton.__version__}: {len(jobs)} kernel specialisations for sm_{args.arch}", flush=True)
     failed = 0
-    for (name, _, _, warps, stages), (fn, sig, constexprs, config) in jobs.items():
+    for (name, _, _, warps, stages), (fn, sig, constexprs, _config) in jobs.items():
         shown = ", ".join(f"{k}={v}" for k, v in constexprs.items())
         types = ",".join(t[1:] for t in sig.values() if t.startswith("*"))
         t0 = time.time()
