@@ -91,7 +91,7 @@ class LSTMRecurrence(torch.autograd.Function):
             d = torch.ops.lstm_fast.recurrence_backward(*args)
         else:
             d = _recurrence_backward(*args)
-        d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr = (g if n else None for g, n in zip(d, _OP_NEEDS(need)))
+        d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr = (g if n else None for g, n in zip(d, _wanted_outputs(need)))
         grads = (d_x, d_w_ih, d_b, d_b, d_h0, d_c0, d_w_hh, d_w_hr)
         return (*(g if n else None for g, n in zip(grads, need)), None)
 
@@ -109,7 +109,7 @@ def _loop_over_batch(apply, info, in_dims, args):
     return outputs, (0,) * len(outputs)
 
 
-def _OP_NEEDS(need):
+def _wanted_outputs(need):
     """recurrence_backward's outputs (x, w_ih, bias, h0, c0, w_hh, w_hr) that are asked for."""
     return (need[0], need[1], need[2] or need[3], *need[4:])
 
@@ -152,7 +152,7 @@ def _recurrence_backward_op(gates: torch.Tensor, cells: torch.Tensor, y: torch.T
 @_recurrence_backward_op.register_fake
 def _(gates, cells, y, grad_y, grad_hn, grad_cn, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse,
       backend, projected, need):
-    need = _OP_NEEDS(need)
+    need = _wanted_outputs(need)
     G = w_hh.shape[0]
     if projected:
         d_x, d_w_ih, d_b = x.new_empty(x.shape), w_ih.new_empty(w_ih.shape), w_hh.new_empty(G)
@@ -198,7 +198,7 @@ def _double_backward(ctx, *cotangents):
     differentiated against the cotangents. As slow as a Python loop over the steps;
     only a backward through the gradients (create_graph=True) comes here."""
     gates, cells, y, grad_y, grad_hn, grad_cn, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr = ctx.saved_tensors
-    need = _OP_NEEDS(ctx.need)
+    need = _wanted_outputs(ctx.need)
     with torch.enable_grad():
         # Each input enters the recomputation through a node of its own (a view), so a
         # gradient taken at it counts only the paths through this recurrence, not those
