@@ -25,6 +25,10 @@ class Shape:
     # One LSTMCell stepped T times in a Python loop (torch.nn.LSTMCell vs lstm_fast's)
     # instead of one LSTM call over the sequence: the per-call cost users of cells pay.
     cell: bool = False
+    # Variable-length batch (bench/varlen.py): "" dense; "padded" the padded call on the
+    # full [T, B, I]; "packed" a PackedSequence; "lengths" padded input with lengths=.
+    # The lengths are uniform in [T // 10, T], the same draw for every runner.
+    varlen: str = ""
     modes: tuple = MODES
     tags: tuple = field(default=(), compare=False)
 
@@ -43,18 +47,23 @@ class Shape:
             s += f" P{self.proj}"
         if self.cell:
             s += " cell"
+        if self.varlen:
+            s += f" varlen-{self.varlen}"
         return s
 
     @property
     def family(self) -> str:
         """The shape without its sizes I and H: points of one hidden-size sweep share it."""
         return (f"T{self.T} B{self.B} L{self.L}{' bi' if self.bidir else ''}{' proj' if self.proj else ''}"
-                f"{' cell' if self.cell else ''}")
+                f"{' cell' if self.cell else ''}{' varlen' if self.varlen else ''}")
 
 
-def S(T, B, H, I=None, L=1, bidir=False, proj=0, cell=False, modes=MODES, tags=()):
-    return Shape(T=T, B=B, I=H if I is None else I, H=H, L=L, bidir=bidir, proj=proj, cell=cell,
+def S(T, B, H, I=None, L=1, bidir=False, proj=0, cell=False, varlen="", modes=MODES, tags=()):
+    return Shape(T=T, B=B, I=H if I is None else I, H=H, L=L, bidir=bidir, proj=proj, cell=cell, varlen=varlen,
                  modes=tuple(modes), tags=tuple(tags))
+
+
+VARLEN_KINDS = ("padded", "packed", "lengths")
 
 
 # The configurations the project's speed claims are made on (CPU).
@@ -69,6 +78,9 @@ STACKED_CPU = [S(50, 16, 128, L=2, bidir=True)]
 # LSTMCell stepped in a Python loop: a tiny cell (per-call overhead), a mid-size and a
 # large one (the fused step's work).
 CELL_CPU = [S(50, 1, 64, cell=True), S(50, 8, 256, cell=True), S(50, 32, 512, cell=True)]
+# Variable-length batches: the same sizes padded, packed and with lengths= side by side.
+VARLEN_CPU = [S(100, 32, 256, varlen=v, tags=("varlen",)) for v in VARLEN_KINDS]
+VARLEN_EXTRA_CPU = [S(200, 16, 128, L=2, bidir=True, varlen=v, tags=("varlen",)) for v in VARLEN_KINDS]
 EXTRA_CPU = [
     S(100, 32, 1024, tags=("sweep-large",)),
     S(100, 64, 256),
@@ -116,8 +128,9 @@ NAMED = {
     "sweep": SWEEP_CPU,
     "stacked": STACKED_CPU,
     "extra": EXTRA_CPU,
-    "quick-cpu": REFERENCE_CPU + SWEEP_CPU + STACKED_CPU,
-    "full-cpu": REFERENCE_CPU + SWEEP_CPU + STACKED_CPU + EXTRA_CPU,
+    "varlen": VARLEN_CPU + VARLEN_EXTRA_CPU,
+    "quick-cpu": REFERENCE_CPU + SWEEP_CPU + STACKED_CPU + VARLEN_CPU,
+    "full-cpu": REFERENCE_CPU + SWEEP_CPU + STACKED_CPU + VARLEN_CPU + VARLEN_EXTRA_CPU + EXTRA_CPU,
     "sweep-gpu": SWEEP_GPU,
     "quick-gpu": [SWEEP_GPU[1], SWEEP_GPU[3], LATENCY_GPU[0], STACKED_GPU[1]],
     "full-gpu": SWEEP_GPU + LATENCY_GPU + THROUGHPUT_GPU + STACKED_GPU,
@@ -140,11 +153,11 @@ def default_dtypes(device: str, quick: bool) -> list[str]:
 
 _KEYS = {"t": "T", "b": "B", "i": "I", "h": "H", "l": "L", "layers": "L", "num_layers": "L",
          "bi": "bidir", "bidir": "bidir", "bidirectional": "bidir", "p": "proj", "proj": "proj",
-         "proj_size": "proj", "modes": "modes", "mode": "modes", "cell": "cell"}
+         "proj_size": "proj", "modes": "modes", "mode": "modes", "cell": "cell", "varlen": "varlen"}
 
 
 def parse_spec(spec: str) -> list[Shape]:
-    """'T=100,B=32,H=256[,I=..,L=2,bi=1,proj=64,cell=1,modes=training]' items separated by ';'.
+    """'T=100,B=32,H=256[,I=..,L=2,bi=1,proj=64,cell=1,varlen=packed,modes=training]' items separated by ';'.
 
     I defaults to H; modes is '+'-separated (training+inference).
     """
@@ -169,6 +182,10 @@ def parse_spec(spec: str) -> list[Shape]:
                 kw[key] = modes
             elif key in ("bidir", "cell"):
                 kw[key] = v.lower() in ("1", "true", "yes", "y")
+            elif key == "varlen":
+                if v not in VARLEN_KINDS:
+                    raise ValueError(f"unknown varlen kind {v!r}; choose from {VARLEN_KINDS}")
+                kw[key] = v
             else:
                 kw[key] = int(v)
         missing = {"T", "B", "H"} - set(kw)

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from . import varlen
 from .configs import Shape, cudnn_persistent, lstm_flops
 from .floor import FLOOR, floor_step
 from .machine import TORCH_DTYPES, tf32
@@ -75,33 +76,38 @@ def make_module(name: str, base):
     return lstm_fast.LSTM.from_torch(base, backend=name)
 
 
-def make_step(module, x, gy, mode):
-    """One call of the whole module as a user makes it; training includes backward to x and every weight."""
+def make_step(module, x, gy, mode, shape=None, is_torch=True):
+    """One call of the whole module as a user makes it; training includes backward to x and every weight.
+    shape: the config, for variable-length input (bench/varlen.py); None calls module(x)."""
     params = list(module.parameters())
+    inp, leaf = (x, x) if shape is None else varlen.module_input(shape, x)
+
+    def forward():
+        return module(inp)[0] if shape is None else varlen.call(shape, module, inp, is_torch)
+
     if mode == "inference":
         def step():
             with torch.inference_mode():
-                return module(x)
-        return step
-
-    def step():
-        for p in params:
-            p.grad = None
-        x.grad = None
-        y, _ = module(x)
-        y.backward(gy)
-        return y
+                return forward()
+    else:
+        def step():
+            for p in params:
+                p.grad = None
+            leaf.grad = None
+            y = forward()
+            y.backward(gy)
+            return y
+    step.grad_leaf = leaf  # where the input's gradient lands
     return step
 
 
-def outputs_of(module, x, gy, mode):
+def outputs_of(module, x, gy, mode, shape=None, is_torch=True):
     """What the correctness check compares: output (and x / W_hh gradients in training)."""
-    step = make_step(module, x, gy, mode)
+    step = make_step(module, x, gy, mode, shape, is_torch)
     y = step()
-    y = y[0] if isinstance(y, tuple) else y
     out = [y.detach().float().clone()]
     if mode == "training":
-        out += [x.grad.detach().float().clone(), module.weight_hh_l0.grad.detach().float().clone()]
+        out += [step.grad_leaf.grad.detach().float().clone(), module.weight_hh_l0.grad.detach().float().clone()]
     return out
 
 
@@ -188,7 +194,9 @@ def base_row(shape: Shape, dtype: str, mode: str, name: str) -> dict:
     return {"config": shape.name, "family": shape.family, "tags": list(shape.tags),
             "T": shape.T, "B": shape.B, "I": shape.I, "H": shape.H, "L": shape.L,
             "bidir": shape.bidir, "proj": shape.proj, "cell": shape.cell, "dtype": dtype, "mode": mode,
-            "backend": name, "status": "ok", "reason": "", "flops": lstm_flops(shape, mode),
+            "backend": name, "status": "ok", "reason": "",
+            "flops": lstm_flops(shape, mode) * varlen.real_share(shape),
+            "varlen": shape.varlen, "real_share": varlen.real_share(shape),
             "cudnn_persistent": cudnn_persistent(shape, dtype)}
 
 
@@ -203,7 +211,7 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
         base = make_base(shape, device, tdtype)
         x = torch.randn(shape.T, shape.B, shape.I, device=device, dtype=tdtype)
         out_w = (shape.proj or shape.H) * (2 if shape.bidir else 1)
-        gy = torch.randn(shape.T, shape.B, out_w, device=device, dtype=tdtype)
+        gy = torch.randn(*varlen.output_rows(shape), out_w, device=device, dtype=tdtype)
         if mode == "training":
             x.requires_grad_(True)
             base.train()
@@ -220,16 +228,16 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
                 module = make_module(n, base)
                 # Warm-up: compilation, autotuning, allocator caches. 1 call on CPU
                 # (JIT compiles on the first), 2 on GPU (cuDNN plans, Triton autotune).
-                got = outputs_of(module, x, gy, mode)
+                got = outputs_of(module, x, gy, mode, shape, n == BASELINE)
                 if device == "cuda":
-                    outputs_of(module, x, gy, mode)
+                    outputs_of(module, x, gy, mode, shape, n == BASELINE)
                 if n == BASELINE:
                     reference = got
                 elif reference is not None:
                     err = rel_err(got, reference)
                     rows[n]["max_rel_err"] = err
                     rows[n]["err_flag"] = not (err <= ERR_LIMIT.get(dtype, 1e-3))
-                step = make_step(module, x, gy, mode)
+                step = make_step(module, x, gy, mode, shape, n == BASELINE)
                 est[n] = time_samples(step, 1, device)
                 steps[n] = step
             except Exception as exc:  # a backend that cannot run this config gets a row saying why
@@ -239,6 +247,8 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
         if not steps:
             return list(rows.values())
         try:  # timed beside the runners; it becomes a column of theirs, not a row
+            if shape.varlen not in ("", "padded"):
+                raise ValueError("the floor counts dense GEMMs only")
             steps[FLOOR] = floor_step(shape, mode, device, tdtype)
             steps[FLOOR]()
             est[FLOOR] = time_samples(steps[FLOOR], 1, device)
@@ -287,7 +297,8 @@ def run_config(shape: Shape, dtype: str, mode: str, names: list[str], opts: Opti
             med = statistics.median(s)
             row.update(median_ms=med * 1e3, min_ms=min(s) * 1e3, max_ms=max(s) * 1e3, repeats=len(s),
                        inner=inner[n], samples_ms=[round(v * 1e3, 4) for v in s],
-                       tokens_per_s=shape.T * shape.B / med, gflops=row["flops"] / med / 1e9)
+                       tokens_per_s=shape.T * shape.B * varlen.real_share(shape) / med,
+                       gflops=row["flops"] / med / 1e9)
             if peak_gflops:
                 row["pct_peak"] = 100.0 * row["gflops"] / peak_gflops
         runners = [n for n in steps if n != FLOOR]

@@ -21,6 +21,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench import configs as cfg
+from bench import varlen
 from bench.machine import TORCH_DTYPES, tf32, usable_cores
 from bench.measure import BASELINE, make_base, make_module, make_step
 
@@ -67,9 +68,9 @@ def test_lstm(benchmark, shape, dtype, mode, runner):
         base = make_base(shape, DEVICE, tdtype).train(mode == "training")
         x = torch.randn(shape.T, shape.B, shape.I, device=DEVICE, dtype=tdtype, requires_grad=mode == "training")
         width = (shape.proj or shape.H) * (2 if shape.bidir else 1)
-        gy = torch.randn(shape.T, shape.B, width, device=DEVICE, dtype=tdtype)
+        gy = torch.randn(*varlen.output_rows(shape), width, device=DEVICE, dtype=tdtype)
         try:
-            step = make_step(make_module(runner, base), x, gy, mode)
+            step = make_step(make_module(runner, base), x, gy, mode, shape, runner == BASELINE)
             step()  # warm-up: JIT compilation, autotuning, cuDNN plans
         except (RuntimeError, NotImplementedError) as exc:
             if "not support" in str(exc) or isinstance(exc, NotImplementedError):
@@ -82,6 +83,7 @@ def test_lstm(benchmark, shape, dtype, mode, runner):
                 torch.cuda.synchronize()
 
         benchmark.group = f"{mode} {dtype} {shape.name}"
-        benchmark.extra_info.update(runner=runner, device=DEVICE, flops=cfg.lstm_flops(shape, mode),
-                                    tokens=shape.T * shape.B)
+        share = varlen.real_share(shape)
+        benchmark.extra_info.update(runner=runner, device=DEVICE, flops=cfg.lstm_flops(shape, mode) * share,
+                                    tokens=round(shape.T * shape.B * share))
         benchmark(run)

@@ -17,8 +17,8 @@
 // gates (activated i,f,g,o) and cells (c_t) are what backward needs; they are
 // [0]-sized when need_grad is false. They are kept in the accumulation type
 // (float for half/bfloat16 input, else the input dtype). Every output is a
-// fresh tensor (no aliasing of inputs). Rows inactive at a step (packed input)
-// get y = 0, gates = 0, cells = 0, d_gx = 0.
+// fresh tensor (no aliasing of inputs). With batch_sizes every [T,B,*] above
+// is packed [N,*] instead (see Plan).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -73,16 +73,38 @@ struct OutputGrads {
   Tensor y, h_n, c_n;
 };
 
-// Sizes and per-step active rows of one call, validated once on the host.
+// Sizes and per-step rows of one call, validated once on the host.
+//
+// Per-step tensors (gx, y, gates, cells, grad_y, d_gx) come in one of two
+// layouts: padded [T,B,*] (step t at rows t*B ..), or packed [N,*], the data of
+// a PackedSequence (batch_sizes given: step t holds the batch's first
+// batch_sizes[t] rows, at rows row0[t] .., only real tokens). Either way step t
+// is rows row0[t] .. row0[t] + active - 1 of the tensor read as [rows, width].
 struct Plan : LayerSizes {
   // order[s]: time index processed at step s; active[s]: rows 0..active[s)-1
-  // take part in that step. active is non-increasing in s.
+  // take part in that step. Forward, active never grows; reverse (packed) it
+  // never shrinks: a row joins with its h0/c0 at its last time index.
   std::vector<int64_t> order, active;
+  std::vector<int64_t> row0;  // [T] first row of each time index
+  int64_t N = 0;              // rows of the per-step tensors: T*B or sum(batch_sizes)
+
+  // Rows of step s whose previous state is the previous step's output (the
+  // others start from h0/c0 at this step).
+  int64_t rows_with_prev(int64_t s) const { return s == 0 ? 0 : std::min(active[s], active[s - 1]); }
+  // The sizes of a per-step tensor of this width.
+  std::vector<int64_t> step_sizes(int64_t width) const {
+    return packed ? std::vector<int64_t>{N, width} : std::vector<int64_t>{T, B, width};
+  }
+  // The first n rows of time index t of a per-step tensor, as [n, width].
+  Tensor rows(const Tensor& per_step, int64_t t, int64_t n) const {
+    return packed ? per_step.narrow(0, row0[t], n) : per_step.select(0, t).narrow(0, 0, n);
+  }
 };
 
 // Checks shapes, dtypes and devices and reads seq.batch_sizes into
-// plan.active. gx gives only sizes [T,B,4H] and the device (backward passes
-// gates here); the state and the weights share one dtype.
+// plan.active and plan.row0. gx gives only sizes ([T,B,4H], or [N,4H] when
+// packed) and the device (backward passes gates here); the state and the
+// weights share one dtype.
 Plan make_plan(const Tensor& gx, const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq);
 
 // float for half/bfloat16, else t: the type of gates, cells and cell state.
@@ -93,17 +115,17 @@ void check_forward_inputs(const Tensor& gx, const Tensor& h0);
 void check_backward_inputs(const Plan& plan, const OutputGrads& grads, const Tensor& gates, const Tensor& cells,
                            const Tensor& y, const Tensor& h0);
 
-// h_n [B,P] from y [T,B,P] and h0 [B,P]: each row's output at its last active
+// h_n [B,P] from y and h0 [B,P]: each row's output at its last processed
 // step, h0 for rows never active. Returns a fresh tensor.
 Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan);
 
-// Weight gradients as GEMMs over all T*B rows, after the time loop:
-//   d_w_hh [G,P] = sum_t d_gates[t]^T @ hprev[t], hprev[t] = h_{t-1} (h0 at the
-//   first processed step, else y of the previous processed step);
+// Weight gradients as GEMMs over all rows, after the time loop:
+//   d_w_hh [G,P] = sum_t d_gates[t]^T @ hprev[t], hprev[t] = h_{t-1} (h0 at a
+//   row's first processed step, else y of the previous processed step);
 //   d_w_hr [P,H] = d_r^T @ h_pre (only when d_r is defined).
 // d_gates [T,B,G] and y [T,B,P] in the input dtype, h0 [B,P]; d_r [T,B,P] and
-// h_pre [T,B,H] in the input dtype or undefined. Inactive rows must hold zeros
-// in d_gates / d_r. Results are fresh tensors in the weights' dtype.
+// h_pre [T,B,H] in the input dtype or undefined ([N,*] each when packed). Results are fresh tensors in the weights'
+// dtype.
 std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0, const Tensor& d_r,
                                         const Tensor& h_pre, const Plan& plan, const Tensor& w_hh);
 

@@ -431,19 +431,25 @@ void note_split(int nt, int64_t slept, int64_t wall) {
   }
 }
 
+// The fused input projection is computed for at most this many gx elements (all
+// threads together) at a time, as lstm_fast/backends/base.py's BLOCK_ELEMENTS:
+// memory stays bounded whatever T is.
+constexpr int64_t kBlockElements = int64_t(1) << 22;
+
 // Data of one forward call, for forward_loop: contiguous, distinct buffers.
 template <typename T>
 struct ForwardData {
-  // [T,B,4H], or nullptr when x is given: then x [T*B,I] @ w_ih^T [4H,I] + bias
-  // ([4H] or nullptr) is computed first, each thread for its own gate columns
+  // Per-step tensors are read as [rows, width] (Plan: padded or packed).
+  // gx [rows,4H], or nullptr when x is given: then x [rows,I] @ w_ih^T [4H,I] +
+  // bias ([4H] or nullptr) is computed by each thread for its own gate columns
   const T* gx = nullptr;
   const T *x = nullptr, *w_ih = nullptr, *bias = nullptr;
   int64_t I = 0;
   const T* h0 = nullptr;                     // [B,P]
   T* c = nullptr;                            // [B,H] in: c0, out: c_n (inactive rows keep theirs)
   const T *w_hh = nullptr, *w_hr = nullptr;  // [4H,P]; [P,H] or nullptr
-  T* y = nullptr;                            // [T,B,P] out (inactive rows untouched, pre-zeroed by the caller)
-  T *gates = nullptr, *cells = nullptr;      // [T,B,4H], [T,B,H] out, or both nullptr
+  T* y = nullptr;                            // [rows,P] out
+  T *gates = nullptr, *cells = nullptr;      // [rows,4H], [rows,H] out, or both nullptr
   T* hpre = nullptr;                         // [B,H] scratch when w_hr is set
 };
 
@@ -467,19 +473,30 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
     pack_slab(s_hh, 0, P, M, 1, [&](int64_t m) { return d.w_hh + ((m / nj) * H + j0 + m % nj) * P; });
     if (d.w_hr) pack_slab(s_hr, 1, H, p1 - p0, 1, [&](int64_t m) { return d.w_hr + (p0 + m) * H; });
     std::vector<T> z(B * M);
-    // With x: this thread's gate columns of the input projection for every row,
-    // [T*B, M] in z's column order, bias added.
+    // With x: this thread's gate columns of the input projection, [rows, M] in z's
+    // column order, bias added, for one block of steps at a time (kBlockElements).
     std::unique_ptr<T[]> gxc;
+    Slab<T> s_ih;
+    const int64_t block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, B * G));
+    int64_t gx_lo = 0;  // the first row gxc holds
     if (d.x && M > 0) {
-      Slab<T> s_ih;
       pack_slab(s_ih, 2, d.I, M, 1, [&](int64_t m) { return d.w_ih + ((m / nj) * H + j0 + m % nj) * d.I; });
-      const int64_t rows = p.T * B;
-      gxc.reset(new T[rows * M]);
+      gxc.reset(new T[std::min(p.T, block) * B * M]);
+    }
+    auto project = [&](int64_t s0) {
+      // consecutive steps are consecutive time indices, so their rows are one range
+      int64_t lo = p.N, hi = 0;
+      for (int64_t s = s0; s < std::min(p.T, s0 + block); ++s) {
+        lo = std::min(lo, p.row0[p.order[s]]);
+        hi = std::max(hi, p.row0[p.order[s]] + p.active[s]);
+      }
+      gx_lo = lo;
+      const int64_t rows = std::max<int64_t>(0, hi - lo);
       // rows in blocks whose slice of x (~128 KiB of float) stays in L2 across the
       // panels: the block size numba's gemm.slab_gemm measured (bench/NOTES_cpp.md#input-projection)
       const int64_t rb = std::max<int64_t>(6, (int64_t(32768) / std::max<int64_t>(d.I, 1)) / 6 * 6);
-      for (int64_t r0 = 0; r0 < rows; r0 += rb) {
-        slab_gemm<T>(std::min(rb, rows - r0), d.x + r0 * d.I, d.I, s_ih, gxc.get() + r0 * M, M);
+      for (int64_t r = 0; r < rows; r += rb) {
+        slab_gemm<T>(std::min(rb, rows - r), d.x + (lo + r) * d.I, d.I, s_ih, gxc.get() + r * M, M);
       }
       if (d.bias) {
         for (int64_t r = 0; r < rows; ++r)
@@ -489,25 +506,28 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
             for (int64_t jj = 0; jj < nj; ++jj) dst[jj] += src[jj];
           }
       }
-    }
+    };
     for (int64_t s = 0; s < p.T; ++s) {
-      const int64_t t = p.order[s], n = p.active[s];
-      if (n == 0) break;  // active only shrinks
-      const T* hprev = s == 0 ? d.h0 : d.y + p.order[s - 1] * B * P;
-      slab_gemm<T>(n, hprev, P, s_hh, z.data(), M);
-      T* hout = d.w_hr ? d.hpre : d.y + t * B * P;
+      const int64_t t = p.order[s], n = p.active[s], r0 = p.row0[t];
+      if (gxc && s % block == 0) project(s);
+      if (n == 0) continue;
+      // h_{t-1}: the previous step's output, and h0 for rows starting at this step
+      const int64_t with_prev = p.rows_with_prev(s);
+      if (with_prev > 0) slab_gemm<T>(with_prev, d.y + p.row0[p.order[s - 1]] * P, P, s_hh, z.data(), M);
+      if (n > with_prev) slab_gemm<T>(n - with_prev, d.h0 + with_prev * P, P, s_hh, z.data() + with_prev * M, M);
+      T* hout = d.w_hr ? d.hpre : d.y + r0 * P;
       // input projection rows of this step: row stride, gate stride
-      const T* gxt = d.x ? gxc.get() + t * B * M : d.gx + t * B * G + j0;
+      const T* gxt = d.x ? gxc.get() + (r0 - gx_lo) * M : d.gx + r0 * G + j0;
       const int64_t g_row = d.x ? M : G, g_gate = d.x ? nj : H;
-      T* cellt = d.cells ? d.cells + t * B * H + j0 : nullptr;
-      T* gt = d.gates ? d.gates + t * B * G + j0 : nullptr;
+      T* cellt = d.cells ? d.cells + r0 * H + j0 : nullptr;
+      T* gt = d.gates ? d.gates + r0 * G + j0 : nullptr;
       for (int64_t b = 0; b < n && nj > 0; ++b) {
         forward_row<T>(z.data() + b * M, nj, gxt + b * g_row, g_gate, d.c + b * H + j0, hout + b * H + j0,
                        cellt ? cellt + b * H : nullptr, gt ? gt + b * G : nullptr, H, nj);
       }
       if (d.w_hr) {
         barrier.arrive_and_wait(nt);
-        slab_gemm<T>(n, d.hpre, H, s_hr, d.y + t * B * P + p0, P);
+        slab_gemm<T>(n, d.hpre, H, s_hr, d.y + r0 * P + p0, P);
       }
       barrier.arrive_and_wait(nt);
     }
@@ -518,14 +538,14 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
 // Data of one backward call, for backward_loop: contiguous, distinct buffers.
 template <typename T>
 struct BackwardData {
-  const T* grad_y = nullptr;                   // [T,B,P]
+  const T* grad_y = nullptr;                   // [rows,P] (per-step tensors as in ForwardData)
   T* dh = nullptr;                             // [B,P] in: grad_hn, out: d_h0
   T* dc = nullptr;                             // [B,H] in: grad_cn, out: d_c0
-  const T *gates = nullptr, *cells = nullptr;  // [T,B,4H], [T,B,H] from forward
+  const T *gates = nullptr, *cells = nullptr;  // [rows,4H], [rows,H] from forward
   const T* c0 = nullptr;                       // [B,H]
   const T *w_hh = nullptr, *w_hr = nullptr;    // [4H,P]; [P,H] or nullptr
-  T* d_gx = nullptr;                           // [T,B,4H] out (inactive rows untouched, pre-zeroed by the caller)
-  T *d_r = nullptr, *hpre = nullptr;           // [T,B,P], [T,B,H] out, only with w_hr
+  T* d_gx = nullptr;                           // [rows,4H] out
+  T *d_r = nullptr, *hpre = nullptr;           // [rows,P], [rows,H] out, only with w_hr
   T* dhbuf = nullptr;                          // [B,H] scratch, only with w_hr
 };
 
@@ -550,15 +570,17 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
     pack_slab(s_hh, 0, G, p1 - p0, P, [&](int64_t m) { return d.w_hh + p0 + m; });
     if (d.w_hr) pack_slab(s_hr, 1, P, nj, H, [&](int64_t m) { return d.w_hr + j0 + m; });
     for (int64_t s = p.T - 1; s >= 0; --s) {
-      const int64_t t = p.order[s], n = p.active[s];
+      const int64_t t = p.order[s], n = p.active[s], r0 = p.row0[t];
       if (n == 0) continue;
-      const T* cprev = s == 0 ? d.c0 : d.cells + p.order[s - 1] * B * H;
-      const T* gyt = d.grad_y + t * B * P;
+      // c_{t-1}: the previous step's cells, and c0 for rows starting at this step
+      const int64_t with_prev = p.rows_with_prev(s);
+      const T* cprev = s == 0 ? d.c0 : d.cells + p.row0[p.order[s - 1]] * H;
+      const T* gyt = d.grad_y + r0 * P;
       const T* dh_in = d.dh;
       const T* gy_in = gyt;
       if (d.w_hr) {
         // d_r = dh + grad_y reaches y_t = W_hr h_pre; then back through W_hr.
-        T* drt = d.d_r + t * B * P;
+        T* drt = d.d_r + r0 * P;
         for (int64_t b = 0; b < n; ++b)
           for (int64_t e = p0; e < p1; ++e) drt[b * P + e] = d.dh[b * P + e] + gyt[b * P + e];
         barrier.arrive_and_wait(nt);
@@ -566,14 +588,14 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
         dh_in = d.dhbuf;
         gy_in = nullptr;
       }
-      const T* gt = d.gates + t * B * G + j0;
-      const T* ct = d.cells + t * B * H + j0;
-      T* dgt = d.d_gx + t * B * G;
-      T* hpt = d.hpre ? d.hpre + t * B * H + j0 : nullptr;
+      const T* gt = d.gates + r0 * G + j0;
+      const T* ct = d.cells + r0 * H + j0;
+      T* dgt = d.d_gx + r0 * G;
+      T* hpt = d.hpre ? d.hpre + r0 * H + j0 : nullptr;
       for (int64_t b = 0; b < n && nj > 0; ++b) {
-        backward_row<T>(gt + b * G, H, ct + b * H, cprev + b * H + j0, dh_in + b * H + j0,
-                        gy_in ? gy_in + b * P + j0 : nullptr, d.dc + b * H + j0, dgt + b * G + j0,
-                        hpt ? hpt + b * H : nullptr, nj);
+        const T* cp = (b < with_prev ? cprev : d.c0) + b * H + j0;
+        backward_row<T>(gt + b * G, H, ct + b * H, cp, dh_in + b * H + j0, gy_in ? gy_in + b * P + j0 : nullptr,
+                        d.dc + b * H + j0, dgt + b * G + j0, hpt ? hpt + b * H : nullptr, nj);
       }
       barrier.arrive_and_wait(nt);
       // dh_{t-1}[:, p0:p1] = dgates @ W_hh[:, p0:p1]; with a projection the next
@@ -604,12 +626,11 @@ Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const InputProjection& 
   const Tensor bias = in.bias.has_value() && in.bias->defined() ? in.bias->contiguous() : Tensor();
   const Tensor w_hr = proj ? w.w_hr->contiguous() : Tensor();
   const auto opts = h0.options();
-  const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
-  auto alloc = [&](at::IntArrayRef sizes) { return p.packed ? at::zeros(sizes, opts) : at::empty(sizes, opts); };
-  Tensor y = alloc({T, B, P});
+  const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
+  Tensor y = at::empty(p.step_sizes(P), opts);
   Tensor c = init.c.clone(at::MemoryFormat::Contiguous);
-  Tensor gates = need_grad ? alloc({T, B, G}) : at::empty({0}, opts);
-  Tensor cells = need_grad ? alloc({T, B, H}) : at::empty({0}, opts);
+  Tensor gates = need_grad ? at::empty(p.step_sizes(G), opts) : at::empty({0}, opts);
+  Tensor cells = need_grad ? at::empty(p.step_sizes(H), opts) : at::empty({0}, opts);
   Tensor hpre = proj ? at::empty({B, H}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_forward_cpu", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
@@ -618,7 +639,7 @@ Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const InputProjection& 
     d.x = ptr(x);
     d.w_ih = ptr(w_ih);
     d.bias = ptr(bias);
-    d.I = fused ? x.size(2) : 0;
+    d.I = fused ? x.size(-1) : 0;
     d.h0 = ptr(h0);
     d.c = ptr(c);
     d.w_hh = ptr(w_hh);
@@ -646,9 +667,11 @@ Tensor5 lstm_forward_projected_cpu(const Tensor& x, const InputProjection& in, c
   const Tensor& w_ih = in.w_ih;
   const std::optional<Tensor>& bias = in.bias;
   check_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 3, "lstm_fast: x must be [T, B, I], got ", x.sizes());
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(1) == x.size(2) && w_ih.size(0) % 4 == 0 && w_ih.size(0) > 0,
-              "lstm_fast: w_ih must be [4H, I=", x.size(2), "], got ", w_ih.sizes());
+  const bool packed = seq.batch_sizes.has_value() && seq.batch_sizes->defined();
+  TORCH_CHECK(x.dim() == (packed ? 2 : 3), "lstm_fast: x must be ", packed ? "[N, I] (packed)" : "[T, B, I]", ", got ",
+              x.sizes());
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(1) == x.size(-1) && w_ih.size(0) % 4 == 0 && w_ih.size(0) > 0,
+              "lstm_fast: w_ih must be [4H, I=", x.size(-1), "], got ", w_ih.sizes());
   const bool has_bias = bias.has_value() && bias->defined();
   TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == w_ih.size(0)), "lstm_fast: bias must be [",
               w_ih.size(0), "], got ", has_bias ? bias->sizes() : at::IntArrayRef{});
@@ -658,8 +681,10 @@ Tensor5 lstm_forward_projected_cpu(const Tensor& x, const InputProjection& in, c
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
                 "lstm_fast: bias must share x's dtype and device");
   }
-  // sizes [T, B, 4H] and x's device for the plan, without memory
-  const Tensor shape = at::empty({1}, x.options()).expand({x.size(0), x.size(1), w_ih.size(0)});
+  // sizes [T, B, 4H] (or [N, 4H]) and x's device for the plan, without memory
+  std::vector<int64_t> gx_sizes(x.sizes().begin(), x.sizes().end());
+  gx_sizes.back() = w_ih.size(0);
+  const Tensor shape = at::empty({1}, x.options()).expand(gx_sizes);
   return forward_cpu(shape, x, in, init, w, seq, need_grad);
 }
 
@@ -673,13 +698,12 @@ Tensor5 lstm_backward_cpu(const OutputGrads& grads, const Tensor& gates_, const 
   const Tensor y = y_.contiguous(), h0 = init.h.contiguous(), c0 = init.c.contiguous(), w_hh = w.w_hh.contiguous();
   const Tensor w_hr = proj ? w.w_hr->contiguous() : Tensor();
   const auto opts = h0.options();
-  const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
-  auto alloc = [&](at::IntArrayRef sizes) { return p.packed ? at::zeros(sizes, opts) : at::empty(sizes, opts); };
-  Tensor d_gx = alloc({T, B, G});
+  const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
+  Tensor d_gx = at::empty(p.step_sizes(G), opts);
   Tensor dh = grads.h_n.clone(at::MemoryFormat::Contiguous);
   Tensor dc = grads.c_n.clone(at::MemoryFormat::Contiguous);
-  Tensor d_r = proj ? alloc({T, B, P}) : Tensor();
-  Tensor hpre = proj ? alloc({T, B, H}) : Tensor();
+  Tensor d_r = proj ? at::empty(p.step_sizes(P), opts) : Tensor();
+  Tensor hpre = proj ? at::empty(p.step_sizes(H), opts) : Tensor();
   Tensor dhbuf = proj ? at::empty({B, H}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_backward_cpu", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };

@@ -4,6 +4,8 @@
 // (lstm_fast/_ops.py) so that torch.compile can trace the ops.
 #include <Python.h>
 
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -14,13 +16,23 @@ namespace lstm_fast {
 Plan make_plan(const Tensor& gx, const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq) {
   const Tensor &h0 = init.h, &c0 = init.c, &w_hh = w.w_hh;
   const std::optional<Tensor>& w_hr = w.w_hr;
-  TORCH_CHECK(gx.dim() == 3, "lstm_fast: gx must be [T, B, 4H], got ", gx.sizes());
   Plan p;
-  p.T = gx.size(0);
-  p.B = gx.size(1);
-  TORCH_CHECK(gx.size(2) % 4 == 0 && gx.size(2) > 0, "lstm_fast: gx's last dim must be 4H > 0, got ", gx.size(2));
-  p.H = gx.size(2) / 4;
-  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == p.B, "lstm_fast: h0 must be [B, P] with B=", p.B, ", got ", h0.sizes());
+  p.packed = seq.batch_sizes.has_value() && seq.batch_sizes->defined();
+  TORCH_CHECK(h0.dim() == 2, "lstm_fast: h0 must be [B, P], got ", h0.sizes());
+  if (p.packed) {
+    TORCH_CHECK(gx.dim() == 2, "lstm_fast: packed gx must be [N, 4H], got ", gx.sizes());
+    p.N = gx.size(0);
+    p.B = h0.size(0);
+  } else {
+    TORCH_CHECK(gx.dim() == 3, "lstm_fast: gx must be [T, B, 4H], got ", gx.sizes());
+    p.T = gx.size(0);
+    p.B = gx.size(1);
+    p.N = p.T * p.B;
+  }
+  const int64_t G = gx.size(-1);
+  TORCH_CHECK(G % 4 == 0 && G > 0, "lstm_fast: gx's last dim must be 4H > 0, got ", G);
+  p.H = G / 4;
+  TORCH_CHECK(h0.size(0) == p.B, "lstm_fast: h0 must be [B, P] with B=", p.B, ", got ", h0.sizes());
   p.P = h0.size(1);
   TORCH_CHECK(c0.dim() == 2 && c0.size(0) == p.B && c0.size(1) == p.H, "lstm_fast: c0 must be [", p.B, ", ", p.H,
               "], got ", c0.sizes());
@@ -43,25 +55,34 @@ Plan make_plan(const Tensor& gx, const LSTMState& init, const RecurrentWeights& 
     TORCH_CHECK(w_hr->scalar_type() == h0.scalar_type() && w_hr->device() == gx.device(),
                 "lstm_fast: w_hr must share h0's dtype and gx's device");
   }
-  p.reverse = seq.reverse;
-  p.order.resize(p.T);
-  for (int64_t s = 0; s < p.T; ++s) p.order[s] = p.reverse ? p.T - 1 - s : s;
-  p.active.assign(p.T, p.B);
-  p.packed = seq.batch_sizes.has_value() && seq.batch_sizes->defined();
+  std::vector<int64_t> sizes;  // active rows per time index
   if (p.packed) {
     const Tensor& bs = *seq.batch_sizes;
-    TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1 && bs.size(0) == p.T,
-                "lstm_fast: batch_sizes must be a CPU int64 tensor [T=", p.T, "], got ", bs.scalar_type(), " ",
-                bs.device(), " ", bs.sizes());
+    TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1,
+                "lstm_fast: batch_sizes must be a 1-D CPU int64 tensor, got ", bs.scalar_type(), " ", bs.device(), " ",
+                bs.sizes());
+    p.T = bs.size(0);
     const Tensor bsc = bs.contiguous();
-    const int64_t* v = bsc.const_data_ptr<int64_t>();
-    for (int64_t s = 0; s < p.T; ++s) {
-      const int64_t n = v[p.order[s]];
-      TORCH_CHECK(n >= 0 && n <= p.B, "lstm_fast: batch_sizes values must lie in [0, B=", p.B, "], got ", n);
-      // An active row's previous state must be the previous step's output.
-      TORCH_CHECK(s == 0 || n <= p.active[s - 1], "lstm_fast: batch_sizes must be non-increasing in processing order");
-      p.active[s] = n;
+    sizes.assign(bsc.const_data_ptr<int64_t>(), bsc.const_data_ptr<int64_t>() + p.T);
+    int64_t total = 0;
+    for (int64_t t = 0; t < p.T; ++t) {
+      TORCH_CHECK(sizes[t] >= 0 && sizes[t] <= p.B, "lstm_fast: batch_sizes values must lie in [0, B=", p.B, "], got ",
+                  sizes[t]);
+      TORCH_CHECK(t == 0 || sizes[t] <= sizes[t - 1], "lstm_fast: batch_sizes must be non-increasing");
+      total += sizes[t];
     }
+    TORCH_CHECK(total == p.N, "lstm_fast: packed gx has ", p.N, " rows but batch_sizes sum to ", total);
+  } else {
+    sizes.assign(p.T, p.B);
+  }
+  p.reverse = seq.reverse;
+  p.order.resize(p.T);
+  p.active.resize(p.T);
+  p.row0.resize(p.T);
+  for (int64_t t = 0, r = 0; t < p.T; r += sizes[t], ++t) p.row0[t] = p.packed ? r : t * p.B;
+  for (int64_t s = 0; s < p.T; ++s) {
+    p.order[s] = p.reverse ? p.T - 1 - s : s;
+    p.active[s] = sizes[p.order[s]];
   }
   return p;
 }
@@ -81,12 +102,12 @@ void check_backward_inputs(const Plan& p, const OutputGrads& grads, const Tensor
                 " must be ", sizes, " ", want, " on ", h0.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ",
                 t.device(), " (gates/cells come from lstm_forward with need_grad=True)");
   };
-  check(grads.y, {p.T, p.B, p.P}, dt, "grad_y");
+  check(grads.y, p.step_sizes(p.P), dt, "grad_y");
   check(grads.h_n, {p.B, p.P}, dt, "grad_hn");
   check(grads.c_n, {p.B, p.H}, dt, "grad_cn");
-  check(gates, {p.T, p.B, 4 * p.H}, acc, "gates");
-  check(cells, {p.T, p.B, p.H}, acc, "cells");
-  check(y, {p.T, p.B, p.P}, dt, "y");
+  check(gates, p.step_sizes(4 * p.H), acc, "gates");
+  check(cells, p.step_sizes(p.H), acc, "cells");
+  check(y, p.step_sizes(p.P), dt, "y");
 }
 
 Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan) {
@@ -94,11 +115,12 @@ Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan) {
     return plan.T > 0 ? y.select(0, plan.order[plan.T - 1]).clone() : h0.clone();
   }
   Tensor h = h0.clone();
-  for (int64_t s = 0; s < plan.T; ++s) {
-    // Rows [lo, hi) are active for the last time at step s.
-    const int64_t hi = plan.active[s];
-    const int64_t lo = s + 1 < plan.T ? plan.active[s + 1] : 0;
-    if (hi > lo) h.narrow(0, lo, hi - lo).copy_(y.select(0, plan.order[s]).narrow(0, lo, hi - lo));
+  int64_t later = 0;  // most rows active at any step after s
+  for (int64_t s = plan.T - 1; s >= 0; --s) {
+    // Rows [later, active[s]) are active for the last time at step s.
+    const int64_t n = plan.active[s];
+    if (n > later) h.narrow(0, later, n - later).copy_(plan.rows(y, plan.order[s], n).narrow(0, later, n - later));
+    later = std::max(later, n);
   }
   return h;
 }
@@ -107,10 +129,24 @@ std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, 
                                         const Tensor& h_pre, const Plan& plan, const Tensor& w_hh) {
   const int64_t G = 4 * plan.H, P = plan.P, T = plan.T;
   Tensor d_w_hh, d_w_hr;
-  if (T == 0) {
-    d_w_hh = at::zeros({G, P}, w_hh.options());
-    if (d_r.defined()) d_w_hr = at::zeros({P, plan.H}, w_hh.options());
+  if (d_r.defined()) {
+    d_w_hr = d_r.reshape({-1, P}).t().mm(h_pre.reshape({-1, plan.H}));
+  }
+  if (plan.packed) {
+    // A row's previous state is y of the step before, or its h0 at its first
+    // step: gathered from [y; h0] (row N + b is h0[b]), then one GEMM.
+    Tensor idx = at::empty({plan.N}, at::TensorOptions().dtype(at::kLong));
+    int64_t* index = idx.data_ptr<int64_t>();
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = plan.order[s], with_prev = plan.rows_with_prev(s);
+      const int64_t prev0 = s > 0 ? plan.row0[plan.order[s - 1]] : 0;
+      for (int64_t b = 0; b < plan.active[s]; ++b) index[plan.row0[t] + b] = b < with_prev ? prev0 + b : plan.N + b;
+    }
+    d_w_hh = d_gates.t().mm(at::cat({y, h0}).index_select(0, idx.to(y.device())));
     return {d_w_hh, d_w_hr};
+  }
+  if (T == 0) {
+    return {at::zeros({G, P}, w_hh.options()), d_r.defined() ? d_w_hr : Tensor()};
   }
   // The first processed step read h0; every later step read y of the step
   // before it, which is y shifted by one along T: two GEMMs, no copy of hprev.
@@ -119,9 +155,6 @@ std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, 
     const Tensor dg_rest = plan.reverse ? d_gates.narrow(0, 0, T - 1) : d_gates.narrow(0, 1, T - 1);
     const Tensor y_prev = plan.reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
     d_w_hh.addmm_(dg_rest.reshape({-1, G}).t(), y_prev.reshape({-1, P}));
-  }
-  if (d_r.defined()) {
-    d_w_hr = d_r.reshape({-1, P}).t().mm(h_pre.reshape({-1, plan.H}));
   }
   return {d_w_hh, d_w_hr};
 }

@@ -92,25 +92,23 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("lstm_fast::lstm_forward")
     def _forward_fake(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
-        T, B, G = gx.shape
-        H, P = G // 4, h0.shape[1]
+        rows, G = gx.shape[:-1], gx.shape[-1]  # (T, B) padded, (N,) packed
+        B, H, P = h0.shape[0], G // 4, h0.shape[1]
         acc = acc_dtype(gx.dtype)
-        y = gx.new_empty((T, B, P))
+        y = gx.new_empty((*rows, P))
         if need_grad:
-            gates, cells = gx.new_empty((T, B, G), dtype=acc), gx.new_empty((T, B, H), dtype=acc)
+            gates, cells = gx.new_empty((*rows, G), dtype=acc), gx.new_empty((*rows, H), dtype=acc)
         else:
             gates, cells = gx.new_empty((0,), dtype=acc), gx.new_empty((0,), dtype=acc)
         return y, h0.new_empty((B, P)), c0.new_empty((B, H)), gates, cells
 
     @torch.library.register_fake("lstm_fast::lstm_forward_projected")
     def _forward_projected_fake(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
-        T, B = x.shape[:2]
-        return _forward_fake(x.new_empty((T, B, w_ih.shape[0])), h0, c0, w_hh, w_hr, batch_sizes, reverse,
-                             need_grad)
+        return _forward_fake(x.new_empty((*x.shape[:-1], w_ih.shape[0])), h0, c0, w_hh, w_hr, batch_sizes,
+                             reverse, need_grad)
 
     @torch.library.register_fake("lstm_fast::lstm_backward")
     def _backward_fake(grad_y, grad_hn, grad_cn, gates, cells, y, h0, c0, w_hh, w_hr, batch_sizes, reverse):
-        T, B, G = gates.shape
         d_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty((0,))
-        return (grad_y.new_empty((T, B, G)), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+        return (grad_y.new_empty(gates.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
                 w_hh.new_empty(w_hh.shape), d_w_hr)

@@ -298,10 +298,11 @@ def _run(x, projection, state: LSTMState, weights: RecurrentWeights, layout: Seq
         with torch.autocast(device_type, enabled=False):
             return _run(x, projection, state, weights, layout, backend)
     _check_call(x, projection, state, weights, layout)
-    T, B = x.shape[:2]
     h0, c0 = state
     w_hh, w_hr = weights
-    sizes = LayerSizes(T, B, w_hh.shape[0] // 4, h0.shape[-1], layout.batch_sizes is not None, layout.reverse)
+    packed = layout.batch_sizes is not None
+    T, B = (len(layout.batch_sizes), h0.shape[0]) if packed else x.shape[:2]
+    sizes = LayerSizes(T, B, w_hh.shape[0] // 4, h0.shape[-1], packed, layout.reverse)
     chosen = select_backend(backend, x.device, x.dtype, sizes)
     if chosen.widens_16bit and x.dtype in HALF_DTYPES:
         # The backend computes in float32: widen here, and autograd's casts round the
@@ -354,10 +355,8 @@ def check_state(x, state, check_dtype: bool):
 
 def _check_call(x, projection, state, weights, layout):
     """The rules every backend shares, checked once here so that all answer alike."""
-    if layout.reverse and layout.batch_sizes is not None:
-        # the module reverses packed sequences within their lengths itself
-        raise ValueError("lstm_fast: reverse=True with batch_sizes (packed input) is not supported; "
-                         "reverse each sequence within its length and run forward")
+    if layout.batch_sizes is not None:
+        _check_packed(x, state.h, layout.batch_sizes)
     dtype, (h0, c0) = x.dtype, state
     # one cheap test for the usual call; the messages come from the slow path
     if h0.dtype != dtype or c0.dtype != dtype or h0.device != x.device or c0.device != x.device:
@@ -374,11 +373,28 @@ def _check_call(x, projection, state, weights, layout):
                 raise RuntimeError(f"lstm_fast: {name} dtype ({w.dtype}) does not match input dtype ({dtype})")
 
 
+def _check_packed(x, h0, batch_sizes):
+    """batch_sizes describes x as PackedSequence's data (backends/base.py)."""
+    if not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 \
+            or batch_sizes.device.type != "cpu":
+        raise ValueError("lstm_fast: batch_sizes must be a 1-D int64 CPU tensor (PackedSequence.batch_sizes)")
+    if x.dim() != 2:
+        raise ValueError(f"lstm_fast: with batch_sizes the input is packed, [N, features], got {x.dim()}-D")
+    if len(batch_sizes) and (bool((batch_sizes[1:] > batch_sizes[:-1]).any()) or int(batch_sizes[-1]) < 1
+                             or int(batch_sizes[0]) > h0.shape[0]):
+        raise ValueError(f"lstm_fast: batch_sizes must be non-increasing, each in [1, B={h0.shape[0]}]")
+    if int(batch_sizes.sum()) != x.shape[0]:
+        raise ValueError(f"lstm_fast: the packed input has {x.shape[0]} rows but batch_sizes sum to "
+                         f"{int(batch_sizes.sum())}")
+
+
 def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=False, backend=None):
     """Run the recurrent part of one layer-direction on precomputed gx = x @ W_ih^T + b.
 
     gx [T, B, 4H], h0 [B, P], c0 [B, H], w_hh [4H, P], w_hr [P, H] or None.
-    Returns y [T, B, P], h_n [B, P], c_n [B, H].
+    Returns y [T, B, P], h_n [B, P], c_n [B, H]. With batch_sizes (a PackedSequence's),
+    gx is its packed data [N, 4H] and y comes packed alike, [N, P]; reverse runs each
+    sequence from its own last step.
     """
     return _run(gx, None, LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr), SequenceLayout(batch_sizes, reverse),
                 backend)
@@ -388,7 +404,8 @@ def lstm_projected(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, ba
                    backend=None):
     """One layer-direction on its time-major input x [T, B, I]: the backend computes the
     input projection (one GEMM for all steps, or fused into its own launch).
-    Returns y [T, B, P], h_n [B, P], c_n [B, H]."""
+    Returns y [T, B, P], h_n [B, P], c_n [B, H]. With batch_sizes, x and y are packed
+    ([N, I], [N, P]) as in lstm_recurrence."""
     return _run(x, (w_ih, b_ih, b_hh), LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr),
                 SequenceLayout(batch_sizes, reverse), backend)
 

@@ -48,15 +48,6 @@ def _copy_weights(src, dst):
         dst.get_parameter(name).requires_grad_(p.requires_grad)
 
 
-def _reverse_padded(x, lengths):
-    """Reverse each sequence of a padded [T, B, *] batch within its own length; padding stays put."""
-    T = x.shape[0]
-    t = torch.arange(T, device=x.device).unsqueeze(1)
-    L = lengths.to(x.device).unsqueeze(0)
-    idx = torch.where(t < L, L - 1 - t, t)  # [T, B]
-    return x.gather(0, idx.unsqueeze(-1).expand_as(x))
-
-
 class LSTM(_FastOptions, nn.LSTM):
     """torch.nn.LSTM with fused kernels. Same constructor, plus:
 
@@ -103,13 +94,37 @@ class LSTM(_FastOptions, nn.LSTM):
         w_hr = get("weight_hr") if self.proj_size > 0 else None
         return get("weight_ih"), get("weight_hh"), b_ih, b_hh, w_hr
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, lengths=None):
+        """nn.LSTM's forward, plus lengths=: for a padded batch input, each sequence's
+        length (a 1-D integer tensor or sequence, B values in [1, T], any order). The call
+        then computes only each sequence's real steps, exactly as packing the batch with
+        enforce_sorted=False would, and returns padded output (zeros past each length)
+        and the final states at each length."""
+        if lengths is not None:
+            return self._forward_lengths(input, hx, lengths)
         if torch.compiler.is_compiling():  # traced (torch._dynamo.config.allow_rnn = True)
             return self._forward(input, hx)
         # torch.compile declines nn.LSTM and its subclasses by default and runs them
         # eagerly, as it does torch's own LSTM; without this it would still compile each
         # function the forward calls, separately and for every new shape.
         return _forward_outside_graph(self, input, hx)
+
+    def _forward_lengths(self, input, hx, lengths):
+        if isinstance(input, PackedSequence):
+            raise ValueError("lengths= is for padded input; a PackedSequence already holds its lengths")
+        if not isinstance(input, torch.Tensor) or input.dim() != 3:
+            raise ValueError(f"lengths= needs batched 3-D input, got "
+                             f"{input.dim() if isinstance(input, torch.Tensor) else type(input).__name__}"
+                             f"{'D' if isinstance(input, torch.Tensor) else ''} input")
+        T, B = (input.shape[1], input.shape[0]) if self.batch_first else input.shape[:2]
+        lengths = _checked_lengths(lengths, B, T)
+        # Packing gathers the real tokens (a copy of x's real rows): every backend then
+        # reads one dense [N, I] block, and the projection GEMM runs on real tokens only.
+        packed = torch.nn.utils.rnn.pack_padded_sequence(input, lengths, batch_first=self.batch_first,
+                                                         enforce_sorted=False)
+        output, hidden = self.forward(packed, hx)
+        output, _ = torch.nn.utils.rnn.pad_packed_sequence(output, batch_first=self.batch_first, total_length=T)
+        return output, hidden
 
     def _forward(self, input, hx=None):
         orig_input = input
@@ -157,12 +172,9 @@ class LSTM(_FastOptions, nn.LSTM):
             hx = self.permute_hidden(hx, sorted_indices)
 
         if batch_sizes is not None:
-            # Padded, time-major, sorted by decreasing length (PackedSequence's order).
-            x = torch.nn.utils.rnn.pad_packed_sequence(PackedSequence(input, batch_sizes))[0]
-            lengths = _lengths_from_batch_sizes(batch_sizes)
+            x = input  # the packed data [N, I]: the backends step through it in place
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-            lengths = None
             if x.shape[0] == 0:  # nn.LSTM's kernels refuse it with this message
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
@@ -172,13 +184,8 @@ class LSTM(_FastOptions, nn.LSTM):
             for direction in range(num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
                 k = layer * num_directions + direction
-                flip = direction == 1 and batch_sizes is not None
-                xd = _reverse_padded(x, lengths) if flip else x
-                y, h, c = lstm_projected(xd, hx[0][k], hx[1][k], w_ih, w_hh, b_ih, b_hh, w_hr,
-                                         batch_sizes=batch_sizes, reverse=direction == 1 and not flip,
-                                         backend=self.backend)
-                if flip:
-                    y = _reverse_padded(y, lengths)
+                y, h, c = lstm_projected(x, hx[0][k], hx[1][k], w_ih, w_hh, b_ih, b_hh, w_hr,
+                                         batch_sizes=batch_sizes, reverse=direction == 1, backend=self.backend)
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
@@ -188,8 +195,7 @@ class LSTM(_FastOptions, nn.LSTM):
         hidden = (torch.stack(h_n), torch.stack(c_n))
 
         if batch_sizes is not None:
-            data = torch.nn.utils.rnn.pack_padded_sequence(x, lengths).data
-            return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices), \
+            return PackedSequence(x, batch_sizes, sorted_indices, unsorted_indices), \
                 self.permute_hidden(hidden, unsorted_indices)
         output = x.transpose(0, 1) if self.batch_first else x
         if not is_batched:
@@ -203,10 +209,26 @@ def _forward_outside_graph(module, input, hx):
     return module._forward(input, hx)
 
 
-def _lengths_from_batch_sizes(batch_sizes):
-    # length of sorted sequence b = number of steps whose batch size exceeds b
-    B = int(batch_sizes[0])
-    return (batch_sizes.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0)
+def _checked_lengths(lengths, B, T):
+    """lengths= as a CPU int64 tensor [B], or ValueError naming what is wrong with it."""
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise ValueError(f"lengths must be integers, got a tensor of dtype {lengths.dtype}")
+        lengths = lengths.to("cpu", torch.int64)
+    else:
+        values = list(lengths)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"lengths must be integers, got {[type(v).__name__ for v in values][:4]}")
+        lengths = torch.tensor(values, dtype=torch.int64)
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be 1-D (one length per sequence), got shape {tuple(lengths.shape)}")
+    if lengths.numel() != B:
+        raise ValueError(f"lengths has {lengths.numel()} values for a batch of {B} sequences")
+    if B and int(lengths.min()) < 1:
+        raise ValueError(f"every length must be at least 1, got {int(lengths.min())}")
+    if B and int(lengths.max()) > T:
+        raise ValueError(f"a length ({int(lengths.max())}) exceeds the sequence length of the input ({T})")
+    return lengths
 
 
 def _check_state_placement(input, hx):

@@ -77,11 +77,12 @@ def assert_close(actual, expected, dtype, what):
 TORCH = "torch"  # run_layer's name for torch's own LSTM kernel (ATen on CPU, cuDNN on a GPU)
 
 
-def layer_inputs(T, B, H, P, dtype, device, I=None, bias=True, seed=0):
+def layer_inputs(T, B, H, P, dtype, device, I=None, bias=True, seed=0, batch_sizes=None):
     """The leaves of one layer-direction, all requiring grad, from float64 draws rounded to
     dtype (so every dtype sees the same values). I=None: the recurrence-only entry,
     {gx, h0, c0, w_hh[, w_hr]}; otherwise the projecting one, {x, h0, c0, w_ih, w_hh
-    [, b_ih, b_hh][, w_hr]}. Weights scaled by fan-in^-1/2 as nn.LSTM's init, so the
+    [, b_ih, b_hh][, w_hr]}. gx / x are [T, B, *], or packed [sum(batch_sizes), *] when
+    batch_sizes is given. Weights scaled by fan-in^-1/2 as nn.LSTM's init, so the
     gates are not saturated."""
     g = torch.Generator().manual_seed(seed)
 
@@ -89,7 +90,8 @@ def layer_inputs(T, B, H, P, dtype, device, I=None, bias=True, seed=0):
         t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
         return t.to(device=device, dtype=dtype).requires_grad_()
 
-    leaves = {"gx": rnd(T, B, 4 * H)} if I is None else {"x": rnd(T, B, I)}
+    rows = (T, B) if batch_sizes is None else (int(sum(batch_sizes)),)
+    leaves = {"gx": rnd(*rows, 4 * H)} if I is None else {"x": rnd(*rows, I)}
     leaves.update(h0=rnd(B, P), c0=rnd(B, H))
     if I is not None:
         leaves["w_ih"] = rnd(4 * H, I, scale=I ** -0.5)
@@ -123,9 +125,9 @@ def call_layer(backend, leaves, batch_sizes=None, reverse=False):
 def torch_layer(leaves, batch_sizes=None, reverse=False):
     """One layer-direction on torch's LSTM kernel (what torch.nn.LSTM runs), with the
     functional entries' conventions: gx enters as the input of a layer whose W_ih is the
-    identity (x @ I is exact), reverse flips time, and packed rows past batch_sizes[t]
-    get y = 0 and keep their state (torch's packed kernel takes the first
-    batch_sizes[0] rows, the others pass through)."""
+    identity (x @ I is exact), reverse flips time (a packed reverse layer is the backward
+    half of torch's bidirectional kernel), and rows past batch_sizes[0] keep their state
+    (torch's packed kernel takes the first batch_sizes[0] rows, the others pass through)."""
     if "gx" in leaves:
         gx = leaves["gx"]
         x, w_ih, biases = gx, torch.eye(gx.shape[-1], dtype=gx.dtype, device=gx.device), []
@@ -138,16 +140,15 @@ def torch_layer(leaves, batch_sizes=None, reverse=False):
         x = x.flip(0) if reverse else x
         y, h, c = torch._VF.lstm(x, (h0[None], c0[None]), params, bool(biases), 1, 0.0, True, False, False)
         return (y.flip(0) if reverse else y), h[0], c[0]
-    assert not reverse, "packed input runs forward (function._check_call)"
-    T, B = x.shape[:2]
-    sizes = batch_sizes.tolist()
-    active = sizes[0]
-    data = torch.cat([x[t, :n] for t, n in enumerate(sizes)])
-    out, h, c = torch._VF.lstm(data, batch_sizes, (h0[None, :active], c0[None, :active]), params, bool(biases), 1,
-                               0.0, True, False)
-    rows = out.split(sizes)
-    y = torch.stack([torch.cat([r, r.new_zeros(B - n, r.shape[1])]) for r, n in zip(rows, sizes)])
-    return y, torch.cat([h[0], h0[active:]]), torch.cat([c[0], c0[active:]])
+    active = int(batch_sizes[0])
+    hx = (h0[None, :active], c0[None, :active])
+    if reverse:  # the forward half runs on copies and is dropped
+        params = [p.detach() for p in params] + params
+        hx = tuple(torch.cat([s.detach(), s]) for s in hx)
+    y, h, c = torch._VF.lstm(x, batch_sizes, hx, params, bool(biases), 1, 0.0, True, bool(reverse))
+    k = 1 if reverse else 0
+    P = h0.shape[-1]
+    return y[:, k * P:(k + 1) * P], torch.cat([h[k], h0[active:]]), torch.cat([c[k], c0[active:]])
 
 
 def run_layer(backend, leaves, batch_sizes=None, reverse=False, upstream_dtype=None, seed=1):
@@ -240,7 +241,7 @@ def layer_errors_vs_fp64(backend, device, dtype, T, B, I, H, P, batch_sizes=None
     """{name: (ours, torch's)} max relative errors of every output and gradient of one
     layer-direction with its input projection (lstm_projected, as lstm_fast.LSTM runs
     it), against the reference backend in float64."""
-    leaves64 = layer_inputs(T, B, H, P, torch.float64, "cpu", I=I)
+    leaves64 = layer_inputs(T, B, H, P, torch.float64, "cpu", I=I, batch_sizes=batch_sizes)
     ref = run_layer("reference", leaves64, batch_sizes, reverse)
 
     def errors(name, dev):

@@ -27,9 +27,10 @@ needs_cpp = pytest.mark.skipif(not CPP_OK, reason=f"cpp backend unavailable: {CP
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device is visible")
 
 
-def op_inputs(T, B, H, P, dtype, device="cpu", I=None, bias=True, seed=0):
+def op_inputs(T, B, H, P, dtype, device="cpu", I=None, bias=True, seed=0, batch_sizes=None):
     """layer_inputs as plain tensors, for calling the ops directly."""
-    return {k: v.detach() for k, v in layer_inputs(T, B, H, P, dtype, device, I=I, bias=bias, seed=seed).items()}
+    leaves = layer_inputs(T, B, H, P, dtype, device, I=I, bias=bias, seed=seed, batch_sizes=batch_sizes)
+    return {k: v.detach() for k, v in leaves.items()}
 
 
 # Above the cpp backend's split threshold (B*4H*P >= 8192, csrc/lstm_cpu.cpp):
@@ -40,6 +41,8 @@ SPLIT_CASES = [
     (7, 6, 40, 40, (6, 6, 5, 4, 4, 2, 1), False),
     (7, 6, 40, 40, None, True),
     (7, 6, 40, 24, (6, 5, 5, 3, 2, 1, 1), False),   # projection, packed
+    (7, 6, 40, 40, (6, 6, 5, 4, 4, 2, 1), True),    # packed, reverse: rows join as it runs
+    (7, 6, 40, 24, (6, 5, 5, 3, 2, 1, 1), True),    # projection, packed, reverse
     (6, 5, 33, 33, (5, 5, 4, 3, 1, 1), False),      # uneven split with a vector tail
     (6, 6, 33, 17, None, True),                     # projection, reverse
 ]
@@ -54,7 +57,7 @@ def test_cpp_threaded_matches_reference(T, B, H, P, batch_sizes, reverse, dtype,
     """Outputs and every gradient with the time loop split across threads (lstm_forward,
     and lstm_forward_projected, whose threads also project their own gate columns)."""
     bs = None if batch_sizes is None else torch.tensor(batch_sizes)
-    leaves = layer_inputs(T, B, H, P, dtype, "cpu", I=5 if entry == "projected" else None)
+    leaves = layer_inputs(T, B, H, P, dtype, "cpu", I=5 if entry == "projected" else None, batch_sizes=batch_sizes)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -68,8 +71,9 @@ def test_cpp_threaded_matches_reference(T, B, H, P, batch_sizes, reverse, dtype,
 @pytest.mark.parametrize("projected", [False, True], ids=["lstm_forward", "lstm_forward_projected"])
 def test_cpp_ops_save_nothing_without_grad(projected):
     """need_grad=False: the ops return empty gates and cells (nothing kept for backward)."""
-    t = op_inputs(5, 4, 8, 8, torch.float32, I=3 if projected else None)
-    state = (t["h0"], t["c0"], t["w_hh"], None, torch.tensor([4, 3, 3, 2, 1]), False)
+    bs = (4, 3, 3, 2, 1)
+    t = op_inputs(5, 4, 8, 8, torch.float32, I=3 if projected else None, batch_sizes=bs)
+    state = (t["h0"], t["c0"], t["w_hh"], None, torch.tensor(bs), False)
     for need_grad in (False, True):
         if projected:
             out = torch.ops.lstm_fast.lstm_forward_projected(t["x"], t["w_ih"], t["b_ih"], *state, need_grad)
@@ -86,19 +90,24 @@ def test_cpp_rejects_bad_input():
     with pytest.raises(RuntimeError, match="w_hh must be"):
         torch.ops.lstm_fast.lstm_forward(gx, h0, c0, w_hh[:, :3], None, None, False, False)
     with pytest.raises(RuntimeError, match="non-increasing"):
-        torch.ops.lstm_fast.lstm_forward(gx, h0, c0, w_hh, None, torch.tensor([1, 2, 2]), False, False)
+        torch.ops.lstm_fast.lstm_forward(gx.reshape(6, -1)[:5], h0, c0, w_hh, None, torch.tensor([1, 2, 2]), False,
+                                         False)
+    with pytest.raises(RuntimeError, match="batch_sizes sum to 5"):
+        torch.ops.lstm_fast.lstm_forward(gx.reshape(6, -1), h0, c0, w_hh, None, torch.tensor([2, 2, 1]), False, False)
+    with pytest.raises(RuntimeError, match="packed gx must be"):
+        torch.ops.lstm_fast.lstm_forward(gx, h0, c0, w_hh, None, torch.tensor([2, 2, 2]), False, False)
     with pytest.raises(RuntimeError, match="float32 and float64 only"):
         torch.ops.lstm_fast.lstm_forward(gx.half(), h0.half(), c0.half(), w_hh.half(), None, None, False, False)
 
 
 def op_args(T, B, H, P, batch_sizes, reverse, dtype, device, need_grad):
-    t = op_inputs(T, B, H, P, dtype, device)
+    t = op_inputs(T, B, H, P, dtype, device, batch_sizes=batch_sizes)
     return (t["gx"], t["h0"], t["c0"], t["w_hh"], t.get("w_hr"), batch_sizes, reverse, need_grad)
 
 
 def check_ops(device, dtype):
     for T, B, H, P, bs, reverse in [(4, 3, 8, 8, None, False), (5, 3, 8, 5, (3, 3, 2, 1, 1), False),
-                                    (4, 2, 8, 5, None, True)]:
+                                    (5, 3, 8, 8, (3, 3, 2, 1, 1), True), (4, 2, 8, 5, None, True)]:
         bs = None if bs is None else torch.tensor(bs)
         for need_grad in (False, True):
             torch.library.opcheck(torch.ops.lstm_fast.lstm_forward.default,
@@ -119,7 +128,7 @@ def test_cpp_opcheck():
 def projected_args(T, B, I, H, P, batch_sizes, reverse, dtype, need_grad, bias=True):
     """lstm_forward_projected's arguments: x, w_ih, bias (b_ih + b_hh), h0, c0, w_hh, w_hr,
     batch_sizes, reverse, need_grad."""
-    t = op_inputs(T, B, H, P, dtype, I=I, bias=bias, seed=5)
+    t = op_inputs(T, B, H, P, dtype, I=I, bias=bias, seed=5, batch_sizes=batch_sizes)
     b = t["b_ih"] + t["b_hh"] if bias else None
     bs = None if batch_sizes is None else torch.tensor(batch_sizes)
     return t["x"], t["w_ih"], b, t["h0"], t["c0"], t["w_hh"], t.get("w_hr"), bs, reverse, need_grad
@@ -133,7 +142,7 @@ def test_cpp_forward_projected(dtype, split):
     opcheck on its schema and fake kernel."""
     here = os.path.dirname(os.path.abspath(__file__))
     cases = [(6, 5, 7, 16, 16, None, False, True), (7, 4, 12, 8, 5, (4, 4, 3, 3, 2, 1, 1), False, False),
-             (5, 13, 3, 24, 24, None, True, True)]
+             (7, 4, 12, 8, 8, (4, 4, 3, 3, 2, 1, 1), True, True), (5, 13, 3, 24, 24, None, True, True)]
     code = (
         f"import torch, lstm_fast, sys; sys.path.insert(0, {here!r}); from test_compiled import projected_args;"
         "from helpers import TOL; from lstm_fast.backends import get_backend; get_backend('cpp').is_available();"

@@ -148,13 +148,23 @@ def _functional_backends():
     return [b for b in lstm_fast.BACKEND_NAMES if b != "cuda"]  # CPU tensors; cuda needs a GPU
 
 
+BAD_PACKED = [
+    ((T, B, 4 * H), [2, 1, 1], "the input is packed, \\[N, features\\]"),
+    ((5, 4 * H), [2, 2, 2], "packed input has 5 rows but batch_sizes sum to 6"),
+    ((5, 4 * H), [1, 2, 2], "non-increasing"),
+    ((5, 4 * H), [B + 1, 2, 2], "non-increasing"),
+    ((5, 4 * H), [2.0, 2.0, 1.0], "int64 CPU tensor"),
+]
+
+
 @pytest.mark.parametrize("backend", _functional_backends())
-def test_functional_packed_reverse_is_refused_alike(backend):
-    """The functional API refuses reverse=True with batch_sizes in every backend, with
-    one message (the module reverses packed sequences within their lengths itself)."""
-    gx, h0, c0, w_hh = _x(T, B, 4 * H), _x(B, H), _x(B, H), _x(4 * H, H)
-    with pytest.raises(ValueError, match=r"reverse=True with batch_sizes \(packed input\) is not supported"):
-        lstm_fast.lstm_recurrence(gx, h0, c0, w_hh, batch_sizes=torch.tensor([2, 1, 1]), reverse=True,
+@pytest.mark.parametrize("shape,batch_sizes,message", BAD_PACKED, ids=["padded", "rows", "increasing", "above_B",
+                                                                       "float"])
+def test_functional_bad_packed_layout_is_refused_alike(backend, shape, batch_sizes, message):
+    """batch_sizes that do not describe the packed input: one ValueError in every backend."""
+    gx, h0, c0, w_hh = _x(*shape), _x(B, H), _x(B, H), _x(4 * H, H)
+    with pytest.raises(ValueError, match=message):
+        lstm_fast.lstm_recurrence(gx, h0, c0, w_hh, batch_sizes=torch.tensor(batch_sizes), reverse=True,
                                   backend=backend)
 
 
@@ -168,3 +178,35 @@ def test_functional_state_dtype_mismatch_is_refused_alike(backend, state):
     name = "hx" if state == "h0" else "cx"
     with pytest.raises(RuntimeError, match=rf"lstm_fast: {name} dtype \(torch.float64\) does not match input dtype"):
         lstm_fast.lstm_recurrence(gx, h0, c0, w_hh, backend=backend)
+
+
+BAD_LENGTHS = [
+    ([0, 2], "at least 1, got 0"),
+    ([-1, 2], "at least 1, got -1"),
+    ([T + 1, 2], f"exceeds the sequence length of the input \\({T}\\)"),
+    ([2], f"1 values for a batch of {B} sequences"),
+    ([2, 2, 2], f"3 values for a batch of {B} sequences"),
+    (torch.tensor([2.0, 1.0]), "must be integers, got a tensor of dtype torch.float32"),
+    ([2.0, 1.0], "must be integers"),
+    (torch.tensor([[2, 1]]), "must be 1-D"),
+]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("lengths,message", BAD_LENGTHS, ids=["zero", "negative", "too_long", "too_few", "too_many",
+                                                             "float_tensor", "float_list", "2d"])
+def test_bad_lengths_raise_value_error(lengths, message, batch_first):
+    """lengths= that cannot describe the padded batch: a ValueError naming the problem,
+    before anything runs."""
+    m = lstm_fast.LSTM(I, H, batch_first=batch_first)
+    x = _x(B, T, I) if batch_first else _x(T, B, I)
+    with pytest.raises(ValueError, match=message):
+        m(x, lengths=lengths)
+
+
+def test_lengths_with_packed_or_unbatched_input_raises():
+    m = lstm_fast.LSTM(I, H)
+    with pytest.raises(ValueError, match="a PackedSequence already holds its lengths"):
+        m(pack_sequence([_x(2, I), _x(1, I)]), lengths=[2, 1])
+    with pytest.raises(ValueError, match="needs batched 3-D input"):
+        m(_x(T, I), lengths=[T])

@@ -31,16 +31,16 @@ def make_inputs(T, B, H, P, dtype, packed=False, seed=0):
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
 
-    gx = rnd(T, B, 4 * H)
-    h0, c0 = rnd(B, P), rnd(B, H)
-    w_hh = rnd(4 * H, P, scale=P ** -0.5)
-    w_hr = rnd(P, H, scale=H ** -0.5) if P != H else None
     bs = None
     if packed:
         # non-increasing, first step full, last step partial: every row length differs
         bs = torch.sort(torch.randint(1, B + 1, (T,), generator=g), descending=True).values
         bs[0] = B
         bs[-1] = min(bs[-1].item(), max(1, B // 3))
+    gx = rnd(T, B, 4 * H) if bs is None else rnd(int(bs.sum()), 4 * H)  # packed: PackedSequence's layout
+    h0, c0 = rnd(B, P), rnd(B, H)
+    w_hh = rnd(4 * H, P, scale=P ** -0.5)
+    w_hr = rnd(P, H, scale=H ** -0.5) if P != H else None
     return gx, h0, c0, w_hh, w_hr, bs
 
 
@@ -65,6 +65,8 @@ CASES = [
     (6, 12, 16, 16, False, True),
     (9, 12, 16, 16, True, False),   # packed: active rows shrink across block boundaries
     (9, 12, 16, 5, True, False),    # packed + projection
+    (9, 12, 16, 16, True, True),    # packed, reverse: rows join as the loop runs
+    (9, 12, 16, 5, True, True),     # packed + projection, reverse
     (4, 10, 12, 7, False, True),    # projection, reverse
     (3, 2, 6, 3, False, False),     # projection, small batch
     (1, 4, 8, 8, False, False),     # T = 1

@@ -61,11 +61,13 @@ CASES = [
     ("reverse_H16", 4, 3, 16, 16, False, True),
     ("packed_H5", 5, 5, 5, 5, True, False),
     ("packed_H33", 4, 4, 33, 33, True, False),
+    ("packed_reverse_H5", 5, 5, 5, 5, True, True),
     ("B17_H5", 2, 17, 5, 5, False, False),  # two batch tiles of 16
 ]
 PROJ_CASES = [  # projection: step path only
     ("proj_H9_P5", 3, 3, 9, 5, False, False),
     ("proj_packed", 4, 4, 9, 5, True, False),
+    ("proj_packed_reverse", 4, 4, 9, 5, True, True),
     ("proj_reverse_B1", 3, 1, 33, 17, False, True),
 ]
 
@@ -79,27 +81,27 @@ def test_interpreter_matches_reference(triton_backend, path, name, T, B, H, P, p
     triton_backend.path = path
     sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
     ok, why = triton_backend.supports(DEVICE, torch.float32, sizes)
-    leaves = layer_inputs(T, B, H, P, torch.float32, DEVICE)
+    bs = _batch_sizes(T, B, seed=T * 100 + B) if packed else None
+    leaves = layer_inputs(T, B, H, P, torch.float32, DEVICE, batch_sizes=bs)
     if P != H and path == "sequence":
         assert not ok and "projection" in why
         with pytest.raises(RuntimeError, match="projection"):
             lstm_recurrence(*leaves.values(), backend="triton")
         return
     assert ok, why
-    bs = _batch_sizes(T, B, seed=T * 100 + B) if packed else None
     ours, ref = run_layer("triton", leaves, bs, reverse), run_layer("reference", leaves, bs, reverse)
     assert_results_close(ours, ref, torch.float32, f"{name}/{path}")
 
 
 @pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
 @pytest.mark.parametrize("path", ["step", "sequence"])
-@pytest.mark.parametrize("packed,reverse", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("packed,reverse", [(False, False), (True, False), (True, True), (False, True)])
 def test_interpreter_inference(triton_backend, path, packed, reverse):
     """No grad, each kernel path forced: nothing saved, the step path ping-pongs the cell state."""
     triton_backend.path = path
     T, B, H = 5, 4, 7
     bs = _batch_sizes(T, B, seed=3) if packed else None
-    leaves = {k: v.detach() for k, v in layer_inputs(T, B, H, H, torch.float32, DEVICE).items()}
+    leaves = {k: v.detach() for k, v in layer_inputs(T, B, H, H, torch.float32, DEVICE, batch_sizes=bs).items()}
     with torch.no_grad():
         ref = lstm_recurrence(*leaves.values(), batch_sizes=bs, reverse=reverse, backend="reference")
         ours = lstm_recurrence(*leaves.values(), batch_sizes=bs, reverse=reverse, backend="triton")
@@ -248,7 +250,7 @@ def test_gpu_vs_cudnn_error(triton_backend, dtype, precision, path, H, P):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["step", "sequence"])
-@pytest.mark.parametrize("packed,reverse", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("packed,reverse", [(False, False), (True, False), (True, True), (False, True)])
 def test_gpu_fp32_ieee_matches_reference(triton_backend, path, packed, reverse):
     """Same check as the interpreter tests, on the GPU with exact fp32 dots."""
     triton_backend.path = path
@@ -256,7 +258,7 @@ def test_gpu_fp32_ieee_matches_reference(triton_backend, path, packed, reverse):
     with tf32(False):
         T, B, H = 7, 19, 33
         bs = _batch_sizes(T, B, seed=11) if packed else None
-        leaves = layer_inputs(T, B, H, H, torch.float32, DEVICE)
+        leaves = layer_inputs(T, B, H, H, torch.float32, DEVICE, batch_sizes=bs)
         ref = run_layer("reference", leaves, bs, reverse)
         ours = run_layer("triton", leaves, bs, reverse)
     assert_results_close(ours, ref, torch.float32, path)

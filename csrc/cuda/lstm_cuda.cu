@@ -9,6 +9,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -114,7 +115,7 @@ void gemm(const Tensor& a, const Tensor& w_op, Tensor& out) {
 
 // Outputs and scratch of one forward call (acc_t: see the top of this file).
 struct ForwardBuffers {
-  Tensor y;             // [T,B,P] out
+  Tensor y;             // [T,B,P] out (per-step tensors: [N,*] when packed, see Plan)
   Tensor c;             // [B,H] acc_t, in: c0, out: c_n
   Tensor gates, cells;  // [T,B,4H], [T,B,H] acc_t out, or [0] when need_grad is off
   Tensor z;             // [B,4H] acc_t scratch when need_grad is off
@@ -134,18 +135,26 @@ void forward_stepwise(const Plan& p, const Tensor& gx, const Tensor& h0, const R
   const Tensor w_hr_t = proj ? w.w_hr->t() : Tensor();
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = p.order[s], n = p.active[s];
-    if (n == 0) break;  // active only shrinks
-    const Tensor hprev = (s == 0 ? h0 : out.y.select(0, p.order[s - 1])).narrow(0, 0, n);
-    Tensor zt = (out.need_grad ? out.gates.select(0, t) : out.z).narrow(0, 0, n);
-    gemm(hprev, w_hh_t, zt);
-    Tensor hout = (proj ? out.hpre : out.y.select(0, t)).narrow(0, 0, n);
+    if (n == 0) continue;
+    // h_{t-1}: the previous step's output, and h0 for rows starting at this step
+    const int64_t with_prev = p.rows_with_prev(s);
+    Tensor zt = out.need_grad ? p.rows(out.gates, t, n) : out.z.narrow(0, 0, n);
+    if (with_prev > 0) {
+      Tensor z_prev = zt.narrow(0, 0, with_prev);
+      gemm(p.rows(out.y, p.order[s - 1], with_prev), w_hh_t, z_prev);
+    }
+    if (n > with_prev) {
+      Tensor z_new = zt.narrow(0, with_prev, n - with_prev);
+      gemm(h0.narrow(0, with_prev, n - with_prev), w_hh_t, z_new);
+    }
+    Tensor hout = proj ? out.hpre.narrow(0, 0, n) : p.rows(out.y, t, n);
     forward_step_kernel<scalar_t, acc_t><<<blocks_for(n * H), kThreads, 0, stream>>>(
-        zt.data_ptr<acc_t>(), gx.select(0, t).const_data_ptr<scalar_t>(), out.c.data_ptr<acc_t>(),
-        hout.data_ptr<scalar_t>(), out.need_grad ? out.cells.select(0, t).data_ptr<acc_t>() : nullptr, n, H,
+        zt.data_ptr<acc_t>(), p.rows(gx, t, n).const_data_ptr<scalar_t>(), out.c.data_ptr<acc_t>(),
+        hout.data_ptr<scalar_t>(), out.need_grad ? p.rows(out.cells, t, n).data_ptr<acc_t>() : nullptr, n, H,
         out.need_grad);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (proj) {
-      Tensor yt = out.y.select(0, t).narrow(0, 0, n);
+      Tensor yt = p.rows(out.y, t, n);
       gemm(hout, w_hr_t, yt);
     }
   }
@@ -172,11 +181,14 @@ void backward_stepwise(const Plan& p, const Tensor& grad_y, const Tensor& gates,
   for (int64_t s = p.T - 1; s >= 0; --s) {
     const int64_t t = p.order[s], n = p.active[s];
     if (n == 0) continue;
-    const Tensor cprev = s == 0 ? c0 : cells.select(0, p.order[s - 1]);
-    const scalar_t* gy = grad_y.select(0, t).const_data_ptr<scalar_t>();
+    // c_{t-1}: the previous step's cells, and c0 for rows starting at this step
+    const int64_t with_prev = p.rows_with_prev(s);
+    Tensor cprev = with_prev > 0 ? p.rows(cells, p.order[s - 1], with_prev) : c0;
+    if (with_prev > 0 && with_prev < n) cprev = at::cat({cprev, c0.narrow(0, with_prev, n - with_prev)});
+    const scalar_t* gy = p.rows(grad_y, t, n).const_data_ptr<scalar_t>();
     const acc_t* dh_in = out.dh.const_data_ptr<acc_t>();
     if (proj) {
-      Tensor drt = out.d_r.select(0, t).narrow(0, 0, n);
+      Tensor drt = p.rows(out.d_r, t, n);
       add_kernel<scalar_t, acc_t>
           <<<blocks_for(n * P), kThreads, 0, stream>>>(dh_in, gy, drt.data_ptr<scalar_t>(), n * P);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -185,11 +197,11 @@ void backward_stepwise(const Plan& p, const Tensor& grad_y, const Tensor& gates,
       dh_in = out.dhbuf.const_data_ptr<acc_t>();
       gy = nullptr;
     }
-    Tensor dgt = out.d_gx.select(0, t).narrow(0, 0, n);
+    Tensor dgt = p.rows(out.d_gx, t, n);
     backward_step_kernel<scalar_t, acc_t><<<blocks_for(n * H), kThreads, 0, stream>>>(
-        gates.select(0, t).const_data_ptr<acc_t>(), cells.select(0, t).const_data_ptr<acc_t>(),
+        p.rows(gates, t, n).const_data_ptr<acc_t>(), p.rows(cells, t, n).const_data_ptr<acc_t>(),
         cprev.const_data_ptr<acc_t>(), dh_in, gy, out.dc.data_ptr<acc_t>(), dgt.data_ptr<scalar_t>(),
-        proj ? out.hpre.select(0, t).data_ptr<scalar_t>() : nullptr, n, H);
+        proj ? p.rows(out.hpre, t, n).data_ptr<scalar_t>() : nullptr, n, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     Tensor dht = out.dh.narrow(0, 0, n);
     gemm(dgt, w.w_hh, dht);  // dh_{t-1} = dgates @ W_hh
@@ -216,15 +228,12 @@ Tensor5 lstm_forward_cuda(const Tensor& gx_, const LSTMState& init, const Recurr
   const RecurrentWeights w{w_.w_hh.contiguous(), proj ? std::optional<Tensor>(w_.w_hr->contiguous()) : std::nullopt};
   const auto opts = gx.options();
   const auto acc_opts = opts.dtype(acc_type(gx.scalar_type()));
-  const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
-  auto alloc = [&](at::IntArrayRef sizes, const at::TensorOptions& o) {
-    return p.packed ? at::zeros(sizes, o) : at::empty(sizes, o);
-  };
+  const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   ForwardBuffers out;
-  out.y = alloc({T, B, P}, opts);
+  out.y = at::empty(p.step_sizes(P), opts);
   out.c = init.c.to(acc_opts.dtype(), /*non_blocking=*/false, /*copy=*/true).contiguous();
-  out.gates = need_grad ? alloc({T, B, G}, acc_opts) : at::empty({0}, acc_opts);
-  out.cells = need_grad ? alloc({T, B, H}, acc_opts) : at::empty({0}, acc_opts);
+  out.gates = need_grad ? at::empty(p.step_sizes(G), acc_opts) : at::empty({0}, acc_opts);
+  out.cells = need_grad ? at::empty(p.step_sizes(H), acc_opts) : at::empty({0}, acc_opts);
   out.z = need_grad ? Tensor() : at::empty({B, G}, acc_opts);
   out.hpre = proj ? at::empty({B, H}, opts) : Tensor();
   out.need_grad = need_grad;
@@ -248,15 +257,14 @@ Tensor5 lstm_backward_cuda(const OutputGrads& grads, const Tensor& gates_, const
   const RecurrentWeights w{w_.w_hh.contiguous(), proj ? std::optional<Tensor>(w_.w_hr->contiguous()) : std::nullopt};
   const auto opts = h0.options();
   const auto acc_opts = opts.dtype(acc_type(dt));
-  const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
-  auto alloc = [&](at::IntArrayRef sizes) { return p.packed ? at::zeros(sizes, opts) : at::empty(sizes, opts); };
+  const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   BackwardBuffers out;
-  out.d_gx = alloc({T, B, G});
+  out.d_gx = at::empty(p.step_sizes(G), opts);
   out.dh = grads.h_n.to(acc_opts.dtype(), false, /*copy=*/true).contiguous();
   out.dc = grads.c_n.to(acc_opts.dtype(), false, /*copy=*/true).contiguous();
   const Tensor c0 = init.c.to(acc_opts.dtype()).contiguous();
-  out.d_r = proj ? alloc({T, B, P}) : Tensor();
-  out.hpre = proj ? alloc({T, B, H}) : Tensor();
+  out.d_r = proj ? at::empty(p.step_sizes(P), opts) : Tensor();
+  out.hpre = proj ? at::empty(p.step_sizes(H), opts) : Tensor();
   out.dhbuf = proj ? at::empty({B, H}, acc_opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_backward_cuda",
                                   [&] { backward_stepwise<scalar_t>(p, grad_y, gates, cells, c0, w, out); });

@@ -11,13 +11,20 @@ The arguments come in named bundles (below), the same names as csrc/lstm.h's str
     InputProjection(w_ih [4H, I], bias [4H] or None)
     LSTMState(h [B, P], c [B, H])            the initial state
     RecurrentWeights(w_hh [4H, P], w_hr [P, H] or None)
-    SequenceLayout(batch_sizes, reverse)     batch_sizes: [T] int64 CPU tensor or None. When
-        given (packed input) it is non-increasing and row b is active at step t iff
-        b < batch_sizes[t]; inactive rows keep their state and get y = 0. Never combined
-        with reverse=True (function._run refuses it). reverse: process t = T-1 .. 0.
+    SequenceLayout(batch_sizes, reverse)     batch_sizes: [T] int64 CPU tensor or None;
+        reverse: process t = T-1 .. 0.
     OutputGrads(y [T, B, P], h_n [B, P], c_n [B, H])   upstream gradients
 
-Two entries, one per kind of input:
+Two layouts of the per-step tensors (gx, x, y, gates, cells, grad_y, d_gx):
+    padded  (batch_sizes None): [T, B, *], step t is rows t*B .. t*B + B - 1.
+    packed  (batch_sizes given): PackedSequence's data, [N, *] with N = sum(batch_sizes),
+        B = batch_sizes[0] rows of h0; step t holds the first batch_sizes[t] rows of the
+        batch (non-increasing in t), at rows row_starts[t] .. + batch_sizes[t] - 1. Only
+        real tokens are stored and computed. A row enters the recurrence with its h0/c0
+        at its first processed step (t = 0 forward, its last t when reverse) and its
+        h_n/c_n are taken after its last processed step.
+
+Two entries, one per kind of input (shapes below for the padded layout):
     forward(gx, state, weights, layout, need_grad)
     forward_projected(x, projection, state, weights, layout, need_grad)
 both return (y [T, B, P], h_n [B, P], c_n [B, H], saved), saved being the backend's own
@@ -125,9 +132,15 @@ class Backend:
     def forward_projected(self, x, projection: InputProjection, state: LSTMState, weights: RecurrentWeights,
                           layout: SequenceLayout, need_grad: bool):
         """forward() on the layer input x [T, B, I]. By default one GEMM here; a backend
-        may fuse the projection into its own launch."""
-        gx = torch.nn.functional.linear(x, projection.w_ih, projection.bias)
-        return self.forward(gx, state, weights, layout, need_grad)
+        may fuse the projection into its own launch. Without grad, in blocks of steps
+        (in_time_blocks): gx of the whole sequence is never held."""
+        def run(x, state, layout, need_grad):
+            gx = torch.nn.functional.linear(x, projection.w_ih, projection.bias)
+            return self.forward(gx, state, weights, layout, need_grad)
+
+        if need_grad:
+            return run(x, state, layout, True)
+        return in_time_blocks(run, x, state, layout, weights.w_hh.shape[0])
 
     def backward(self, saved, y, grads: OutputGrads, state: LSTMState, weights: RecurrentWeights,
                  layout: SequenceLayout) -> RecurrenceGrads:
@@ -143,7 +156,7 @@ class Backend:
         d_x = d_gx.matmul(w_ih.to(d_gx.dtype)) if wanted.x else None
         d_w_ih = d_gx.reshape(-1, d_gx.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]).to(d_gx.dtype)) \
             if wanted.w_ih else None
-        d_b = d_gx.sum((0, 1)) if wanted.bias else None
+        d_b = d_gx.reshape(-1, d_gx.shape[-1]).sum(0) if wanted.bias else None
         return ProjectedGrads(d_x, d_w_ih, d_b, r.h0, r.c0, r.w_hh, r.w_hr)
 
     def __repr__(self) -> str:
@@ -177,32 +190,160 @@ def step_order(T: int, reverse: bool) -> range:
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
-def active_rows(batch_sizes, t: int, B: int) -> int:
-    return B if batch_sizes is None else int(batch_sizes[t])
+class PackedRows:
+    """Where each step's rows sit in the packed layout (see the module docstring).
+
+    sizes[t] rows of step t start at row starts[t]. prev_index() and last_index()
+    locate, for every token, the state it starts from, and for every batch row, its
+    final token: in the packed layout a row's previous state is not at a fixed shift.
+    """
+
+    def __init__(self, batch_sizes: torch.Tensor, reverse: bool):
+        self.batch_sizes = batch_sizes.to("cpu", torch.int64)
+        self.reverse = bool(reverse)
+        self.sizes = self.batch_sizes.tolist()
+        self.T = len(self.sizes)
+        self.B = self.sizes[0] if self.sizes else 0
+        self.N = sum(self.sizes)
+        ends = torch.cumsum(self.batch_sizes, 0)
+        self.starts_t = ends - self.batch_sizes
+        self.starts = self.starts_t.tolist()
+
+    def prev_index(self, device) -> torch.Tensor:
+        """[N] int64: token r's previous state is row prev_index[r] of cat([y, h0]) (y
+        [N, P] in this layout, h0 [B, P] after it: index N + b for a row's first step)."""
+        t = torch.repeat_interleave(torch.arange(self.T), self.batch_sizes)
+        b = torch.arange(self.N) - self.starts_t[t]
+        t_prev = t + 1 if self.reverse else t - 1
+        inside = (t_prev >= 0) & (t_prev < self.T)
+        t_prev = t_prev.clamp(0, max(self.T - 1, 0))
+        has_prev = inside & (b < self.batch_sizes[t_prev])
+        return torch.where(has_prev, self.starts_t[t_prev] + b, self.N + b).to(device)
+
+    def last_index(self, device) -> torch.Tensor:
+        """[B] int64: the row of each batch row's last processed token."""
+        b = torch.arange(self.B)
+        if self.reverse:
+            return b.to(device)  # every row ends at t = 0, the first B rows
+        lengths = (self.batch_sizes.unsqueeze(0) > b.unsqueeze(1)).sum(1)
+        return (self.starts_t[lengths - 1] + b).to(device)
+
+    def step_rows(self, t: int) -> slice:
+        return slice(self.starts[t], self.starts[t] + self.sizes[t])
 
 
-def weight_grads(d_gates, y, h0, reverse, d_r=None, h_pre=None):
-    """Recurrent weight gradients as GEMMs over all T*B rows, after the time loop.
+class PaddedPacking(Backend):
+    """Base of a backend whose kernels step through a padded batch only: it implements
+    padded_forward / padded_backward (the contract's forward / backward for batch_sizes
+    None, or padded [T, B, *] tensors whose rows past batch_sizes[t] are inactive at
+    step t, never with reverse).
+
+    A packed call is scattered into a zero-padded [T, B, *] batch (for reverse, each
+    sequence reversed within its length, so the kernels always run forward with
+    shrinking batch_sizes), run, and gathered back: it costs the padding's work and
+    memory, which backends with packed loops of their own do not pay.
+    """
+
+    def padded_forward(self, gx, state, weights, layout, need_grad):
+        raise NotImplementedError
+
+    def padded_backward(self, saved, y, grads, state, weights, layout) -> RecurrenceGrads:
+        raise NotImplementedError
+
+    def forward(self, gx, state, weights, layout, need_grad):
+        if layout.batch_sizes is None:
+            return self.padded_forward(gx, state, weights, layout, need_grad)
+        index, T, B = _padded_index(layout, state.h.shape[0], gx.device)
+        y, h_n, c_n, saved = self.padded_forward(_scatter(gx, index, T, B), state, weights,
+                                                 SequenceLayout(layout.batch_sizes, False), need_grad)
+        return y.reshape(T * B, -1).index_select(0, index), h_n, c_n, saved
+
+    def backward(self, saved, y, grads, state, weights, layout):
+        if layout.batch_sizes is None:
+            return self.padded_backward(saved, y, grads, state, weights, layout)
+        index, T, B = _padded_index(layout, state.h.shape[0], y.device)
+        padded = OutputGrads(_scatter(grads.y, index, T, B), grads.h_n, grads.c_n)
+        r = self.padded_backward(saved, _scatter(y, index, T, B), padded, state, weights,
+                                 SequenceLayout(layout.batch_sizes, False))
+        return r._replace(gx=r.gx.reshape(T * B, -1).index_select(0, index))
+
+
+def _padded_index(layout, B, device):
+    """(index [N] of each packed row in the flattened [T*B] padded batch, T, B)."""
+    rows = PackedRows(layout.batch_sizes, False)
+    t = torch.repeat_interleave(torch.arange(rows.T), rows.batch_sizes)
+    b = torch.arange(rows.N) - rows.starts_t[t]
+    if layout.reverse:  # step t of a sequence of length L goes to L - 1 - t
+        lengths = (rows.batch_sizes.unsqueeze(0) > torch.arange(rows.B).unsqueeze(1)).sum(1)
+        t = lengths[b] - 1 - t
+    return (t * B + b).to(device), rows.T, B
+
+
+def _scatter(rows, index, T, B):
+    out = rows.new_zeros(T * B, rows.shape[-1])
+    out[index] = rows
+    return out.view(T, B, -1)
+
+
+# Inference input projections are computed for at most this many gx elements at a time
+# (16 MB in float32): peak memory is the output plus this block, whatever T is.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def in_time_blocks(run, x, state, layout, gx_width):
+    """run(x_block, state, layout_block, False) over blocks of consecutive steps in
+    processing order, each block starting from the state the last one ended with;
+    returns (y, h_n, c_n, ()) as one call would. gx_width: gx elements per row."""
+    h0 = state.h
+    packed = layout.batch_sizes is not None
+    T, B = (len(layout.batch_sizes), h0.shape[0]) if packed else x.shape[:2]
+    steps = max(1, BLOCK_ELEMENTS // max(1, B * gx_width))
+    if T <= steps:
+        return run(x, state, layout, False)
+    rows = PackedRows(layout.batch_sizes, False) if packed else None
+    y = None
+    starts = range(0, T, steps)
+    for t0 in (reversed(starts) if layout.reverse else starts):
+        t1 = min(T, t0 + steps)
+        if packed:
+            r0, r1 = rows.starts[t0], rows.starts[t1 - 1] + rows.sizes[t1 - 1]
+            part = SequenceLayout(layout.batch_sizes[t0:t1], layout.reverse)
+        else:
+            r0, r1, part = t0, t1, layout
+        yb, h, c, _ = run(x[r0:r1], state, part, False)
+        if y is None:
+            y = yb.new_empty((x.shape[0], *yb.shape[1:]))
+        y[r0:r1] = yb
+        state = LSTMState(h, c)
+    return y, state.h, state.c, ()
+
+
+def weight_grads(d_gates, y, h0, reverse, d_r=None, h_pre=None, batch_sizes=None):
+    """Recurrent weight gradients as GEMMs over all tokens, after the time loop.
 
     dW_hh = sum_t d_gates[t]^T @ hprev[t], where hprev[t] is y of the previous
-    step in processing order and h0 at the first; the shifted y is read as a
-    view instead of being copied. With batch_sizes the active set only shrinks
-    in processing order, so an active row's previous state is always that y,
-    and inactive rows contribute nothing (their gate gradients are zero).
+    step in processing order and h0 at the first. Padded: the shifted y is read as
+    a view. Packed: hprev is gathered (PackedRows.prev_index), as a row's previous
+    state is y of the step before or, at its first step, its h0.
     d_gates [T, B, 4H] pre-activation gate gradients, y [T, B, P], h0 [B, P],
-    d_r [T, B, P] gradient reaching each projected output, h_pre [T, B, H].
+    d_r [T, B, P] gradient reaching each projected output, h_pre [T, B, H]
+    ([N, *] each when packed).
     Returns d_w_hh [4H, P], d_w_hr [P, H] or None, in d_gates' dtype.
     """
-    T, B, G = d_gates.shape
+    G = d_gates.shape[-1]
     y, h0 = y.to(d_gates.dtype), h0.to(d_gates.dtype)
+    d_w_hr = None
+    if d_r is not None:
+        d_w_hr = d_r.reshape(-1, d_r.shape[-1]).t().mm(h_pre.reshape(-1, h_pre.shape[-1]).to(d_r.dtype))
+    if batch_sizes is not None:
+        index = PackedRows(batch_sizes, reverse).prev_index(d_gates.device)
+        hprev = torch.cat([y, h0]).index_select(0, index)
+        return d_gates.t().mm(hprev), d_w_hr
+    T = d_gates.shape[0]
     if T == 0:  # no step: no weight was used
-        return (d_gates.new_zeros(G, h0.shape[-1]),
-                None if d_r is None else d_gates.new_zeros(d_r.shape[-1], h_pre.shape[-1]))
+        return d_gates.new_zeros(G, h0.shape[-1]), d_w_hr
     first, later, before = (T - 1, slice(0, T - 1), slice(1, T)) if reverse else (0, slice(1, T), slice(0, T - 1))
     d_w_hh = d_gates[first].t().mm(h0)
     if T > 1:
         d_w_hh.addmm_(d_gates[later].reshape(-1, G).t(), y[before].reshape(-1, y.shape[-1]))
-    d_w_hr = None
-    if d_r is not None:
-        d_w_hr = d_r.reshape(-1, d_r.shape[-1]).t().mm(h_pre.reshape(-1, h_pre.shape[-1]).to(d_r.dtype))
     return d_w_hh, d_w_hr

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, LayerSizes, RecurrenceGrads, acc_dtype, active_rows, step_order, weight_grads
+from .base import Backend, LayerSizes, PackedRows, RecurrenceGrads, acc_dtype, step_order, weight_grads
 
 
 class ReferenceBackend(Backend):
@@ -41,26 +41,29 @@ class ReferenceBackend(Backend):
         batch_sizes, reverse = layout
         grad_y, grad_hn, grad_cn = grads
         gates_all, cells = saved
-        T, B, G = gates_all.shape
+        rows, T, B = _layout_rows(gates_all.shape, h0.shape[0], batch_sizes)
+        G = gates_all.shape[-1]
         H = G // 4
         acc = gates_all.dtype
+        g_rows, c_rows, gy_rows = (t.reshape(-1, t.shape[-1]) for t in (gates_all, cells, grad_y))
         w_hh_a = w_hh.to(acc)
         w_hr_a = None if w_hr is None else w_hr.to(acc)
         dh = grad_hn.to(acc).clone()
         dc = grad_cn.to(acc).clone()
         c0_a = c0.to(acc)
-        d_gates = gates_all.new_zeros(T, B, G)
-        d_r_all = gates_all.new_zeros(T, B, dh.shape[1]) if w_hr is not None else None
+        d_gates = gates_all.new_zeros(g_rows.shape)
+        d_r_all = gates_all.new_zeros(gy_rows.shape) if w_hr is not None else None
         order = list(step_order(T, reverse))
         for s in range(T - 1, -1, -1):
-            t = order[s]
-            n = active_rows(batch_sizes, t, B)
-            c_prev = c0_a[:n] if s == 0 else cells[order[s - 1], :n]
-            d_r = dh[:n] + grad_y[t, :n].to(acc)
-            i, f, g, o = gates_all[t, :n].chunk(4, 1)
-            tc = torch.tanh(cells[t, :n])
+            r = rows[order[s]]
+            n = r.stop - r.start
+            # a row's previous cell state: the step before's, or c0 at the row's first step
+            c_prev = c0_a[:n] if s == 0 else _with_initial(c_rows[rows[order[s - 1]]], c0_a, n)
+            d_r = dh[:n] + gy_rows[r].to(acc)
+            i, f, g, o = g_rows[r].chunk(4, 1)
+            tc = torch.tanh(c_rows[r])
             if w_hr_a is not None:
-                d_r_all[t, :n] = d_r
+                d_r_all[r] = d_r
                 d_h = d_r.mm(w_hr_a)
             else:
                 d_h = d_r
@@ -71,37 +74,54 @@ class ReferenceBackend(Backend):
                 d_c * i * (1 - g * g),
                 d_h * tc * o * (1 - o),
             ], 1)
-            d_gates[t, :n] = d_z
+            d_gates[r] = d_z
             dh[:n] = d_z.mm(w_hh_a)
             dc[:n] = d_c * f
         h_pre = None
         if w_hr is not None:
-            o = gates_all[..., 3 * H:]
-            h_pre = o * torch.tanh(cells)
-        d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre)
+            h_pre = g_rows[:, 3 * H:] * torch.tanh(c_rows)
+        if batch_sizes is None:  # back to [T, B, *]
+            d_gates = d_gates.view(T, B, G)
+            d_r_all = None if d_r_all is None else d_r_all.view(T, B, d_r_all.shape[-1])
+            h_pre = None if h_pre is None else h_pre.view(T, B, H)
+        d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre, batch_sizes)
         return RecurrenceGrads(d_gates.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                                None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
 
 
+def _layout_rows(shape, B, batch_sizes):
+    """(rows of each time index, T, B) for a per-step tensor of this shape."""
+    if batch_sizes is None:
+        T = shape[0]
+        return [slice(t * B, (t + 1) * B) for t in range(T)], T, B
+    packed = PackedRows(batch_sizes, False)
+    return [packed.step_rows(t) for t in range(packed.T)], packed.T, packed.B
+
+
+def _with_initial(prev_rows, initial, n):
+    """The first n rows of a state whose rows past prev_rows' come from initial (a row at its first step)."""
+    k = prev_rows.shape[0]
+    return prev_rows[:n] if k >= n else torch.cat([prev_rows, initial[k:n]])
+
+
 def _steps(gx, state, weights, layout, keep):
-    """The time loop, out of place. Returns y [T, B, P], h_n [B, P], c_n [B, H] and,
-    when keep, (gates [T, B, 4H] activated i,f,g,o, cells [T, B, H]) in the
-    accumulation dtype, else (). Rows inactive at a step (packed input) keep their
-    state and get zeros in y, gates and cells."""
+    """The time loop, out of place. Returns y, h_n [B, P], c_n [B, H] and, when keep,
+    (gates activated i,f,g,o, cells) in the accumulation dtype, else (); y, gates and
+    cells in gx's layout (padded [T, B, *] or packed [N, *])."""
     (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = state, weights, layout
-    T, B, G = gx.shape
+    rows, T, B = _layout_rows(gx.shape, h0.shape[0], batch_sizes)
+    G = gx.shape[-1]
+    gx_rows = gx.reshape(-1, G)
     acc = acc_dtype(gx.dtype)
     w_hh_a = w_hh.to(acc)
     w_hr_a = None if w_hr is None else w_hr.to(acc)
     h, c = h0.to(acc), c0.to(acc)
     ys, gates, cells = [None] * T, [None] * T, [None] * T
-
-    def padded(rows):  # rows [n, k] -> [B, k], zeros below
-        return torch.cat([rows, rows.new_zeros(B - rows.shape[0], rows.shape[1])])
-
     for t in step_order(T, reverse):
-        n = active_rows(batch_sizes, t, B)
-        z = torch.addmm(gx[t, :n].to(acc), h[:n], w_hh_a.t())
+        r = rows[t]
+        n = r.stop - r.start
+        # rows past n keep their state: not yet started (reverse) or already done (forward)
+        z = torch.addmm(gx_rows[r].to(acc), h[:n], w_hh_a.t())
         i, f, g, o = z.chunk(4, 1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c_new = f * c[:n] + i * g
@@ -110,15 +130,16 @@ def _steps(gx, state, weights, layout, keep):
             h_new = h_new.mm(w_hr_a.t())
         c = torch.cat([c_new, c[n:]])
         h = torch.cat([h_new, h[n:]])
-        ys[t] = padded(h_new).to(gx.dtype)
+        ys[t] = h_new.to(gx.dtype)
         if keep:
-            gates[t] = padded(torch.cat([i, f, g, o], 1))
-            cells[t] = padded(c_new)
-    if T == 0:
-        H = G // 4
-        y = gx.new_zeros(0, B, h0.shape[1])
-        acts = (gx.new_zeros(0, B, G, dtype=acc), gx.new_zeros(0, B, H, dtype=acc)) if keep else ()
-    else:
-        y = torch.stack(ys)
-        acts = (torch.stack(gates), torch.stack(cells)) if keep else ()
+            gates[t] = torch.cat([i, f, g, o], 1)
+            cells[t] = c_new
+    H, P = G // 4, h0.shape[1]
+    shape = (T, B) if batch_sizes is None else (gx.shape[0],)
+
+    def joined(parts, width, dtype):
+        return torch.cat(parts).view(*shape, width) if parts else gx.new_zeros(*shape, width, dtype=dtype)
+
+    y = joined(ys, P, gx.dtype)
+    acts = (joined(gates, G, acc), joined(cells, H, acc)) if keep else ()
     return y, h.to(h0.dtype), c.to(c0.dtype), acts

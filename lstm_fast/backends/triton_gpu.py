@@ -36,7 +36,7 @@ import os
 import torch
 
 from .. import _sources
-from .base import Backend, LayerSizes, RecurrenceGrads, acc_dtype, graph_recorder, weight_grads
+from .base import LayerSizes, PaddedPacking, RecurrenceGrads, acc_dtype, graph_recorder, weight_grads
 
 PATHS = ("auto", "step", "sequence")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -73,7 +73,7 @@ def _torch_fp32_precision() -> str:
         return "ieee"
 
 
-class TritonBackend(Backend):
+class TritonBackend(PaddedPacking):
     name = "triton"
 
     def __init__(self):
@@ -165,7 +165,7 @@ class TritonBackend(Backend):
         return choice
 
     # ----------------------------------------------------------------- forward
-    def forward(self, gx, state, weights, layout, need_grad):
+    def padded_forward(self, gx, state, weights, layout, need_grad):
         with _on_device(gx.device):
             return self._forward(gx, state, weights, layout, need_grad)
 
@@ -248,7 +248,7 @@ class TritonBackend(Backend):
         return y, h_n.to(h0.dtype), c_n.to(c0.dtype), saved
 
     # ---------------------------------------------------------------- backward
-    def backward(self, saved, y, grads, state, weights, layout):
+    def padded_backward(self, saved, y, grads, state, weights, layout):
         with _on_device(y.device):
             return self._backward(saved, y, grads, state, weights, layout)
 

@@ -23,7 +23,15 @@ import functools
 import numpy as np
 import torch
 
-from ..base import HALF_DTYPES, Backend, LayerSizes, RecurrenceGrads, graph_recorder, weight_grads
+from ..base import (
+    HALF_DTYPES,
+    Backend,
+    LayerSizes,
+    RecurrenceGrads,
+    graph_recorder,
+    in_time_blocks,
+    weight_grads,
+)
 from . import jit, loops, sync, threads
 from .gemm import panel_width
 
@@ -127,8 +135,15 @@ def _products(dtype, B, *weight_slabs):
 
 @functools.lru_cache(maxsize=64)
 def _full_batch(T, B):
-    """(Cached: never written.) Active rows per step without packing."""
-    return np.full(T, B, dtype=np.int64)
+    """(Cached: never written.) Active rows per step and their first rows, without packing."""
+    return np.full(T, B, dtype=np.int64), np.arange(T, dtype=np.int64) * B
+
+
+def _layout(x, h0, batch_sizes):
+    """(T, B, shape of a per-step tensor but its width) for x in the padded or packed layout."""
+    if batch_sizes is None:
+        return x.shape[0], x.shape[1], tuple(x.shape[:2])
+    return len(batch_sizes), h0.shape[0], (x.shape[0],)
 
 
 class NumbaBackend(Backend):
@@ -154,13 +169,14 @@ class NumbaBackend(Backend):
 
     @staticmethod
     def _plan(T, B, H, P, batch_sizes):
-        """(active rows per step, chunks, unit cuts, state column cuts)"""
+        """((active rows per step, their first row), chunks, unit cuts, state column cuts)"""
         if batch_sizes is None:
-            bs = _full_batch(T, B)
+            rows = _full_batch(T, B)
         else:
-            bs = _array(batch_sizes.detach().cpu(), torch.int64)
+            bs = batch_sizes.detach().to("cpu", torch.int64).numpy()
+            rows = (bs, np.cumsum(bs) - bs)
         n_chunks = threads.chunk_count(B, H, P)
-        return bs, n_chunks, _cuts(H, n_chunks), _cuts(P, n_chunks)
+        return rows, n_chunks, _cuts(H, n_chunks), _cuts(P, n_chunks)
 
     def forward(self, gx, state, weights, layout, need_grad):
         return self._forward(gx, None, state, weights, layout, need_grad)
@@ -168,16 +184,20 @@ class NumbaBackend(Backend):
     def forward_projected(self, x, projection, state, weights, layout, need_grad):
         # The input projection runs inside the parallel launch: each thread computes
         # its chunk's gate columns for all T*B rows with the step's product kernel
-        # (no separate GEMM call, no [T,B,4H] tensor through torch).
-        return self._forward(x, projection, state, weights, layout, need_grad)
+        # (no separate GEMM call, no [T,B,4H] tensor through torch). Without grad, in
+        # blocks of steps, so that the projection of a long sequence is never held whole.
+        if need_grad:
+            return self._forward(x, projection, state, weights, layout, True)
+        return in_time_blocks(lambda xb, st, lay, _: self._forward(xb, projection, st, weights, lay, False),
+                              x, state, layout, weights.w_hh.shape[0])
 
     def _forward(self, x, projection, state, weights, layout, need_grad):
-        """x is gx [T,B,4H] when projection is None, else the layer input [T,B,I]."""
+        """x is gx [T,B,4H] when projection is None, else the layer input [T,B,I] ([N,*] packed)."""
         jit.load()
         (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = state, weights, layout
         fused = projection is not None
         w_ih, bias = projection if fused else (None, None)
-        T, B = x.shape[:2]
+        T, B, rows_shape = _layout(x, h0, batch_sizes)
         H = w_hh.shape[0] // 4
         G = 4 * H
         P = h0.shape[-1]
@@ -185,39 +205,38 @@ class NumbaBackend(Backend):
         npdt = _DTYPES[dt]
         has_proj = w_hr is not None
         if T == 0 or B == 0:  # nothing to run: the states pass through
-            saved = (x.new_zeros(T, B, G), x.new_zeros(T, B, H)) if need_grad else ()
-            return x.new_zeros(T, B, P), h0.detach().clone(), c0.detach().clone(), saved
-        bs, n_chunks, unit_cuts, col_cuts = self._plan(T, B, H, P, batch_sizes)
+            saved = (x.new_zeros(*rows_shape, G), x.new_zeros(*rows_shape, H)) if need_grad else ()
+            return x.new_zeros(*rows_shape, P), h0.detach().clone(), c0.detach().clone(), saved
+        (bs, row0), n_chunks, unit_cuts, col_cuts = self._plan(T, B, H, P, batch_sizes)
         w_hh_slabs = _slabs(_array(w_hh, dt), H, n_chunks, False, 4, H)
         w_hr_slabs = _slabs(_array(w_hr, dt), P, n_chunks, False) if has_proj else _no_slabs(npdt, n_chunks)
-        x_rows = _array(x, dt).reshape(T * B, -1)
+        x_rows = _array(x, dt).reshape(-1, x.shape[-1])
         h0_n = _array(h0, dt)
         if fused:
             w_ih_slabs = _slabs(_array(w_ih, dt), H, n_chunks, False, 4, H)
-            gx_chunks = np.empty((n_chunks, T * B, w_ih_slabs[3].shape[1] // x_rows.shape[1]), npdt)
+            gx_chunks = np.empty((n_chunks, x_rows.shape[0], w_ih_slabs[3].shape[1] // x_rows.shape[1]), npdt)
             bias_n = _array(bias, dt) if bias is not None else _zeros(G, npdt)
-            inputs = (x_rows, _dummy(npdt, (0, 0)), bias_n, h0_n, bs)
+            inputs = (x_rows, _dummy(npdt, (0, 0)), bias_n, h0_n, bs, row0)
         else:
             w_ih_slabs = _no_slabs(npdt, n_chunks)
             gx_chunks = _dummy(npdt, (n_chunks, 0, 0))
-            inputs = (_dummy(npdt, (0, 0)), x_rows, _zeros(G, npdt), h0_n, bs)
-        packed = batch_sizes is not None
-        y = x.new_zeros(T, B, P) if packed else x.new_empty(T, B, P)  # inactive rows stay 0
+            inputs = (_dummy(npdt, (0, 0)), x_rows, _zeros(G, npdt), h0_n, bs, row0)
+        y = x.new_empty(*rows_shape, P)
         h = _state(h0, dt)
         c = _state(c0, dt)
         if need_grad:
             # Saved for backward, per step: activated gates (4H) and cell state (H) per
             # row, 5*B*H*itemsize bytes (20*B*H in float32), plus y, which is the output.
-            gates = x.new_empty(T, B, G)
-            cells = x.new_empty(T, B, H)
-            saved_n = (_array(gates), _array(cells))
+            gates = x.new_empty(*rows_shape, G)
+            cells = x.new_empty(*rows_shape, H)
+            saved_n = (_array(gates).reshape(-1, G), _array(cells).reshape(-1, H))
         else:
-            saved_n = (_dummy(npdt, (0, 0, 0)),) * 2
+            saved_n = (_dummy(npdt, (0, 0)),) * 2
         h_pre = np.empty((B, H), npdt) if has_proj else _dummy(npdt, (0, 0))
         products = _products(npdt, B, (w_hh_slabs, False), (w_hr_slabs, False))
         threads.launch(loops.forward_parallel, loops.forward_worker, n_chunks, sync.counters(n_chunks),
                        (fused, bool(reverse), bool(need_grad), has_proj), (unit_cuts, col_cuts), inputs, w_ih_slabs,
-                       w_hh_slabs, w_hr_slabs, (_array(y), _array(h), _array(c)), saved_n,
+                       w_hh_slabs, w_hr_slabs, (_array(y).reshape(-1, P), _array(h), _array(c)), saved_n,
                        (gx_chunks, h_pre, products))
         saved = (gates, cells) if need_grad else ()
         return y, h.to(h0.dtype), c.to(c0.dtype), saved
@@ -226,37 +245,37 @@ class NumbaBackend(Backend):
         jit.load()
         (grad_y, grad_hn, grad_cn), (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = grads, state, weights, layout
         gates, cells = saved
-        T, B, G = gates.shape
+        T, B, rows_shape = _layout(gates, h0, batch_sizes)
+        G = gates.shape[-1]
         H = G // 4
         dt = gates.dtype
         npdt = _DTYPES[dt]
         P = y.shape[-1]
         has_proj = w_hr is not None
         if T == 0 or B == 0:  # no step ran: the final-state gradients reach h0 and c0 unchanged
-            return RecurrenceGrads(grad_y.new_zeros(T, B, G), grad_hn.detach().clone().to(h0.dtype),
+            return RecurrenceGrads(grad_y.new_zeros(*rows_shape, G), grad_hn.detach().clone().to(h0.dtype),
                                    grad_cn.detach().clone().to(c0.dtype), torch.zeros_like(w_hh),
                                    None if w_hr is None else torch.zeros_like(w_hr))
-        bs, n_chunks, unit_cuts, col_cuts = self._plan(T, B, H, P, batch_sizes)
+        (bs, row0), n_chunks, unit_cuts, col_cuts = self._plan(T, B, H, P, batch_sizes)
         w_hh_slabs = _slabs(_array(w_hh, dt), P, n_chunks, True)
         w_hr_slabs = _slabs(_array(w_hr, dt), H, n_chunks, True) if has_proj else _no_slabs(npdt, n_chunks)
         dh = _state(grad_hn, dt)
         dc = _state(grad_cn, dt)
-        packed = batch_sizes is not None
-        alloc = gates.new_zeros if packed else gates.new_empty  # inactive rows stay 0
-        dg = alloc(T, B, G)
+        dg = gates.new_empty(*rows_shape, G)
         if has_proj:
-            dr_all = alloc(T, B, P)
-            hpre_all = alloc(T, B, H)
-            proj_grads = (_array(dr_all), _array(hpre_all))
+            dr_all = gates.new_empty(*rows_shape, P)
+            hpre_all = gates.new_empty(*rows_shape, H)
+            proj_grads = (_array(dr_all).reshape(-1, P), _array(hpre_all).reshape(-1, H))
         else:
             dr_all = hpre_all = None
-            proj_grads = (_dummy(npdt, (0, 0, 0)),) * 2
+            proj_grads = (_dummy(npdt, (0, 0)),) * 2
         products = _products(npdt, B, (w_hh_slabs, True), (w_hr_slabs, True))
         tanh_c = np.empty((n_chunks, _widest(H, n_chunks)), npdt)
-        inputs = (_array(gates), _array(cells), _array(c0, dt), _array(grad_y, dt), bs)
+        inputs = (_array(gates).reshape(-1, G), _array(cells).reshape(-1, H), _array(c0, dt),
+                  _array(grad_y, dt).reshape(-1, P), bs, row0)
         threads.launch(loops.backward_parallel, loops.backward_worker, n_chunks, sync.counters(n_chunks),
                        (bool(reverse), has_proj), (unit_cuts, col_cuts), inputs, w_hh_slabs, w_hr_slabs,
-                       (_array(dh), _array(dc), _array(dg)), proj_grads, (products, tanh_c), npdt(1))
-        d_w_hh, d_w_hr = weight_grads(dg, y, h0.detach(), reverse, dr_all, hpre_all)
+                       (_array(dh), _array(dc), _array(dg).reshape(-1, G)), proj_grads, (products, tanh_c), npdt(1))
+        d_w_hh, d_w_hr = weight_grads(dg, y, h0.detach(), reverse, dr_all, hpre_all, batch_sizes)
         return RecurrenceGrads(dg.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                                None if d_w_hr is None else d_w_hr.to(w_hr.dtype))

@@ -1,7 +1,9 @@
 """The forward and backward time loops, one worker per thread (kernels, jitted by jit.load).
 
 Shapes: T steps, B rows, H hidden units, P state columns (= H without projection),
-G = 4H. The units are cut into n_chunks chunks: chunk c owns hidden units
+G = 4H. Per-step arrays are 2-D [rows, width]: step t is rows row0[t] .. row0[t] +
+batch_sizes[t] - 1 (t*B .. for a padded batch, PackedSequence's layout when packed;
+lstm_fast/backends/base.py). The units are cut into n_chunks chunks: chunk c owns hidden units
 unit_cuts[c]:unit_cuts[c + 1] and state columns col_cuts[c]:col_cuts[c + 1] (the same
 cut when P = H). A worker claims chunks phase by phase (sync.py). All arrays are
 C-contiguous.
@@ -28,12 +30,14 @@ def copy_into(dst, src, n):
         dst[j] = src[j]
 
 
-def forward_units(chunk, t, n_rows, h_prev, flags, cuts, inputs, gx_chunk, slab, out, saved, h_pre, product):
-    """Step t, one chunk: all four gates of its hidden units u0:u1 for the n_rows active rows,
-    then their cell and hidden update.
+def forward_units(chunk, r0, n_rows, h_prev, with_prev, flags, cuts, inputs, gx_chunk, slab, out, saved, h_pre,
+                  product):
+    """One step (rows r0 .. r0 + n_rows - 1), one chunk: all four gates of its hidden
+    units u0:u1, then their cell and hidden update. h_{t-1} of the first with_prev rows
+    is h_prev (the previous step's y rows); the others start from h0 at this step.
 
-    The input projection of row b is gx_rows[t*B + b] (gate q at q*H + u0) or, when
-    fused, the chunk's own gx_chunk[t*B + b] (gate q at q*n_units) plus bias [G].
+    The input projection of row b is gx_rows[r0 + b] (gate q at q*H + u0) or, when
+    fused, the chunk's own gx_chunk[r0 + b] (gate q at q*n_units) plus bias [G].
     slab: the chunk's W_hh slab; product [B, >= 4 n_units, padded]: scratch."""
     fused, _, need_grad, has_proj = flags
     unit_cuts = cuts[0]
@@ -41,17 +45,19 @@ def forward_units(chunk, t, n_rows, h_prev, flags, cuts, inputs, gx_chunk, slab,
     n_units = unit_cuts[chunk + 1] - u0
     if n_units == 0:
         return
-    _, gx_rows, bias, _, _ = inputs
+    _, gx_rows, bias, h0, _, _ = inputs
     y, h, c = out
     gates, cells = saved
-    B = y.shape[1]
     H = c.shape[1]
     # product[b] = [i | f | g | o] pre-activations (without the input projection) of the chunk's units
-    gemm.slab_gemm(h_prev, n_rows, slab, 4 * n_units, product)
+    if with_prev > 0:
+        gemm.slab_gemm(h_prev, with_prev, slab, 4 * n_units, product)
+    if n_rows > with_prev:
+        gemm.slab_gemm(h0[with_prev:], n_rows - with_prev, slab, 4 * n_units, product[with_prev:])
     start, stride = (0, n_units) if fused else (u0, H)
     for b in range(n_rows):
         zb = product[b]
-        gxb = gx_chunk[t * B + b] if fused else gx_rows[t * B + b]
+        gxb = gx_chunk[r0 + b] if fused else gx_rows[r0 + b]
         # one pointer pair (plus bias) per loop, so that each vectorizes
         for q in range(4):
             zq = zb[q * n_units:(q + 1) * n_units]
@@ -68,7 +74,7 @@ def forward_units(chunk, t, n_rows, h_prev, flags, cuts, inputs, gx_chunk, slab,
         gate_g = zb[2 * n_units:3 * n_units]
         gate_o = zb[3 * n_units:4 * n_units]
         cb = c[b, u0:u0 + n_units]
-        hb = h_pre[b, u0:u0 + n_units] if has_proj else y[t, b, u0:u0 + n_units]
+        hb = h_pre[b, u0:u0 + n_units] if has_proj else y[r0 + b, u0:u0 + n_units]
         for j in range(n_units):
             c_new = cell.new_cell(gate_f[j], cb[j], gate_i[j], gate_g[j])
             cb[j] = c_new
@@ -76,14 +82,14 @@ def forward_units(chunk, t, n_rows, h_prev, flags, cuts, inputs, gx_chunk, slab,
         if not has_proj:
             copy_into(h[b, u0:u0 + n_units], hb, n_units)
         if need_grad:
-            gb = gates[t, b]
+            gb = gates[r0 + b]
             for q in range(4):
                 copy_into(gb[q * H + u0:q * H + u0 + n_units], zb[q * n_units:(q + 1) * n_units], n_units)
-            copy_into(cells[t, b, u0:u0 + n_units], cb, n_units)
+            copy_into(cells[r0 + b, u0:u0 + n_units], cb, n_units)
 
 
-def forward_proj(chunk, t, n_rows, h_pre, slab, col_cuts, out, product):
-    """Step t, one chunk: projected state columns p0:p1 = h_pre @ W_hr[p0:p1]^T."""
+def forward_proj(chunk, r0, n_rows, h_pre, slab, col_cuts, out, product):
+    """One step (rows r0 ..), one chunk: projected state columns p0:p1 = h_pre @ W_hr[p0:p1]^T."""
     p0 = col_cuts[chunk]
     n_cols = col_cuts[chunk + 1] - p0
     if n_cols == 0:
@@ -92,7 +98,7 @@ def forward_proj(chunk, t, n_rows, h_pre, slab, col_cuts, out, product):
     gemm.slab_gemm(h_pre, n_rows, slab, n_cols, product)
     for b in range(n_rows):
         zb = product[b, :n_cols]
-        copy_into(y[t, b, p0:p0 + n_cols], zb, n_cols)
+        copy_into(y[r0 + b, p0:p0 + n_cols], zb, n_cols)
         copy_into(h[b, p0:p0 + n_cols], zb, n_cols)
 
 
@@ -100,26 +106,26 @@ def forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, 
                    scratch):
     """This thread's part of the forward time loop (thread: its prange index).
 
-    inputs   (x_rows [T*B, I] the layer input when fused, gx_rows [T*B, G] the
+    inputs   (x_rows [rows, I] the layer input when fused, gx_rows [rows, G] the
              precomputed input projection otherwise, bias [G] (zeros when gx_rows holds
-             it), h0 [B, P], batch_sizes [T] active rows per step)
+             it), h0 [B, P], batch_sizes [T] active rows per step, row0 [T] their first row)
     *_slabs  of W_ih, W_hh and W_hr, by rows: chunk c's slab of W_hh^T [P, 4 n_units]
              (its units' gates in [i|f|g|o] blocks), of W_ih^T likewise, of
              W_hr^T[:, p0:p1] [H, n_cols]
-    out      (y [T, B, P], rows inactive at a step untouched; h [B, P] h_n, rows at
-             their last active step; c [B, H] c0 in, c_n out)
-    saved    (gates [T, B, G], cells [T, B, H]) for backward, when need_grad
-    scratch  (gx_chunks [n_chunks, T*B, padded 4 n_units] the fused input projection,
+    out      (y [rows, P]; h [B, P] h_n, rows at their last active step; c [B, H] c0
+             in, c_n out)
+    saved    (gates [rows, G], cells [rows, H]) for backward, when need_grad
+    scratch  (gx_chunks [n_chunks, rows, padded 4 n_units] the fused input projection,
              computed in phase 0; h_pre [B, H]; products [n_chunks, B, padded width])
     """
     fused, reverse, _, has_proj = flags
-    x_rows, _, _, h0, batch_sizes = inputs
+    x_rows, _, _, _, batch_sizes, row0 = inputs
     ih_slabs = w_ih_slabs[3]
     hh_slabs = w_hh_slabs[3]
     hr_slabs = w_hr_slabs[3]
     y = out[0]
     gx_chunks, h_pre, products = scratch
-    T = y.shape[0]
+    T = batch_sizes.shape[0]
     done = 0
     for i in range(n_chunks):
         chunk = (thread + i) % n_chunks
@@ -136,13 +142,19 @@ def forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, 
     for step in range(T):
         t = T - 1 - step if reverse else step
         n_rows = batch_sizes[t]
-        h_prev = h0 if step == 0 else y[t + 1 if reverse else t - 1]
+        r0 = row0[t]
+        with_prev = 0  # rows whose h_{t-1} is the previous step's y (the others start at h0)
+        h_prev = y[r0:r0]
+        if step > 0:
+            t_prev = t + 1 if reverse else t - 1
+            with_prev = min(n_rows, batch_sizes[t_prev])
+            h_prev = y[row0[t_prev]:row0[t_prev] + with_prev]
         done = 0
         for i in range(n_chunks):
             chunk = (thread + i) % n_chunks
             if sync.claim(counters, chunk, phase):
-                forward_units(chunk, t, n_rows, h_prev, flags, cuts, inputs, gx_chunks[chunk], hh_slabs[chunk], out,
-                              saved, h_pre, products[chunk])
+                forward_units(chunk, r0, n_rows, h_prev, with_prev, flags, cuts, inputs, gx_chunks[chunk],
+                              hh_slabs[chunk], out, saved, h_pre, products[chunk])
                 done += 1
         sync.phase_end(counters, done, n_chunks, phase)
         phase += 1
@@ -151,7 +163,7 @@ def forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, 
             for i in range(n_chunks):
                 chunk = (thread + i) % n_chunks
                 if sync.claim(counters, chunk, phase):
-                    forward_proj(chunk, t, n_rows, h_pre, hr_slabs[chunk], cuts[1], out, products[chunk])
+                    forward_proj(chunk, r0, n_rows, h_pre, hr_slabs[chunk], cuts[1], out, products[chunk])
                     done += 1
             sync.phase_end(counters, done, n_chunks, phase)
             phase += 1
@@ -165,66 +177,67 @@ def forward_parallel(n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_s
                        scratch)
 
 
-def backward_carry(chunk, t_next, n_next, d_gates, slab, col_cuts, dh, product):
-    """dh[:n_next, p0:p1] = d_gates[t_next, :n_next] @ W_hh[:, p0:p1]: the gradient reaching h
-    of the step before t_next (rows not active at t_next keep theirs)."""
+def backward_carry(chunk, r_next, n_next, d_gates, slab, col_cuts, dh, product):
+    """dh[:n_next, p0:p1] = d_gates[rows r_next ..] @ W_hh[:, p0:p1]: the gradient reaching h
+    of the step before that one (rows not active there keep theirs)."""
     p0 = col_cuts[chunk]
     n_cols = col_cuts[chunk + 1] - p0
     if n_cols == 0:
         return
-    gemm.slab_gemm(d_gates[t_next], n_next, slab, n_cols, product)
+    gemm.slab_gemm(d_gates[r_next:], n_next, slab, n_cols, product)
     for b in range(n_next):
         copy_into(dh[b, p0:p0 + n_cols], product[b, :n_cols], n_cols)
 
 
-def output_grad(chunk, t, n_rows, col_cuts, dh, grad_y, d_r):
-    """d_r[t, :n_rows, p0:p1] = dh + grad_y[t]: the gradient reaching the projected output y[t]."""
+def output_grad(chunk, r0, n_rows, col_cuts, dh, grad_y, d_r):
+    """d_r[r0 + b, p0:p1] = dh + grad_y: the gradient reaching the projected output of a step."""
     p0 = col_cuts[chunk]
     p1 = col_cuts[chunk + 1]
     for b in range(n_rows):
-        drb = d_r[t, b, p0:p1]
+        drb = d_r[r0 + b, p0:p1]
         dhb = dh[b, p0:p1]
-        gyb = grad_y[t, b, p0:p1]
+        gyb = grad_y[r0 + b, p0:p1]
         for j in range(p1 - p0):
             drb[j] = dhb[j] + gyb[j]
 
 
-def backward_units(chunk, step, t, t_prev, n_rows, inputs, slab, unit_cuts, has_proj, grads, proj_grads, product,
-                   tanh_c, one):
-    """Step t, one chunk: gate derivatives of its units u0:u1 and dc_{t-1}; with a projection
-    first the gradient reaching h_pre, d_r[t] @ W_hr[:, u0:u1] (slab). t_prev: the step
-    before t in forward order (when step > 0). tanh_c [>= n_units]: scratch."""
+def backward_units(chunk, r0, r_prev, with_prev, n_rows, inputs, slab, unit_cuts, has_proj, grads, proj_grads,
+                   product, tanh_c, one):
+    """One step (rows r0 ..), one chunk: gate derivatives of its units u0:u1 and dc_{t-1};
+    with a projection first the gradient reaching h_pre, d_r @ W_hr[:, u0:u1] (slab).
+    c_{t-1} of the first with_prev rows is in cells at rows r_prev ..; the others started
+    from c0 at this step. tanh_c [>= n_units]: scratch."""
     u0 = unit_cuts[chunk]
     n_units = unit_cuts[chunk + 1] - u0
     if n_units == 0:
         return
-    gates, cells, c0, grad_y, _ = inputs
+    gates, cells, c0, grad_y, _, _ = inputs
     dh, dc, d_gates = grads
     d_r, h_pre = proj_grads
     H = dc.shape[1]
     if has_proj:
-        gemm.slab_gemm(d_r[t], n_rows, slab, n_units, product)
+        gemm.slab_gemm(d_r[r0:], n_rows, slab, n_units, product)
     for b in range(n_rows):
-        gb = gates[t, b]
+        gb = gates[r0 + b]
         gate_i = gb[u0:u0 + n_units]
         gate_f = gb[H + u0:H + u0 + n_units]
         gate_g = gb[2 * H + u0:2 * H + u0 + n_units]
         gate_o = gb[3 * H + u0:3 * H + u0 + n_units]
-        c_prev = c0[b, u0:u0 + n_units] if step == 0 else cells[t_prev, b, u0:u0 + n_units]
-        c_t = cells[t, b, u0:u0 + n_units]
+        c_prev = cells[r_prev + b, u0:u0 + n_units] if b < with_prev else c0[b, u0:u0 + n_units]
+        c_t = cells[r0 + b, u0:u0 + n_units]
         for j in range(n_units):
             tanh_c[j] = cell.tanh(c_t[j])
         if has_proj:
-            hp = h_pre[t, b, u0:u0 + n_units]
+            hp = h_pre[r0 + b, u0:u0 + n_units]
             for j in range(n_units):
                 hp[j] = cell.new_hidden(gate_o[j], tanh_c[j])
             dh_b = product[b, :n_units]
         else:
             dh_b = dh[b, u0:u0 + n_units]
-            gy = grad_y[t, b, u0:u0 + n_units]
+            gy = grad_y[r0 + b, u0:u0 + n_units]
             for j in range(n_units):
                 dh_b[j] += gy[j]
-        db = d_gates[t, b]
+        db = d_gates[r0 + b]
         d_i = db[u0:u0 + n_units]
         d_f = db[H + u0:H + u0 + n_units]
         d_g = db[2 * H + u0:2 * H + u0 + n_units]
@@ -239,26 +252,26 @@ def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs,
                     one):
     """This thread's part of BPTT (thread: its prange index).
 
-    inputs      (gates [T, B, G] and cells [T, B, H] saved by forward, c0 [B, H],
-                grad_y [T, B, P], batch_sizes [T])
+    inputs      (gates [rows, G] and cells [rows, H] saved by forward, c0 [B, H],
+                grad_y [rows, P], batch_sizes [T], row0 [T])
     *_slabs     of W_hh and W_hr, by columns: chunk c's slab of W_hh[:, p0:p1] [G, n_cols],
                 of W_hr[:, u0:u1] [P, n_units]
     grads       (dh [B, P] grad_h_n in, d_h0 out; dc [B, H] grad_c_n in, d_c0 out;
-                d_gates [T, B, G] out, = d_gx, inactive rows untouched)
-    proj_grads  with a projection, out: (d_r [T, B, P] the gradient reaching each projected
-                output, h_pre [T, B, H] = o * tanh(c) recomputed): the operands of dW_hr
+                d_gates [rows, G] out, = d_gx)
+    proj_grads  with a projection, out: (d_r [rows, P] the gradient reaching each projected
+                output, h_pre [rows, H] = o * tanh(c) recomputed): the operands of dW_hr
     scratch     (products [n_chunks, B, padded width], tanh_c [n_chunks, >= n_units])
     one         1 in the dtype of the arrays: a literal 1.0 would widen float32 math to float64
     """
     reverse, has_proj = flags
     unit_cuts, col_cuts = cuts
-    gates, _, _, grad_y, batch_sizes = inputs
+    _, _, _, grad_y, batch_sizes, row0 = inputs
     hh_slabs = w_hh_slabs[3]
     hr_slabs = w_hr_slabs[3]
     dh, _, d_gates = grads
     d_r = proj_grads[0]
     products, tanh_c = scratch
-    T = gates.shape[0]
+    T = batch_sizes.shape[0]
     done = 0
     for i in range(n_chunks):
         chunk = (thread + i) % n_chunks
@@ -272,8 +285,14 @@ def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs,
     t_next = -1  # the step processed before t here (the later one in forward order)
     for step in range(T - 1, -1, -1):
         t = T - 1 - step if reverse else step
-        t_prev = t + 1 if reverse else t - 1  # the step before t in forward order (step > 0)
         n_rows = batch_sizes[t]
+        r0 = row0[t]
+        r_prev = 0
+        with_prev = 0  # rows whose c_{t-1} is the previous step's (the others started at c0)
+        if step > 0:
+            t_prev = t + 1 if reverse else t - 1  # the step before t in forward order
+            r_prev = row0[t_prev]
+            with_prev = min(n_rows, batch_sizes[t_prev])
         # Phase 1, by state columns: finish dh (from step t_next) and, with a projection, the gradient
         # reaching y[t]; without one the column and unit cuts coincide, so the unit phase joins it.
         done = 0
@@ -281,13 +300,13 @@ def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs,
             chunk = (thread + i) % n_chunks
             if sync.claim(counters, chunk, phase):
                 if t_next >= 0:
-                    backward_carry(chunk, t_next, batch_sizes[t_next], d_gates, hh_slabs[chunk], col_cuts, dh,
+                    backward_carry(chunk, row0[t_next], batch_sizes[t_next], d_gates, hh_slabs[chunk], col_cuts, dh,
                                    products[chunk])
                 if has_proj:
-                    output_grad(chunk, t, n_rows, col_cuts, dh, grad_y, d_r)
+                    output_grad(chunk, r0, n_rows, col_cuts, dh, grad_y, d_r)
                 else:
-                    backward_units(chunk, step, t, t_prev, n_rows, inputs, hr_slabs[chunk], unit_cuts, has_proj, grads,
-                                   proj_grads, products[chunk], tanh_c[chunk], one)
+                    backward_units(chunk, r0, r_prev, with_prev, n_rows, inputs, hr_slabs[chunk], unit_cuts, has_proj,
+                                   grads, proj_grads, products[chunk], tanh_c[chunk], one)
                 done += 1
         sync.phase_end(counters, done, n_chunks, phase)
         phase += 1
@@ -296,8 +315,8 @@ def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs,
             for i in range(n_chunks):
                 chunk = (thread + i) % n_chunks
                 if sync.claim(counters, chunk, phase):
-                    backward_units(chunk, step, t, t_prev, n_rows, inputs, hr_slabs[chunk], unit_cuts, has_proj, grads,
-                                   proj_grads, products[chunk], tanh_c[chunk], one)
+                    backward_units(chunk, r0, r_prev, with_prev, n_rows, inputs, hr_slabs[chunk], unit_cuts, has_proj,
+                                   grads, proj_grads, products[chunk], tanh_c[chunk], one)
                     done += 1
             sync.phase_end(counters, done, n_chunks, phase)
             phase += 1
@@ -307,7 +326,7 @@ def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs,
     for i in range(n_chunks):
         chunk = (thread + i) % n_chunks
         if sync.claim(counters, chunk, phase):
-            backward_carry(chunk, t_next, batch_sizes[t_next], d_gates, hh_slabs[chunk], col_cuts, dh,
+            backward_carry(chunk, row0[t_next], batch_sizes[t_next], d_gates, hh_slabs[chunk], col_cuts, dh,
                            products[chunk])
             done += 1
     sync.phase_end(counters, done, n_chunks, phase)
