@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .backends import BACKEND_NAMES
+from .backends.base import graph_recorder
 from .function import check_state, lstm_projected, outside_graph
 
 
@@ -104,6 +105,8 @@ class LSTM(_FastOptions, nn.LSTM):
         return get("weight_ih"), get("weight_hh"), b_ih, b_hh, w_hr
 
     def forward(self, input, hx=None):
+        if graph_recorder() is not None and _exporting_to_onnx():
+            return self._onnx_forward(input, hx)
         if torch.compiler.is_compiling():  # traced (torch._dynamo.config.allow_rnn = True)
             return self._forward(input, hx)
         # torch.compile declines nn.LSTM and its subclasses by default and runs them
@@ -111,7 +114,19 @@ class LSTM(_FastOptions, nn.LSTM):
         # function the forward calls, separately and for every new shape.
         return _forward_outside_graph(self, input, hx)
 
-    def _forward(self, input, hx=None):
+    def _onnx_forward(self, input, hx):
+        """What torch.onnx.export records: torch's own LSTM computation on the same
+        parameters, which both exporters write as standard ONNX operators. The
+        TorchScript-based exporter has no LSTM node with a projection, so there
+        each projected layer-direction is a loop of matmuls and gate math."""
+        if self.proj_size == 0 or not torch.jit.is_tracing():
+            return nn.LSTM.forward(self, input, hx)
+        if isinstance(input, PackedSequence):
+            raise ValueError("lstm_fast: ONNX export of PackedSequence input with proj_size > 0 is not supported "
+                             "by the TorchScript-based exporter; pass padded input")
+        return self._forward(input, hx, run_layer=_onnx_projected_layer)
+
+    def _forward(self, input, hx=None, run_layer=lstm_projected):
         orig_input = input
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -174,9 +189,8 @@ class LSTM(_FastOptions, nn.LSTM):
                 k = layer * num_directions + direction
                 flip = direction == 1 and batch_sizes is not None
                 xd = _reverse_padded(x, lengths) if flip else x
-                y, h, c = lstm_projected(xd, hx[0][k], hx[1][k], w_ih, w_hh, b_ih, b_hh, w_hr,
-                                         batch_sizes=batch_sizes, reverse=direction == 1 and not flip,
-                                         backend=self.backend)
+                y, h, c = run_layer(xd, hx[0][k], hx[1][k], w_ih, w_hh, b_ih, b_hh, w_hr,
+                                    batch_sizes=batch_sizes, reverse=direction == 1 and not flip, backend=self.backend)
                 if flip:
                     y = _reverse_padded(y, lengths)
                 outputs.append(y)
@@ -201,6 +215,45 @@ class LSTM(_FastOptions, nn.LSTM):
 @outside_graph
 def _forward_outside_graph(module, input, hx):
     return module._forward(input, hx)
+
+
+def _exporting_to_onnx() -> bool:
+    """Whether torch.onnx.export (either exporter) is recording this call. Marked as
+    dynamo's assume_constant_result (see backends._probe): traced, it is a constant."""
+    return torch.onnx.is_in_onnx_export()
+
+
+_exporting_to_onnx._dynamo_marked_constant = True
+_projected_step_loop = None
+
+
+def _onnx_projected_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes=None, reverse=False, backend=None):
+    """One projected layer-direction as plain torch ops for the TorchScript-based ONNX
+    exporter: the time loop is scripted, so it is written as an ONNX Loop over the
+    actual sequence length (a traced Python loop would fix T)."""
+    global _projected_step_loop
+    if _projected_step_loop is None:  # scripted on first use: compiling it costs time at import
+        _projected_step_loop = torch.jit.script(_projected_steps)
+    gx = torch.nn.functional.linear(x, w_ih, b_ih)
+    if b_hh is not None:
+        gx = gx + b_hh
+    if reverse:  # run forward over the time-reversed input, then reverse the output back
+        backwards = torch.arange(x.shape[0] - 1, -1, -1, device=x.device)
+        gx = gx.index_select(0, backwards)
+    y, h, c = _projected_step_loop(gx, h0, c0, w_hh, w_hr)
+    if reverse:
+        y = y.index_select(0, backwards)
+    return y, h, c
+
+
+def _projected_steps(gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor):
+    ys = []
+    for t in range(gx.shape[0]):
+        i, f, g, o = (gx[t] + torch.mm(h, w_hh.t())).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.mm(torch.sigmoid(o) * torch.tanh(c), w_hr.t())
+        ys.append(h)
+    return torch.stack(ys), h, c
 
 
 def _lengths_from_batch_sizes(batch_sizes):
@@ -231,6 +284,8 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         return new
 
     def forward(self, input, hx=None):
+        if graph_recorder() is not None and _exporting_to_onnx():
+            return nn.LSTMCell.forward(self, input, hx)  # written as standard ONNX operators
         # A cell stepped in a Python loop pays this method's cost every step: the usual
         # call (2-D input, a (h, c) pair of the right shapes, device and dtype) is
         # recognised with a few cheap tests; anything else takes the full checks.
