@@ -93,6 +93,12 @@ class LSTM(_FastOptions, nn.LSTM):
         new.train(self.training)
         return new
 
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles in this module's place (the Python forward is not
+        TorchScript): the same parameters, a forward calling the registered op."""
+        from .scripting import ScriptableLSTM
+        return ScriptableLSTM(self)
+
     def _layer_weights(self, layer, direction):
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
 
@@ -282,6 +288,10 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         new = nn.LSTMCell(self.input_size, self.hidden_size, bias=self.bias, device=p.device, dtype=p.dtype)
         _copy_weights(self, new)
         return new
+
+    def __prepare_scriptable__(self):
+        from .scripting import ScriptableLSTMCell
+        return ScriptableLSTMCell(self)
 
     def forward(self, input, hx=None):
         if graph_recorder() is not None and _exporting_to_onnx():

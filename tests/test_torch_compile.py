@@ -165,12 +165,12 @@ def _record(recorder, model, x):
 
 
 @pytest.mark.parametrize("recorder", ["jit.trace", "export"])
-@pytest.mark.parametrize("backend", ["numba", "triton"])
-def test_graph_recorders_refuse_kernels_outside_torch(backend, recorder):
-    require(backend, DEVICE, DTYPE, T=4, B=3, H=7)
-    model = _Head(backend).to(DEVICE)
-    # recorded without them, the graph would replay the first call's output for any input
-    with pytest.raises(RuntimeError, match=f"backend '{backend}' does not support this call: .*cannot record"):
+def test_graph_recorders_refuse_triton(recorder):
+    require("triton", DEVICE, DTYPE, T=4, B=3, H=7)
+    model = _Head("triton").to(DEVICE)
+    # its saved tensors have a layout of their own, which the recorded op does not describe;
+    # recorded without the op, the graph would replay the first call's output for any input
+    with pytest.raises(RuntimeError, match="backend 'triton' does not support this call: .*cannot record"):
         _record(recorder, model, torch.randn(3, 4, 5, device=DEVICE))
 
 
