@@ -468,6 +468,7 @@ def _check_call(x, projection, state, weights, layout):
         raise ValueError("lstm_fast: reverse=True with batch_sizes (packed input) is not supported; "
                          "reverse each sequence within its length and run forward")
     dtype, (h0, c0) = x.dtype, state
+    _check_shapes(x, projection, state, weights)
     # one cheap test for the usual call; the messages come from the slow path
     if h0.dtype != dtype or c0.dtype != dtype or h0.device != x.device or c0.device != x.device:
         check_state(x, state, check_dtype=True)
@@ -481,6 +482,30 @@ def _check_call(x, projection, state, weights, layout):
             # silently compute it in another precision
             if w is not None and w.dtype != dtype:
                 raise RuntimeError(f"lstm_fast: {name} dtype ({w.dtype}) does not match input dtype ({dtype})")
+
+
+def _check_shapes(x, projection, state, weights):
+    """Sizes that agree: kernels that index raw memory (numba) must never see others."""
+    (h0, c0), (w_hh, w_hr) = state, weights
+    G = w_hh.shape[0] if w_hh.dim() == 2 else -1
+    B, H, P = x.shape[1] if x.dim() == 3 else -1, G // 4, h0.shape[-1]
+    # x's features are w_ih's columns; gx's are the 4H gate columns
+    features = G if projection is None else projection[0].shape[-1]
+    if (x.dim() != 3 or G % 4 or x.shape[2] != features or h0.shape != (B, P) or c0.shape != (B, H)
+            or w_hh.shape != (G, P) or (w_hr is None and P != H) or (w_hr is not None and w_hr.shape != (P, H))):
+        raise RuntimeError(_shape_message(x, projection, state, weights))
+    if projection is not None:
+        w_ih, b_ih, b_hh = projection
+        if w_ih.dim() != 2 or w_ih.shape[0] != G or any(b is not None and b.shape != (G,) for b in (b_ih, b_hh)):
+            raise RuntimeError(_shape_message(x, projection, state, weights))
+
+
+def _shape_message(x, projection, state, weights):
+    names = ("x" if projection is not None else "gx", "h0", "c0", "w_hh", "w_hr", "w_ih", "b_ih", "b_hh")
+    tensors = (x, *state, *weights, *(projection or (None, None, None)))
+    shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, tensors) if t is not None)
+    return ("lstm_fast: inconsistent shapes; expected x [T, B, I] (or gx [T, B, 4H]), h0 [B, P], c0 [B, H], "
+            f"w_hh [4H, P], w_hr [P, H] (when P != H), w_ih [4H, I], biases [4H]; got {shapes}")
 
 
 def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=False, backend=None):
