@@ -179,3 +179,18 @@ def test_import_registers_the_ops_without_building():
     assert "numba" not in sys.modules
     print("ok")
     """)
+
+
+def test_quantize_dynamic_leaves_lstm_fast_in_float_and_to_torch_quantizes():
+    """quantize_dynamic swaps modules by exact type: lstm_fast.LSTM stays a float32
+    lstm_fast module; converted with to_torch() first, it becomes torch's quantized LSTM."""
+    require("cpp", "cpu", DTYPE)
+    quantize = torch.ao.quantization.quantize_dynamic
+    model = torch.nn.Sequential(lstm_fast.LSTM(5, 6))
+    kept = quantize(model, {torch.nn.LSTM}, dtype=torch.qint8)
+    assert type(kept[0]) is lstm_fast.LSTM and kept[0].weight_ih_l0.dtype == torch.float32
+    converted = quantize(torch.nn.Sequential(model[0].to_torch()), {torch.nn.LSTM}, dtype=torch.qint8)
+    assert type(converted[0]) is torch.ao.nn.quantized.dynamic.LSTM
+    x = torch.randn(4, 3, 5)
+    # int8 weights: the outputs move by about the weights' quantisation step, not more
+    torch.testing.assert_close(converted(x)[0], model(x)[0], atol=0.05, rtol=0)
