@@ -468,7 +468,6 @@ def _check_call(x, projection, state, weights, layout):
         raise ValueError("lstm_fast: reverse=True with batch_sizes (packed input) is not supported; "
                          "reverse each sequence within its length and run forward")
     dtype, (h0, c0) = x.dtype, state
-    _check_shapes(x, projection, state, weights)
     # one cheap test for the usual call; the messages come from the slow path
     if h0.dtype != dtype or c0.dtype != dtype or h0.device != x.device or c0.device != x.device:
         check_state(x, state, check_dtype=True)
@@ -485,7 +484,9 @@ def _check_call(x, projection, state, weights, layout):
 
 
 def _check_shapes(x, projection, state, weights):
-    """Sizes that agree: kernels that index raw memory (numba) must never see others."""
+    """Sizes that agree: kernels that index raw memory (numba) must never see others.
+    Run by the functional entries; the modules check their input like torch.nn's and
+    own weights of the right shapes, and a step of LSTMCell should not pay it twice."""
     (h0, c0), (w_hh, w_hr) = state, weights
     G = w_hh.shape[0] if w_hh.dim() == 2 else -1
     B, H, P = x.shape[1] if x.dim() == 3 else -1, G // 4, h0.shape[-1]
@@ -514,8 +515,9 @@ def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=Fa
     gx [T, B, 4H], h0 [B, P], c0 [B, H], w_hh [4H, P], w_hr [P, H] or None.
     Returns y [T, B, P], h_n [B, P], c_n [B, H].
     """
-    return _run(gx, None, LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr), SequenceLayout(batch_sizes, reverse),
-                backend)
+    state, weights = LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr)
+    _check_shapes(gx, None, state, weights)
+    return _run(gx, None, state, weights, SequenceLayout(batch_sizes, reverse), backend)
 
 
 def lstm_projected(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None, reverse=False,
@@ -539,6 +541,7 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     """
     if batch_first:
         x = x.transpose(0, 1)
+    _check_shapes(x, (w_ih, b_ih, b_hh), LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr))
     y, h_n, c_n = lstm_projected(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse=reverse, backend=backend)
     if batch_first:
         y = y.transpose(0, 1)
