@@ -6,9 +6,14 @@
 
 Backends: see lstm_fast.available_backends().
 """
+from ._ops import load_prebuilt as _load_prebuilt
 from .backends import BACKEND_NAMES, available_backends
 from .function import LSTMRecurrence, lstm_layer, lstm_recurrence
 from .nn import LSTM, LSTMCell
+
+# the prebuilt extension's ops exist from import on (a saved program calling them loads);
+# lstm_fast::recurrence_forward and recurrence_backward are registered by .function
+_load_prebuilt()
 
 __all__ = ["LSTM", "LSTMCell", "lstm_layer", "lstm_recurrence", "LSTMRecurrence",
            "available_backends", "BACKEND_NAMES"]

@@ -10,6 +10,7 @@ Order of attempts, on the first call of load():
 The first JIT build takes minutes (torch's headers are heavy); later ones hit the cache.
 
 Importing this module is cheap and never fails; nothing is built until load().
+`import lstm_fast` runs load_prebuilt(), which registers a prebuilt library's ops.
 """
 from __future__ import annotations
 
@@ -75,6 +76,23 @@ def load() -> tuple[bool, str]:
         _register_fakes()
         _state = (True, how)
         return _state
+
+
+def load_prebuilt() -> None:
+    """Register the prebuilt library's ops (and their fake kernels) now, building
+    nothing: run by `import lstm_fast`, so that a saved program that calls them loads
+    right after it. Without a prebuilt library, load() tries the JIT build on first use."""
+    global _state
+    if _state is not None:
+        return
+    try:
+        from . import _C  # noqa: F401  (registers the ops)
+    except (ImportError, OSError):
+        return
+    with _lock:
+        if _state is None:
+            _register_fakes()
+            _state = (True, "prebuilt lstm_fast._C")
 
 
 def has_kernel(device_type: str) -> bool:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .backends import get_backend, select_backend
+from .backends import AUTO_ORDER, get_backend, select_backend
 from .backends.base import (
     HALF_DTYPES,
     InputProjection,
@@ -23,6 +23,8 @@ from .backends.base import (
     ProjectionWanted,
     RecurrentWeights,
     SequenceLayout,
+    acc_dtype,
+    graph_recorder,
 )
 from .backends.reference import ReferenceBackend
 
@@ -72,32 +74,43 @@ class LSTMRecurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_hn, grad_cn, _grad_gates, _grad_cells):
-        x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, y, gates, cells = ctx.saved_tensors
         call = ctx.call
-        grads = tuple(torch.zeros_like(like) if g is None else g.contiguous()
-                      for g, like in ((grad_y, y), (grad_hn, h0), (grad_cn, c0)))
-        need = list(ctx.needs_input_grad[:8])
-        args = (gates, cells, y, *grads, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, call.layout.batch_sizes,
-                call.layout.reverse, call.backend.name, call.projected, need)
-        if torch.compiler.is_compiling():
-            # traced: the backends torch.compile traces into are torch ops (no second derivatives there)
-            d = _recurrence_backward(*args)
-        elif torch.is_grad_enabled() or _functorch.peek_interpreter_stack() is not None:
-            # create_graph=True or torch.func: a Function of its own gives the backward
-            # its derivative and its vmap rule
-            d = _RecurrenceBackward.apply(*args)
-        elif any(_functorch.is_legacy_batchedtensor(g) for g in grads):
-            # torch.autograd.grad(..., is_grads_batched=True) batches through the op
-            d = torch.ops.lstm_fast.recurrence_backward(*args)
-        else:
-            d = _recurrence_backward(*args)
-        d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr = (g if n else None for g, n in zip(d, _wanted_outputs(need)))
-        grads = (d_x, d_w_ih, d_b, d_b, d_h0, d_c0, d_w_hh, d_w_hr)
-        return (*(g if n else None for g, n in zip(grads, need)), None)
+        grads = _input_grads(ctx.saved_tensors, ctx.needs_input_grad[:8], call.layout, call.backend.name,
+                             call.projected, (grad_y, grad_hn, grad_cn))
+        return (*grads, None)
 
     @staticmethod
     def vmap(info, in_dims, *args):
         return _loop_over_batch(LSTMRecurrence.apply, info, in_dims, args)
+
+
+def _input_grads(saved, needs_input_grad, layout, backend, projected, output_grads):
+    """The gradients of (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr) from the saved
+    (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, y, gates, cells): the backward of
+    LSTMRecurrence and of the op lstm_fast::recurrence_forward alike."""
+    x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, y, gates, cells = saved
+    grads = tuple(torch.zeros_like(like) if g is None else g.contiguous()
+                  for g, like in zip(output_grads, (y, h0, c0)))
+    need = list(needs_input_grad)
+    args = (gates, cells, y, *grads, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, layout.batch_sizes, layout.reverse,
+            backend, projected, need)
+    if torch.compiler.is_compiling():
+        # traced: cpp's and cuda's backward are torch ops; the others' is the op with a fake
+        # kernel (no second derivatives in a compiled graph)
+        traced = get_backend(backend).traceable
+        d = _recurrence_backward(*args) if traced else torch.ops.lstm_fast.recurrence_backward(*args)
+    elif torch.is_grad_enabled() or _functorch.peek_interpreter_stack() is not None:
+        # create_graph=True or torch.func: a Function of its own gives the backward
+        # its derivative and its vmap rule
+        d = _RecurrenceBackward.apply(*args)
+    elif any(_functorch.is_legacy_batchedtensor(g) for g in grads):
+        # torch.autograd.grad(..., is_grads_batched=True) batches through the op
+        d = torch.ops.lstm_fast.recurrence_backward(*args)
+    else:
+        d = _recurrence_backward(*args)
+    d_x, d_w_ih, d_b, d_h0, d_c0, d_w_hh, d_w_hr = (g if n else None for g, n in zip(d, _wanted_outputs(need)))
+    grads = (d_x, d_w_ih, d_b, d_b, d_h0, d_c0, d_w_hh, d_w_hr)
+    return tuple(g if n else None for g, n in zip(grads, need))
 
 
 def _loop_over_batch(apply, info, in_dims, args):
@@ -166,6 +179,92 @@ def _(gates, cells, y, grad_y, grad_hn, grad_cn, x, w_ih, b_ih, b_hh, h0, c0, w_
 @_recurrence_backward_op.register_vmap
 def _(info, in_dims, *args):
     return _loop_over_batch(torch.ops.lstm_fast.recurrence_backward, info, in_dims, args)
+
+
+# Backends whose saved tensors are gates [T, B, 4H] and cells [T, B, H] in acc_dtype, the
+# shapes the fake kernel below promises (triton keeps cells [T + 1, B, H])
+_GRAPH_OP_BACKENDS = ("cpp", "cuda", "numba", "reference")
+
+
+@torch.library.custom_op("lstm_fast::recurrence_forward", mutates_args=())
+def _recurrence_forward_op(x: torch.Tensor, w_ih: _TensorOpt, b_ih: _TensorOpt, b_hh: _TensorOpt, h0: torch.Tensor,
+                           c0: torch.Tensor, w_hh: torch.Tensor, w_hr: _TensorOpt, batch_sizes: _TensorOpt,
+                           reverse: bool, backend: str, projected: bool, need_grad: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LSTMRecurrence as one registered op: what graph recorders (torch.export,
+    torch.jit.trace and script) and torch.compile record for any backend, its derivative
+    registered on the op. backend "auto" picks on the call's device (scripted modules)."""
+    chosen = _graph_op_backend(backend, x, h0, w_hh, batch_sizes, reverse)
+    call = RecurrenceCall(chosen, SequenceLayout(batch_sizes, reverse), projected, need_grad)
+    inputs = (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr)
+    outputs = LSTMRecurrence.forward(*inputs, call)
+    # an op's outputs may alias neither its inputs nor each other (a backend may return views)
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
+    result = []
+    for t in outputs:
+        if t.numel() and t.untyped_storage().data_ptr() in taken:
+            t = t.clone()
+        if t.numel():
+            taken.add(t.untyped_storage().data_ptr())
+        result.append(t)
+    return tuple(result)
+
+
+@_recurrence_forward_op.register_fake
+def _(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend, projected, need_grad):
+    T, B = x.shape[:2]
+    G, P = w_hh.shape[0], h0.shape[1]
+    if need_grad:
+        acc = acc_dtype(x.dtype)
+        gates, cells = x.new_empty((T, B, G), dtype=acc), x.new_empty((T, B, G // 4), dtype=acc)
+    else:
+        gates, cells = x.new_empty(0), x.new_empty(0)
+    return x.new_empty((T, B, P)), h0.new_empty((B, P)), c0.new_empty((B, G // 4)), gates, cells
+
+
+def _recurrence_forward_setup(ctx, inputs, output):
+    x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend, projected, _ = inputs
+    y, _, _, gates, cells = output
+    ctx.layout, ctx.projected = SequenceLayout(batch_sizes, reverse), projected
+    ctx.backend = _graph_op_backend(backend, x, h0, w_hh, batch_sizes, reverse).name
+    ctx.save_for_backward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, y, gates, cells)
+
+
+def _recurrence_forward_backward(ctx, grad_y, grad_hn, grad_cn, _grad_gates, _grad_cells):
+    grads = _input_grads(ctx.saved_tensors, ctx.needs_input_grad[:8], ctx.layout, ctx.backend, ctx.projected,
+                         (grad_y, grad_hn, grad_cn))
+    return (*grads, None, None, None, None, None)
+
+
+_recurrence_forward_op.register_autograd(_recurrence_forward_backward, setup_context=_recurrence_forward_setup)
+
+
+def _graph_op_backend(name, x, h0, w_hh, batch_sizes, reverse):
+    """The backend that runs lstm_fast::recurrence_forward: the named one, or for "auto"
+    the first of the automatic order that the op can describe."""
+    sizes = LayerSizes(x.shape[0], x.shape[1], w_hh.shape[0] // 4, h0.shape[-1], batch_sizes is not None, reverse)
+    if name not in ("auto", ""):
+        if name not in _GRAPH_OP_BACKENDS:
+            get_backend(name)  # an unknown name gets the registry's message
+            raise RuntimeError(f"lstm_fast backend '{name}' cannot run as a recorded op (its saved tensors have "
+                               f"a layout of their own); choose one of {', '.join(_GRAPH_OP_BACKENDS)}")
+        return _checked_graph_op_backend(select_backend(name, x.device, x.dtype, sizes), x.dtype)
+    reasons = []
+    for candidate in AUTO_ORDER.get(x.device.type, ("reference",)):
+        if candidate in _GRAPH_OP_BACKENDS:
+            try:
+                return _checked_graph_op_backend(select_backend(candidate, x.device, x.dtype, sizes), x.dtype)
+            except RuntimeError as exc:
+                reasons.append(str(exc))
+    raise RuntimeError("no lstm_fast backend can run this recorded call (" + "; ".join(reasons) + ")")
+
+
+def _checked_graph_op_backend(chosen, dtype):
+    if chosen.widens_16bit and dtype in HALF_DTYPES:
+        # lstm_fast's modules widen before the op; a scripted module calls it directly
+        raise RuntimeError(f"lstm_fast backend '{chosen.name}' computes {dtype} in float32: convert the module "
+                           f"and its input to float32 for a scripted or recorded call")
+    return chosen
 
 
 class _RecurrenceBackward(torch.autograd.Function):
@@ -250,6 +349,12 @@ def _with_function(*args):
     return LSTMRecurrence.apply(*args)[:3]
 
 
+def _with_graph_op(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, call):
+    return torch.ops.lstm_fast.recurrence_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, call.layout.batch_sizes,
+                                                  call.layout.reverse, call.backend.name, call.projected,
+                                                  call.need_grad)[:3]
+
+
 def _bias(b_ih, b_hh):
     if b_ih is not None:
         return b_ih + b_hh if b_hh is not None else b_ih
@@ -310,9 +415,10 @@ def _run(x, projection, state: LSTMState, weights: RecurrentWeights, layout: Seq
         wide = (_cast(t, torch.float32) for t in (x, projection, state, weights))
         return tuple(t.to(x.dtype) for t in _run(*wide, layout, chosen.name))
     w_ih, b_ih, b_hh = projection if projection is not None else (None, None, None)
-    # A trace is one graph for both grad modes (torch.jit.trace checks it by tracing
-    # again under no_grad), so while tracing only requires_grad decides.
-    need_grad = (torch.is_grad_enabled() or torch.jit.is_tracing()) and (
+    # A recorded graph serves both grad modes (torch.jit.trace checks it by tracing
+    # again under no_grad), so while recording only requires_grad decides.
+    recording = graph_recorder() is not None
+    need_grad = (torch.is_grad_enabled() or recording) and (
         x.requires_grad or h0.requires_grad or c0.requires_grad or w_hh.requires_grad
         or (w_ih is not None and w_ih.requires_grad) or (b_ih is not None and b_ih.requires_grad)
         or (b_hh is not None and b_hh.requires_grad) or (w_hr is not None and w_hr.requires_grad))
@@ -320,6 +426,9 @@ def _run(x, projection, state: LSTMState, weights: RecurrentWeights, layout: Seq
             c0.contiguous(), w_hh.contiguous(), _contiguous(w_hr),
             RecurrenceCall(chosen, layout, projection is not None, need_grad))
     compiling = torch.compiler.is_compiling()
+    if (recording or (compiling and not chosen.traceable)) and chosen.name in _GRAPH_OP_BACKENDS:
+        # a recorded graph holds the op with its derivative, and torch.compile traces it as one node
+        return _with_graph_op(*args)
     # under a torch.func transform the kernels must see plain tensors: the Function's vmap rule gives them
     use_function = need_grad or (not compiling and _functorch.peek_interpreter_stack() is not None)
     recurrence = _with_function if use_function else _forward_without_grad
@@ -388,6 +497,34 @@ def _check_packed(x, h0, batch_sizes):
                          f"{int(batch_sizes.sum())}")
 
 
+def _check_shapes(x, projection, state, weights, packed=False):
+    """Sizes that agree: kernels that index raw memory (numba) must never see others.
+    Run by the functional entries; the modules check their input like torch.nn's and
+    own weights of the right shapes, and a step of LSTMCell should not pay it twice."""
+    (h0, c0), (w_hh, w_hr) = state, weights
+    G = w_hh.shape[0] if w_hh.dim() == 2 else -1
+    dims = 2 if packed else 3  # packed: PackedSequence's data [N, features], B rows of h0
+    B = -1 if x.dim() != dims else h0.shape[0] if packed else x.shape[1]
+    H, P = G // 4, h0.shape[-1]
+    # x's features are w_ih's columns; gx's are the 4H gate columns
+    features = G if projection is None else projection[0].shape[-1]
+    if (x.dim() != dims or G % 4 or x.shape[-1] != features or h0.shape != (B, P) or c0.shape != (B, H)
+            or w_hh.shape != (G, P) or (w_hr is None and P != H) or (w_hr is not None and w_hr.shape != (P, H))):
+        raise RuntimeError(_shape_message(x, projection, state, weights))
+    if projection is not None:
+        w_ih, b_ih, b_hh = projection
+        if w_ih.dim() != 2 or w_ih.shape[0] != G or any(b is not None and b.shape != (G,) for b in (b_ih, b_hh)):
+            raise RuntimeError(_shape_message(x, projection, state, weights))
+
+
+def _shape_message(x, projection, state, weights):
+    names = ("x" if projection is not None else "gx", "h0", "c0", "w_hh", "w_hr", "w_ih", "b_ih", "b_hh")
+    tensors = (x, *state, *weights, *(projection or (None, None, None)))
+    shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, tensors) if t is not None)
+    return ("lstm_fast: inconsistent shapes; expected x [T, B, I] (or gx [T, B, 4H]), h0 [B, P], c0 [B, H], "
+            f"w_hh [4H, P], w_hr [P, H] (when P != H), w_ih [4H, I], biases [4H]; got {shapes}")
+
+
 def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=False, backend=None):
     """Run the recurrent part of one layer-direction on precomputed gx = x @ W_ih^T + b.
 
@@ -396,8 +533,11 @@ def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=Fa
     gx is its packed data [N, 4H] and y comes packed alike, [N, P]; reverse runs each
     sequence from its own last step.
     """
-    return _run(gx, None, LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr), SequenceLayout(batch_sizes, reverse),
-                backend)
+    state, weights = LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr)
+    if batch_sizes is not None:
+        _check_packed(gx, h0, batch_sizes)  # the layout's own message before the shapes'
+    _check_shapes(gx, None, state, weights, packed=batch_sizes is not None)
+    return _run(gx, None, state, weights, SequenceLayout(batch_sizes, reverse), backend)
 
 
 def lstm_projected(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None, reverse=False,
@@ -422,6 +562,7 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
     """
     if batch_first:
         x = x.transpose(0, 1)
+    _check_shapes(x, (w_ih, b_ih, b_hh), LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr))
     y, h_n, c_n = lstm_projected(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse=reverse, backend=backend)
     if batch_first:
         y = y.transpose(0, 1)

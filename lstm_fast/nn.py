@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .backends import BACKEND_NAMES
+from .backends.base import graph_recorder
 from .function import check_state, lstm_projected, outside_graph
 
 
@@ -83,6 +84,12 @@ class LSTM(_FastOptions, nn.LSTM):
         new.train(self.training)
         return new
 
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles in this module's place (the Python forward is not
+        TorchScript): the same parameters, a forward calling the registered op."""
+        from .scripting import ScriptableLSTM
+        return ScriptableLSTM(self)
+
     def _layer_weights(self, layer, direction):
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
 
@@ -102,6 +109,8 @@ class LSTM(_FastOptions, nn.LSTM):
         and the final states at each length."""
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)
+        if graph_recorder() is not None and _exporting_to_onnx():
+            return self._onnx_forward(input, hx)
         if torch.compiler.is_compiling():  # traced (torch._dynamo.config.allow_rnn = True)
             return self._forward(input, hx)
         # torch.compile declines nn.LSTM and its subclasses by default and runs them
@@ -126,7 +135,19 @@ class LSTM(_FastOptions, nn.LSTM):
         output, _ = torch.nn.utils.rnn.pad_packed_sequence(output, batch_first=self.batch_first, total_length=T)
         return output, hidden
 
-    def _forward(self, input, hx=None):
+    def _onnx_forward(self, input, hx):
+        """What torch.onnx.export records: torch's own LSTM computation on the same
+        parameters, which both exporters write as standard ONNX operators. The
+        TorchScript-based exporter has no LSTM node with a projection, so there
+        each projected layer-direction is a loop of matmuls and gate math."""
+        if self.proj_size == 0:
+            return nn.LSTM.forward(self, input, hx)
+        if isinstance(input, PackedSequence):
+            raise ValueError("lstm_fast: ONNX export of PackedSequence input with proj_size > 0 is not supported "
+                             "(ONNX's LSTM has no projection); pass padded input")
+        return self._forward(input, hx, run_layer=_onnx_projected_layer)
+
+    def _forward(self, input, hx=None, run_layer=lstm_projected):
         orig_input = input
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -184,8 +205,8 @@ class LSTM(_FastOptions, nn.LSTM):
             for direction in range(num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
                 k = layer * num_directions + direction
-                y, h, c = lstm_projected(x, hx[0][k], hx[1][k], w_ih, w_hh, b_ih, b_hh, w_hr,
-                                         batch_sizes=batch_sizes, reverse=direction == 1, backend=self.backend)
+                y, h, c = run_layer(x, hx[0][k], hx[1][k], w_ih, w_hh, b_ih, b_hh, w_hr,
+                                    batch_sizes=batch_sizes, reverse=direction == 1, backend=self.backend)
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
@@ -231,6 +252,48 @@ def _checked_lengths(lengths, B, T):
     return lengths
 
 
+def _exporting_to_onnx() -> bool:
+    """Whether torch.onnx.export (either exporter) is recording this call. Marked as
+    dynamo's assume_constant_result (see backends._probe): traced, it is a constant."""
+    return torch.onnx.is_in_onnx_export()
+
+
+_exporting_to_onnx._dynamo_marked_constant = True
+_projected_step_loop = None
+
+
+def _onnx_projected_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes=None, reverse=False, backend=None):
+    """One projected layer-direction as plain torch ops for the TorchScript-based ONNX
+    exporter: the time loop is scripted, so it is written as an ONNX Loop over the
+    actual sequence length (a traced Python loop would fix T)."""
+    global _projected_step_loop
+    steps = _projected_steps  # the dynamo exporter traces the Python loop (its T is fixed)
+    if torch.jit.is_tracing():
+        if _projected_step_loop is None:  # scripted on first use: compiling it costs time at import
+            _projected_step_loop = torch.jit.script(_projected_steps)
+        steps = _projected_step_loop
+    gx = torch.nn.functional.linear(x, w_ih, b_ih)
+    if b_hh is not None:
+        gx = gx + b_hh
+    if reverse:  # run forward over the time-reversed input, then reverse the output back
+        backwards = torch.arange(x.shape[0] - 1, -1, -1, device=x.device)
+        gx = gx.index_select(0, backwards)
+    y, h, c = steps(gx, h0, c0, w_hh, w_hr)
+    if reverse:
+        y = y.index_select(0, backwards)
+    return y, h, c
+
+
+def _projected_steps(gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor, w_hr: torch.Tensor):
+    ys = []
+    for t in range(gx.shape[0]):
+        i, f, g, o = (gx[t] + torch.mm(h, w_hh.t())).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.mm(torch.sigmoid(o) * torch.tanh(c), w_hr.t())
+        ys.append(h)
+    return torch.stack(ys), h, c
+
+
 def _check_state_placement(input, hx):
     check_state(input, hx, check_dtype=not torch.is_autocast_enabled(input.device.type))
 
@@ -252,7 +315,13 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         _copy_weights(self, new)
         return new
 
+    def __prepare_scriptable__(self):
+        from .scripting import ScriptableLSTMCell
+        return ScriptableLSTMCell(self)
+
     def forward(self, input, hx=None):
+        if graph_recorder() is not None and _exporting_to_onnx():
+            return nn.LSTMCell.forward(self, input, hx)  # written as standard ONNX operators
         # A cell stepped in a Python loop pays this method's cost every step: the usual
         # call (2-D input, a (h, c) pair of the right shapes, device and dtype) is
         # recognised with a few cheap tests; anything else takes the full checks.

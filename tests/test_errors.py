@@ -210,3 +210,19 @@ def test_lengths_with_packed_or_unbatched_input_raises():
         m(pack_sequence([_x(2, I), _x(1, I)]), lengths=[2, 1])
     with pytest.raises(ValueError, match="needs batched 3-D input"):
         m(_x(T, I), lengths=[T])
+
+
+@pytest.mark.parametrize("backend", _functional_backends())
+@pytest.mark.parametrize("wrong", ["h0 batch", "c0 hidden", "w_hh columns", "w_ih rows", "bias", "x features"])
+def test_functional_shape_mismatch_is_refused_alike(backend, wrong):
+    """Sizes that disagree raise one clear error in every backend, before any kernel
+    (numba's kernels index raw memory: unchecked, they wrote past their buffers)."""
+    x, h0, c0 = _x(T, B, I), _x(B, H), _x(B, H)
+    w_ih, w_hh, b = _x(4 * H, I), _x(4 * H, H), _x(4 * H)
+    bad = {"h0 batch": dict(h0=_x(B + 1, H)), "c0 hidden": dict(c0=_x(B, H + 1)),
+           "w_hh columns": dict(w_hh=_x(4 * H, H + 1)), "w_ih rows": dict(w_ih=_x(4 * H + 4, I)),
+           "bias": dict(b=_x(4 * H - 1)), "x features": dict(x=_x(T, B, I + 1))}[wrong]
+    args = {**dict(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b=b), **bad}
+    with pytest.raises(RuntimeError, match="lstm_fast: inconsistent shapes"):
+        lstm_fast.lstm_layer(args["x"], args["h0"], args["c0"], args["w_ih"], args["w_hh"], args["b"], None,
+                             backend=backend)

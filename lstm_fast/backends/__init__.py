@@ -74,12 +74,17 @@ def get_backend(name: str) -> Backend:
 
 
 def _probe(name: str) -> tuple[bool, str]:
-    """is_available() of one backend: imports its dependencies, loads or builds the
-    extension. Marked as dynamo's assume_constant_result (the attribute that
+    """is_available() of one backend, asked once: imports its dependencies, loads or
+    builds the extension. Marked as dynamo's assume_constant_result (the attribute that
     decorator sets, without importing torch._dynamo here): torch.compile runs it
     at trace time and keeps the answer as a constant, instead of failing on the
-    imports and locks inside when a compiled function is the first to use lstm_fast."""
-    return get_backend(name).is_available()
+    imports and locks inside when a compiled function is the first to use lstm_fast.
+    The cache is filled in here, where dynamo does not look: a cache test in traced
+    code would take another path when dynamo restarts its analysis of a frame."""
+    known = _availability.get(name)
+    if known is None:
+        known = _availability[name] = get_backend(name).is_available()
+    return known
 
 
 _probe._dynamo_marked_constant = True
@@ -90,10 +95,7 @@ for _name in BACKEND_NAMES:
     get_backend(_name)
 
 
-def _is_available(name: str) -> tuple[bool, str]:
-    if name not in _availability:
-        _availability[name] = _probe(name)
-    return _availability[name]
+_is_available = _probe
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:

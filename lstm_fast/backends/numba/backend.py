@@ -28,7 +28,6 @@ from ..base import (
     Backend,
     LayerSizes,
     RecurrenceGrads,
-    graph_recorder,
     in_time_blocks,
     weight_grads,
 )
@@ -162,9 +161,6 @@ class NumbaBackend(Backend):
             return False, f"numba backend runs on CPU only, got device {device}"
         if dtype not in _DTYPES and dtype not in HALF_DTYPES:
             return False, f"numba backend supports float32, float64 (and 16-bit, in float32), got {dtype}"
-        recorder = graph_recorder()
-        if recorder:
-            return False, f"numba kernels run outside torch, so {recorder} cannot record them (cpp can)"
         return True, "CPU float32/float64 (16-bit widened to float32)"
 
     @staticmethod
