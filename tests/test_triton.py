@@ -86,7 +86,7 @@ def test_interpreter_matches_reference(triton_backend, path, name, T, B, H, P, p
     if P != H and path == "sequence":
         assert not ok and "projection" in why
         with pytest.raises(RuntimeError, match="projection"):
-            lstm_recurrence(*leaves.values(), backend="triton")
+            lstm_recurrence(*leaves.values(), batch_sizes=bs, backend="triton")
         return
     assert ok, why
     ours, ref = run_layer("triton", leaves, bs, reverse), run_layer("reference", leaves, bs, reverse)
