@@ -19,9 +19,9 @@ class PackedTorch(torch.nn.Module):
         super().__init__()
         self.lstm = lstm
 
-    def forward(self, x, lengths):
+    def forward(self, x, lengths, hx):
         packed = pack_padded_sequence(x, lengths, batch_first=self.lstm.batch_first, enforce_sorted=False)
-        out, hidden = self.lstm(packed)
+        out, hidden = self.lstm(packed, hx)
         T = x.shape[1 if self.lstm.batch_first else 0]
         return pad_packed_sequence(out, batch_first=self.lstm.batch_first, total_length=T)[0], hidden
 
@@ -34,7 +34,8 @@ class PackedTorch(torch.nn.Module):
 def test_lengths_equals_packing(backend, kwargs, lengths_as, dtype):
     """forward(x, lengths=...) is the packed computation with enforce_sorted=False:
     padded output with zeros past each length, final states at each length, every
-    gradient (x and the parameters), in any order of lengths and either batch_first."""
+    gradient (x, the initial states and the parameters), in any order of lengths and
+    either batch_first."""
     require(backend, DEVICE, dtype, T=6, B=5, H=6, P=kwargs.get("proj_size") or 6, packed=True, reverse=True)
     torch.manual_seed(0)
     ref = torch.nn.LSTM(4, 6, **kwargs).to(DEVICE, dtype)
@@ -42,14 +43,18 @@ def test_lengths_equals_packing(backend, kwargs, lengths_as, dtype):
     lengths = torch.tensor([3, 6, 1, 5, 6])
     shape = (5, 6, 4) if kwargs["batch_first"] else (6, 5, 4)
     x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    D = ref.num_layers * (2 if ref.bidirectional else 1)
+    h0 = torch.randn(D, 5, ref.proj_size or 6, device=DEVICE, dtype=dtype)
+    c0 = torch.randn(D, 5, 6, device=DEVICE, dtype=dtype)
     results = []
-    for module, call in ((PackedTorch(ref), lambda m, x: m(x, lengths)),
-                         (ours, lambda m, x: m(x, lengths=lengths if lengths_as == "tensor" else lengths.tolist()))):
-        leaf = x.clone().requires_grad_()
-        out, (h, c) = call(module, leaf)
+    for module, call in ((PackedTorch(ref), lambda m, x, hx: m(x, lengths, hx)),
+                         (ours, lambda m, x, hx: m(x, hx, lengths=lengths if lengths_as == "tensor"
+                                                   else lengths.tolist()))):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+        out, (h, c) = call(module, leaves[0], tuple(leaves[1:]))
         torch.manual_seed(1)
         loss = sum((t * torch.randn_like(t)).sum() for t in (out, h, c))
-        grads = torch.autograd.grad(loss, [leaf, *module.parameters()])
+        grads = torch.autograd.grad(loss, [*leaves, *module.parameters()])
         results.append((out, h, c, grads))
     (out_r, h_r, c_r, g_r), (out_o, h_o, c_o, g_o) = results
     for name, a, b in (("output", out_o, out_r), ("h_n", h_o, h_r), ("c_n", c_o, c_r)):
