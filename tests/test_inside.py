@@ -5,11 +5,12 @@ where it applies (no projection, no masks), the same gate math in torch ops othe
 """
 import pytest
 import torch
-from torch.nn.utils.rnn import pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 import lstm_fast
 from helpers import BACKEND_NAMES, INTERPRETED, assert_close, device_of_tests, require
 from lstm_fast.backends.base import StepMasks
+from lstm_fast.function import lstm_projected
 
 DEVICE = device_of_tests()
 
@@ -44,13 +45,11 @@ def loop_layer(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, masks=
                 z = z + b_ih + b_hh
             i, f, g, o = z.chunk(4)
             i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-            if cell is not None:
-                with torch.no_grad():
-                    for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih),
-                                    ("bias_hh", b_hh)):
-                        if w is not None:
-                            getattr(cell, name).copy_(w)
-                h_new, c_new = cell(x[t, b][None], (h[None], c[None]))
+            if cell is not None:  # torch.nn.LSTMCell's forward on these (differentiable) weights
+                weights = {"weight_ih": w_ih, "weight_hh": w_hh}
+                if b_ih is not None:
+                    weights.update(bias_ih=b_ih, bias_hh=b_hh)
+                h_new, c_new = torch.func.functional_call(cell, weights, (x[t, b][None], (h[None], c[None])))
                 h_new, c_new = h_new[0], c_new[0]
             else:
                 c_new = f * c + i * g
@@ -158,3 +157,165 @@ def test_inspect_packed_input_and_unbatched(backend):
 def test_inspect_rejects_other_modules():
     with pytest.raises(TypeError, match="lstm_fast.LSTM or torch.nn.LSTM"):
         lstm_fast.inspect(torch.nn.GRU(3, 4), torch.randn(2, 1, 3))
+
+
+# ----------------------------------------------------------------- regularisers
+
+REGULARISERS = [
+    ("recurrent_dropout", dict(recurrent_dropout=0.3)),
+    ("zoneout", dict(zoneout=(0.2, 0.35))),
+    ("weight_drop", dict(weight_drop=0.4)),
+    ("all", dict(recurrent_dropout=0.25, zoneout=0.3, weight_drop=0.2)),
+]
+
+
+def _recording(module):
+    """Wraps module._regularise to keep what each layer-direction drew, in call order."""
+    drawn = []
+    original = module._regularise
+
+    def record(*args):
+        w_hh, masks = original(*args)
+        drawn.append((w_hh, masks))
+        return w_hh, masks
+
+    module._regularise = record
+    return drawn
+
+
+def _padded_masks(masks, lengths, T):
+    """A call's StepMasks (packed in sorted order, as lengths= runs it) as the loop's:
+    recurrent [B, P] and per-step [T, B, *] in the batch's own order."""
+    if masks is None:
+        return None
+    sorted_lengths, sorted_indices = torch.sort(lengths, descending=True, stable=True)
+    unsorted = torch.empty_like(sorted_indices)
+    unsorted[sorted_indices] = torch.arange(len(lengths))
+    batch_sizes = (sorted_lengths.unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1)
+    batch_sizes = batch_sizes[:int(sorted_lengths[0])]
+    m, zc, zh = masks
+
+    def pad(z):
+        if z is None:
+            return None
+        return pad_packed_sequence(PackedSequence(z, batch_sizes, sorted_indices.to(z.device),
+                                                  unsorted.to(z.device)), total_length=T)[0]
+
+    return StepMasks(None if m is None else m[unsorted.to(m.device)], pad(zc), pad(zh))
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "lengths"])
+@pytest.mark.parametrize("reg_name,reg", REGULARISERS, ids=[r[0] for r in REGULARISERS])
+@pytest.mark.parametrize("name,cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_regularised_matches_loop(backend, name, cfg, reg_name, reg, packed, training):
+    """Outputs, final states and every gradient against the loop with the masks the call drew."""
+    dtype = torch.float64 if backend not in INTERPRETED else torch.float32
+    require(backend, DEVICE, dtype, P=cfg.get("proj_size") or None, packed=packed)
+    if backend in INTERPRETED and (name != "plain" or reg_name != "all"):
+        pytest.skip("interpreted kernels: the plain configuration with every regulariser")
+    torch.manual_seed(2)
+    module = lstm_fast.LSTM(**cfg, **reg, backend=backend, device=DEVICE, dtype=dtype).train(training)
+    T, B = 5, 3
+    x, lengths = _inputs(cfg, T, B, dtype, packed)
+    dirs = 2 if module.bidirectional else 1
+    P = module.proj_size or module.hidden_size
+    g = torch.Generator().manual_seed(5)
+    h0 = torch.randn(module.num_layers * dirs, B, P, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    c0 = torch.randn(module.num_layers * dirs, B, module.hidden_size, generator=g, dtype=torch.float64).to(
+        DEVICE, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    drawn = _recording(module)
+    bf = module.batch_first
+    out, (h_n, c_n) = module(_batch_major(leaves[0], bf), (leaves[1], leaves[2]),
+                             lengths=lengths if packed else None)
+    out = _batch_major(out, bf)
+    # eval: zoneout still draws (its expectation), the dropouts are off
+    assert len(drawn) == (module.num_layers * dirs if training or "zoneout" in reg else 0)
+    recorded = [(w, _padded_masks(m, lengths, T) if packed else m) for w, m in drawn] or None
+    ref_leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    ref_out, (ref_h, ref_c), _ = loop_module(module, ref_leaves[0], lengths, (ref_leaves[1], ref_leaves[2]),
+                                             recorded=recorded)
+    assert_close(out, ref_out, dtype, "output")
+    assert_close(h_n, ref_h, dtype, "h_n")
+    assert_close(c_n, ref_c, dtype, "c_n")
+    ups = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (out, h_n, c_n)]
+    params = list(module.parameters())
+    # retain_graph: the loop reuses the dropped W_hh the call drew (one graph shared by both)
+    ours = torch.autograd.grad(sum((t * u).sum() for t, u in zip((out, h_n, c_n), ups)), leaves + params,
+                               retain_graph=True)
+    theirs = torch.autograd.grad(sum((t * u).sum() for t, u in zip((ref_out, ref_h, ref_c), ups)),
+                                 ref_leaves + params)
+    names = ["x", "h0", "c0"] + [n for n, _ in module.named_parameters()]
+    for n, a, b in zip(names, ours, theirs):
+        assert_close(a, b, dtype, f"grad {n}")
+
+
+def test_masks_follow_the_seed_and_eval_is_plain():
+    torch.manual_seed(0)
+    module = lstm_fast.LSTM(4, 6, 2, recurrent_dropout=0.3, weight_drop=0.3, backend="reference",
+                            dtype=torch.float64)
+    plain = lstm_fast.LSTM(4, 6, 2, backend="reference", dtype=torch.float64)
+    plain.load_state_dict(module.state_dict())
+    assert module.state_dict().keys() == torch.nn.LSTM(4, 6, 2).state_dict().keys()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        runs.append(module(x)[0])
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    assert not torch.allclose(runs[0], plain(x)[0])
+    module.eval()
+    assert torch.equal(module(x)[0], plain(x)[0])
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(recurrent_dropout=1.0), dict(recurrent_dropout=-0.1), dict(recurrent_dropout="0.1"),
+    dict(recurrent_dropout=True), dict(recurrent_dropout=float("nan")), dict(weight_drop=1.5),
+    dict(weight_drop=None), dict(zoneout=1.0), dict(zoneout=(0.1,)), dict(zoneout=(0.1, 1.0)),
+    dict(zoneout=[0.1, "a"]),
+])
+def test_bad_probabilities_raise(kwargs):
+    with pytest.raises(ValueError, match="zoneout|recurrent_dropout|weight_drop"):
+        lstm_fast.LSTM(3, 4, **kwargs)
+
+
+def test_cell_takes_zoneout_only():
+    with pytest.raises(ValueError, match="zoneout only"):
+        lstm_fast.LSTMCell(3, 4, recurrent_dropout=0.2)
+    with pytest.raises(ValueError, match="zoneout only"):
+        lstm_fast.LSTMCell(3, 4, weight_drop=0.2)
+    with pytest.raises(ValueError, match="zoneout"):
+        lstm_fast.LSTMCell(3, 4, zoneout=(0.1, 0.2)).to_torch()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cell_zoneout(training):
+    torch.manual_seed(0)
+    cell = lstm_fast.LSTMCell(3, 4, zoneout=(0.3, 0.6), dtype=torch.float64).train(training)
+    x, h, c = (torch.randn(2, n, dtype=torch.float64) for n in (3, 4, 4))
+    torch.manual_seed(9)
+    h1, c1 = cell(x, (h, c))
+    torch.manual_seed(9)
+    if training:
+        zc = torch.empty(2, 4, dtype=torch.float64).bernoulli_(0.3)
+        zh = torch.empty(2, 4, dtype=torch.float64).bernoulli_(0.6)
+    else:
+        zc, zh = torch.full((2, 4), 0.3, dtype=torch.float64), torch.full((2, 4), 0.6, dtype=torch.float64)
+    h_new, c_new = torch.nn.LSTMCell.forward(cell, x, (h, c))
+    assert_close(c1, zc * c + (1 - zc) * c_new, torch.float64, "c")
+    assert_close(h1, zh * h + (1 - zh) * h_new, torch.float64, "h")
+
+
+def test_functional_entry_takes_masks():
+    """lstm_projected with explicit masks: doubling the recurrent input changes y."""
+    g = torch.Generator().manual_seed(0)
+    T, B, I, H = 4, 2, 3, 5
+    x, h0, c0 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((T, B, I), (B, H), (B, H)))
+    w_ih, w_hh = torch.randn(4 * H, I, dtype=torch.float64), torch.randn(4 * H, H, dtype=torch.float64)
+    masks = StepMasks(torch.full((B, H), 2.0, dtype=torch.float64), torch.zeros(T, B, H, dtype=torch.float64),
+                      None)
+    y0 = lstm_projected(x, h0, c0, w_ih, w_hh, backend="reference")[0]
+    y1 = lstm_projected(x, h0, c0, w_ih, w_hh, backend="reference", masks=masks)[0]
+    assert not torch.allclose(y0, y1)  # the recurrent input doubled
