@@ -29,6 +29,9 @@ class Shape:
     # full [T, B, I]; "packed" a PackedSequence; "lengths" padded input with lengths=.
     # The lengths are uniform in [T // 10, T], the same draw for every runner.
     varlen: str = ""
+    # A recurrent regulariser, "name=p" (recurrent_dropout=0.25, zoneout=0.1): lstm_fast.LSTM
+    # with that option against an nn.LSTMCell Python loop drawing the same kind of masks.
+    reg: str = ""
     modes: tuple = MODES
     tags: tuple = field(default=(), compare=False)
 
@@ -49,6 +52,8 @@ class Shape:
             s += " cell"
         if self.varlen:
             s += f" varlen-{self.varlen}"
+        if self.reg:
+            s += f" {self.reg}"
         return s
 
     @property
@@ -58,9 +63,9 @@ class Shape:
                 f"{' cell' if self.cell else ''}{' varlen' if self.varlen else ''}")
 
 
-def S(T, B, H, I=None, L=1, bidir=False, proj=0, cell=False, varlen="", modes=MODES, tags=()):
+def S(T, B, H, I=None, L=1, bidir=False, proj=0, cell=False, varlen="", reg="", modes=MODES, tags=()):
     return Shape(T=T, B=B, I=H if I is None else I, H=H, L=L, bidir=bidir, proj=proj, cell=cell, varlen=varlen,
-                 modes=tuple(modes), tags=tuple(tags))
+                 reg=reg, modes=tuple(modes), tags=tuple(tags))
 
 
 VARLEN_KINDS = ("padded", "packed", "lengths")
@@ -123,7 +128,13 @@ FLASHRNN_GPU = [S(1024, 16, 768, tags=("flashrnn",))]
 # H=1024 and 256 first: the two ends of the sweep; B=16 (FlashRNN's batch) before 64 at each H.
 H200_SWEEP_GPU = [S(1024, b, h, tags=("sweep",)) for h in (1024, 256, 512) for b in (16, 64)]
 
+# Training with each regulariser, and the same call without (its first row): the cost of the
+# masks inside the fused loop, and the speed against a torch LSTMCell loop doing the same.
+REGULARISERS_CPU = [S(100, 32, 256, modes=("training",), reg=r, tags=("regularisers",))
+                    for r in ("", "recurrent_dropout=0.25", "zoneout=0.1")]
+
 NAMED = {
+    "regularisers": REGULARISERS_CPU,
     "reference": REFERENCE_CPU,
     "sweep": SWEEP_CPU,
     "stacked": STACKED_CPU,

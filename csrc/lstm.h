@@ -14,6 +14,8 @@
 //   lstm_backward(grad_y, grad_hn, grad_cn, gates, cells, y, h0, c0, w_hh, w_hr?,
 //                 batch_sizes?, reverse)
 //       -> (d_gx [T,B,G], d_h0 [B,P], d_c0 [B,H], d_w_hh [G,P], d_w_hr [P,H] or [0])
+// All three take trailing optional masks (recurrent_mask, zone_c, zone_h), the
+// regularisers of StepMasks below; forward and backward must get the same ones.
 // gates (activated i,f,g,o) and cells (c_t) are what backward needs; they are
 // [0]-sized when need_grad is false. They are kept in the accumulation type
 // (float for half/bfloat16 input, else the input dtype). Every output is a
@@ -68,6 +70,17 @@ struct SequenceLayout {
   bool reverse = false;
 };
 
+// The regularisers' masks (lstm_fast/backends/base.py StepMasks), each optional,
+// in h0's dtype: recurrent [B,P] multiplies h_{t-1} in the recurrent product;
+// zone_c [T,B,H] and zone_h [T,B,P] (packed [N,*]) weight c_{t-1} and h_{t-1} in
+// c_t = zc c_{t-1} + (1-zc) c~_t, h_t = zh h_{t-1} + (1-zh) h~_t, where c~_t is
+// the plain update and h~_t = o tanh(c~_t) (then W_hr). cells saves c_t.
+struct StepMasks {
+  std::optional<Tensor> recurrent, zone_c, zone_h;
+  static bool on(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+  bool any() const { return on(recurrent) || on(zone_c) || on(zone_h); }
+};
+
 // Upstream gradients of the outputs: y [T,B,P], h_n [B,P], c_n [B,H].
 struct OutputGrads {
   Tensor y, h_n, c_n;
@@ -111,6 +124,8 @@ Plan make_plan(const Tensor& gx, const LSTMState& init, const RecurrentWeights& 
 at::ScalarType acc_type(at::ScalarType t);
 // gx [T,B,4H] must have h0's dtype.
 void check_forward_inputs(const Tensor& gx, const Tensor& h0);
+// Shapes, dtype and device of the masks against the plan (h0 gives dtype and device).
+void check_masks(const Plan& plan, const StepMasks& masks, const Tensor& h0);
 // Shapes/dtypes of lstm_backward's inputs against the plan (see the schema above).
 void check_backward_inputs(const Plan& plan, const OutputGrads& grads, const Tensor& gates, const Tensor& cells,
                            const Tensor& y, const Tensor& h0);
@@ -125,45 +140,54 @@ Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan);
 //   d_w_hr [P,H] = d_r^T @ h_pre (only when d_r is defined).
 // d_gates [T,B,G] and y [T,B,P] in the input dtype, h0 [B,P]; d_r [T,B,P] and
 // h_pre [T,B,H] in the input dtype or undefined ([N,*] each when packed). Results are fresh tensors in the weights'
-// dtype.
+// dtype. rec_mask [B,P] or undefined: hprev entered the product as hprev * rec_mask.
 std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0, const Tensor& d_r,
-                                        const Tensor& h_pre, const Plan& plan, const Tensor& w_hh);
+                                        const Tensor& h_pre, const Plan& plan, const Tensor& w_hh,
+                                        const Tensor& rec_mask = Tensor());
 
 // The implementations of the ops (CPU here; CUDA in cuda/lstm_cuda.cu), on bundles.
 Tensor5 lstm_forward_cpu(const Tensor& gx, const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq,
-                         bool need_grad);
+                         bool need_grad, const StepMasks& masks);
 Tensor5 lstm_forward_projected_cpu(const Tensor& x, const InputProjection& in, const LSTMState& init,
-                                   const RecurrentWeights& w, const SequenceLayout& seq, bool need_grad);
+                                   const RecurrentWeights& w, const SequenceLayout& seq, bool need_grad,
+                                   const StepMasks& masks);
 Tensor5 lstm_backward_cpu(const OutputGrads& grads, const Tensor& gates, const Tensor& cells, const Tensor& y,
-                          const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq);
+                          const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq,
+                          const StepMasks& masks);
 
 // Op entry points: the schemas' flat arguments, bundled for an implementation.
 // TORCH_LIBRARY_IMPL registers e.g. &forward_op<lstm_forward_cpu>.
-using ForwardImpl = Tensor5 (*)(const Tensor&, const LSTMState&, const RecurrentWeights&, const SequenceLayout&, bool);
+using ForwardImpl = Tensor5 (*)(const Tensor&, const LSTMState&, const RecurrentWeights&, const SequenceLayout&, bool,
+                                const StepMasks&);
 using ForwardProjectedImpl = Tensor5 (*)(const Tensor&, const InputProjection&, const LSTMState&,
-                                         const RecurrentWeights&, const SequenceLayout&, bool);
+                                         const RecurrentWeights&, const SequenceLayout&, bool, const StepMasks&);
 using BackwardImpl = Tensor5 (*)(const OutputGrads&, const Tensor&, const Tensor&, const Tensor&, const LSTMState&,
-                                 const RecurrentWeights&, const SequenceLayout&);
+                                 const RecurrentWeights&, const SequenceLayout&, const StepMasks&);
+using OptTensor = std::optional<Tensor>;
 
 template <ForwardImpl impl>
-Tensor5 forward_op(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                   const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse,
-                   bool need_grad) {
-  return impl(gx, {h0, c0}, {w_hh, w_hr}, {batch_sizes, reverse}, need_grad);
+Tensor5 forward_op(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr,
+                   const OptTensor& batch_sizes, bool reverse, bool need_grad, const OptTensor& recurrent_mask,
+                   const OptTensor& zone_c, const OptTensor& zone_h) {
+  return impl(gx, {h0, c0}, {w_hh, w_hr}, {batch_sizes, reverse}, need_grad, {recurrent_mask, zone_c, zone_h});
 }
 
 template <ForwardProjectedImpl impl>
-Tensor5 forward_projected_op(const Tensor& x, const Tensor& w_ih, const std::optional<Tensor>& bias, const Tensor& h0,
-                             const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
-                             const std::optional<Tensor>& batch_sizes, bool reverse, bool need_grad) {
-  return impl(x, {w_ih, bias}, {h0, c0}, {w_hh, w_hr}, {batch_sizes, reverse}, need_grad);
+Tensor5 forward_projected_op(const Tensor& x, const Tensor& w_ih, const OptTensor& bias, const Tensor& h0,
+                             const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+                             bool reverse, bool need_grad, const OptTensor& recurrent_mask, const OptTensor& zone_c,
+                             const OptTensor& zone_h) {
+  return impl(x, {w_ih, bias}, {h0, c0}, {w_hh, w_hr}, {batch_sizes, reverse}, need_grad,
+              {recurrent_mask, zone_c, zone_h});
 }
 
 template <BackwardImpl impl>
 Tensor5 backward_op(const Tensor& grad_y, const Tensor& grad_hn, const Tensor& grad_cn, const Tensor& gates,
                     const Tensor& cells, const Tensor& y, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                    const std::optional<Tensor>& w_hr, const std::optional<Tensor>& batch_sizes, bool reverse) {
-  return impl({grad_y, grad_hn, grad_cn}, gates, cells, y, {h0, c0}, {w_hh, w_hr}, {batch_sizes, reverse});
+                    const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse, const OptTensor& recurrent_mask,
+                    const OptTensor& zone_c, const OptTensor& zone_h) {
+  return impl({grad_y, grad_hn, grad_cn}, gates, cells, y, {h0, c0}, {w_hh, w_hr}, {batch_sizes, reverse},
+              {recurrent_mask, zone_c, zone_h});
 }
 
 }  // namespace lstm_fast

@@ -83,13 +83,14 @@ namespace {
 //   gx    input projection at this row and step, offset to j0 (stride xs: H, or
 //         nj for a thread's own projected columns)
 //   c     [nj] in: c_{t-1}, out: c_t (in place)
-//   h     [nj] out: o * tanh(c_t) (y row, or the pre-projection buffer)
+//   h     [nj] out: o * tanh(c~_t) (y row, or the pre-projection buffer)
 //   cell  [nj] out: copy of c_t, or nullptr
 //   gates out: activations i,f,g,o at stride gs, or nullptr
+//   zc    [nj] cell zoneout weights of c_{t-1}, or nullptr: c_t = c~_t + zc (c_{t-1} - c~_t)
 // All distinct buffers.
 template <typename T>
-void forward_row(const T* z, int64_t zs, const T* gx, int64_t xs, T* c, T* h, T* cell, T* gates, int64_t gs,
-                 int64_t nj) {
+void forward_row(const T* z, int64_t zs, const T* gx, int64_t xs, T* c, T* h, T* cell, T* gates, int64_t gs, int64_t nj,
+                 const T* zc = nullptr) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   for (int64_t j = 0; j < nj; j += L) {
@@ -98,9 +99,10 @@ void forward_row(const T* z, int64_t zs, const T* gx, int64_t xs, T* c, T* h, T*
         V::loadu(z + j, cnt) + V::loadu(gx + j, cnt), V::loadu(z + zs + j, cnt) + V::loadu(gx + xs + j, cnt),
         V::loadu(z + 2 * zs + j, cnt) + V::loadu(gx + 2 * xs + j, cnt),
         V::loadu(z + 3 * zs + j, cnt) + V::loadu(gx + 3 * xs + j, cnt), V::loadu(c + j, cnt));
-    a.c.store(c + j, cnt);
+    const V c_t = zc ? at::vec::fmadd(V::loadu(zc + j, cnt), V::loadu(c + j, cnt) - a.c, a.c) : a.c;
+    c_t.store(c + j, cnt);
     a.h.store(h + j, cnt);
-    if (cell) a.c.store(cell + j, cnt);
+    if (cell) c_t.store(cell + j, cnt);
     if (gates) {
       a.i.store(gates + j, cnt);
       a.f.store(gates + gs + j, cnt);
@@ -117,25 +119,39 @@ void forward_row(const T* z, int64_t zs, const T* gx, int64_t xs, T* c, T* h, T*
 //              it when not null (no projection: dh is the carried state)
 //   dc    [nj] in: gradient reaching c_t from later steps; out: to c_{t-1}
 //   dg    out: gradient of the gate pre-activations (= d_gx row), stride gs
-//   hpre  [nj] out: o * tanh(c_t) for d_w_hr, or nullptr
+//   hpre  [nj] out: o * tanh(c~_t) for d_w_hr, or nullptr
+//   zc    [nj] cell zoneout weights (forward_row), or nullptr: cell then holds
+//         c_t, and c~_t = f c_{t-1} + i g is recomputed
+//   zh, carry  [nj] hidden zoneout weights and out: zh * (gradient reaching h_t),
+//         the part that reaches h_{t-1} directly; both nullptr without
 template <typename T>
 void backward_row(const T* gates, int64_t gs, const T* cell, const T* cprev, const T* dh, const T* gy, T* dc, T* dg,
-                  T* hpre, int64_t nj) {
+                  T* hpre, int64_t nj, const T* zc = nullptr, const T* zh = nullptr, T* carry = nullptr) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   for (int64_t j = 0; j < nj; j += L) {
     const int64_t cnt = std::min<int64_t>(L, nj - j);
     V d_h = V::loadu(dh + j, cnt);
     if (gy) d_h = d_h + V::loadu(gy + j, cnt);
-    const CellBackward<V> d =
-        cell_backward(V::loadu(gates + j, cnt), V::loadu(gates + gs + j, cnt), V::loadu(gates + 2 * gs + j, cnt),
-                      V::loadu(gates + 3 * gs + j, cnt), V::loadu(cell + j, cnt), V::loadu(cprev + j, cnt), d_h,
-                      V::loadu(dc + j, cnt));
+    if (zh) {
+      const V kept = V::loadu(zh + j, cnt) * d_h;
+      kept.store(carry + j, cnt);
+      d_h = d_h - kept;
+    }
+    const V i = V::loadu(gates + j, cnt), f = V::loadu(gates + gs + j, cnt), g = V::loadu(gates + 2 * gs + j, cnt);
+    const V cp = V::loadu(cprev + j, cnt), dc_t = V::loadu(dc + j, cnt);
+    V c = V::loadu(cell + j, cnt), dc_in = dc_t, dc_kept(T(0));
+    if (zc) {
+      c = at::vec::fmadd(f, cp, i * g);  // as cell_forward computed c~_t
+      dc_kept = V::loadu(zc + j, cnt) * dc_t;
+      dc_in = dc_t - dc_kept;
+    }
+    const CellBackward<V> d = cell_backward(i, f, g, V::loadu(gates + 3 * gs + j, cnt), c, cp, d_h, dc_in);
     d.di.store(dg + j, cnt);
     d.df.store(dg + gs + j, cnt);
     d.dg.store(dg + 2 * gs + j, cnt);
     d.do_.store(dg + 3 * gs + j, cnt);
-    d.dc_prev.store(dc + j, cnt);
+    (zc ? d.dc_prev + dc_kept : d.dc_prev).store(dc + j, cnt);
     if (hpre) d.h_pre.store(hpre + j, cnt);
   }
 }
@@ -451,6 +467,11 @@ struct ForwardData {
   T* y = nullptr;                            // [rows,P] out
   T *gates = nullptr, *cells = nullptr;      // [rows,4H], [rows,H] out, or both nullptr
   T* hpre = nullptr;                         // [B,H] scratch when w_hr is set
+  // Regularisers (StepMasks in lstm.h), each nullptr when off: rmask [B,P] with
+  // hm [2][B,P] (h_{t-1} * rmask for even and odd steps, both h0 * rmask on
+  // entry); zc [rows,H], zh [rows,P] per step.
+  const T *rmask = nullptr, *zc = nullptr, *zh = nullptr;
+  T* hm = nullptr;
 };
 
 // Forward time loop. Each thread owns hidden units [j0, j1) (and, with a
@@ -513,21 +534,43 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
       if (n == 0) continue;
       // h_{t-1}: the previous step's output, and h0 for rows starting at this step
       const int64_t with_prev = p.rows_with_prev(s);
-      if (with_prev > 0) slab_gemm<T>(with_prev, d.y + p.row0[p.order[s - 1]] * P, P, s_hh, z.data(), M);
-      if (n > with_prev) slab_gemm<T>(n - with_prev, d.h0 + with_prev * P, P, s_hh, z.data() + with_prev * M, M);
+      const T* yprev = with_prev > 0 ? d.y + p.row0[p.order[s - 1]] * P : nullptr;
+      if (d.rmask) {  // masked h_{t-1} of every row (h0's for rows starting here)
+        slab_gemm<T>(n, d.hm + (s % 2) * B * P, P, s_hh, z.data(), M);
+      } else {
+        if (with_prev > 0) slab_gemm<T>(with_prev, yprev, P, s_hh, z.data(), M);
+        if (n > with_prev) slab_gemm<T>(n - with_prev, d.h0 + with_prev * P, P, s_hh, z.data() + with_prev * M, M);
+      }
       T* hout = d.w_hr ? d.hpre : d.y + r0 * P;
       // input projection rows of this step: row stride, gate stride
       const T* gxt = d.x ? gxc.get() + (r0 - gx_lo) * M : d.gx + r0 * G + j0;
       const int64_t g_row = d.x ? M : G, g_gate = d.x ? nj : H;
       T* cellt = d.cells ? d.cells + r0 * H + j0 : nullptr;
       T* gt = d.gates ? d.gates + r0 * G + j0 : nullptr;
+      const T* zct = d.zc ? d.zc + r0 * H + j0 : nullptr;
       for (int64_t b = 0; b < n && nj > 0; ++b) {
         forward_row<T>(z.data() + b * M, nj, gxt + b * g_row, g_gate, d.c + b * H + j0, hout + b * H + j0,
-                       cellt ? cellt + b * H : nullptr, gt ? gt + b * G : nullptr, H, nj);
+                       cellt ? cellt + b * H : nullptr, gt ? gt + b * G : nullptr, H, nj, zct ? zct + b * H : nullptr);
       }
       if (d.w_hr) {
         barrier.arrive_and_wait(nt);
         slab_gemm<T>(n, d.hpre, H, s_hr, d.y + r0 * P + p0, P);
+      }
+      if (d.zh || d.rmask) {
+        // this thread's state columns of y_t: hidden zoneout, then the masked copy for step s + 1
+        const int64_t e0 = d.w_hr ? p0 : j0, e1 = d.w_hr ? p1 : j1;
+        T* next = d.rmask ? d.hm + ((s + 1) % 2) * B * P : nullptr;
+        for (int64_t b = 0; b < n; ++b) {
+          T* yb = d.y + (r0 + b) * P;
+          if (d.zh) {
+            const T* zhb = d.zh + (r0 + b) * P;
+            const T* hp = b < with_prev ? yprev + b * P : d.h0 + b * P;
+            for (int64_t e = e0; e < e1; ++e) yb[e] += zhb[e] * (hp[e] - yb[e]);
+          }
+          if (next) {
+            for (int64_t e = e0; e < e1; ++e) next[b * P + e] = yb[e] * d.rmask[b * P + e];
+          }
+        }
       }
       barrier.arrive_and_wait(nt);
     }
@@ -547,6 +590,10 @@ struct BackwardData {
   T* d_gx = nullptr;                           // [rows,4H] out
   T *d_r = nullptr, *hpre = nullptr;           // [rows,P], [rows,H] out, only with w_hr
   T* dhbuf = nullptr;                          // [B,H] scratch, only with w_hr
+  // Regularisers as in ForwardData (rmask [B,P], zc, zh per step), nullptr when
+  // off; carry [B,P] scratch with zh: the gradient reaching h_{t-1} directly.
+  const T *rmask = nullptr, *zc = nullptr, *zh = nullptr;
+  T* carry = nullptr;
 };
 
 // Backward time loop, processing order reversed. Each thread owns hidden units
@@ -583,6 +630,14 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
         T* drt = d.d_r + r0 * P;
         for (int64_t b = 0; b < n; ++b)
           for (int64_t e = p0; e < p1; ++e) drt[b * P + e] = d.dh[b * P + e] + gyt[b * P + e];
+        if (d.zh) {  // h_t = zh h_{t-1} + (1 - zh) W_hr h_pre
+          const T* zht = d.zh + r0 * P;
+          for (int64_t b = 0; b < n; ++b)
+            for (int64_t e = p0; e < p1; ++e) {
+              d.carry[b * P + e] = zht[b * P + e] * drt[b * P + e];
+              drt[b * P + e] -= d.carry[b * P + e];
+            }
+        }
         barrier.arrive_and_wait(nt);
         slab_gemm<T>(n, drt, P, s_hr, d.dhbuf + j0, H);
         dh_in = d.dhbuf;
@@ -592,15 +647,28 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
       const T* ct = d.cells + r0 * H + j0;
       T* dgt = d.d_gx + r0 * G;
       T* hpt = d.hpre ? d.hpre + r0 * H + j0 : nullptr;
+      // hidden zoneout inside backward_row only without a projection (P = H: the same columns)
+      const T* zct = d.zc ? d.zc + r0 * H + j0 : nullptr;
+      const T* zht = d.zh && !d.w_hr ? d.zh + r0 * P + j0 : nullptr;
       for (int64_t b = 0; b < n && nj > 0; ++b) {
         const T* cp = (b < with_prev ? cprev : d.c0) + b * H + j0;
         backward_row<T>(gt + b * G, H, ct + b * H, cp, dh_in + b * H + j0, gy_in ? gy_in + b * P + j0 : nullptr,
-                        d.dc + b * H + j0, dgt + b * G + j0, hpt ? hpt + b * H : nullptr, nj);
+                        d.dc + b * H + j0, dgt + b * G + j0, hpt ? hpt + b * H : nullptr, nj,
+                        zct ? zct + b * H : nullptr, zht ? zht + b * P : nullptr, zht ? d.carry + b * P + j0 : nullptr);
       }
       barrier.arrive_and_wait(nt);
       // dh_{t-1}[:, p0:p1] = dgates @ W_hh[:, p0:p1]; with a projection the next
       // step's d_r reads only these columns before its barrier.
       slab_gemm<T>(n, dgt, G, s_hh, d.dh + p0, P);
+      if (d.rmask || d.zh) {  // h_{t-1} entered masked; zoneout's direct path adds to it
+        for (int64_t b = 0; b < n; ++b)
+          for (int64_t e = p0; e < p1; ++e) {
+            T v = d.dh[b * P + e];
+            if (d.rmask) v *= d.rmask[b * P + e];
+            if (d.zh) v += d.carry[b * P + e];
+            d.dh[b * P + e] = v;
+          }
+      }
     }
   }
   note_split(nt_req, barrier.slept_ns(), now_ns() - t0);
@@ -615,8 +683,13 @@ void check_cpu(const Tensor& t, const char* name) {
 // Shared by lstm_forward_cpu (gx given) and lstm_forward_projected_cpu (x and
 // its projection given; gx_ then only carries the sizes [T,B,4H] and the device).
 Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const InputProjection& in, const LSTMState& init,
-                    const RecurrentWeights& w, const SequenceLayout& seq, bool need_grad) {
+                    const RecurrentWeights& w, const SequenceLayout& seq, bool need_grad, const StepMasks& masks) {
   const Plan p = make_plan(gx_, init, w, seq);
+  check_masks(p, masks, init.h);
+  auto mask = [](const std::optional<Tensor>& t) { return StepMasks::on(t) ? t->contiguous() : Tensor(); };
+  const Tensor rmask = mask(masks.recurrent), zc = mask(masks.zone_c), zh = mask(masks.zone_h);
+  // both parities of the masked-state buffer start as h0 * mask (rows join with their h0)
+  const Tensor hm = rmask.defined() ? init.h.mul(rmask).repeat({2, 1}).contiguous() : Tensor();
   const bool fused = x_.defined();
   check_forward_inputs(fused ? x_ : gx_, init.h);
   check_cpu(init.h, "h0");
@@ -648,6 +721,10 @@ Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const InputProjection& 
     d.gates = need_grad ? ptr(gates) : nullptr;
     d.cells = need_grad ? ptr(cells) : nullptr;
     d.hpre = ptr(hpre);
+    d.rmask = ptr(rmask);
+    d.zc = ptr(zc);
+    d.zh = ptr(zh);
+    d.hm = ptr(hm);
     forward_loop<scalar_t>(p, d);
   });
   Tensor h_n = final_hidden(y, h0, p);
@@ -657,13 +734,14 @@ Tensor5 forward_cpu(const Tensor& gx_, const Tensor& x_, const InputProjection& 
 }  // namespace
 
 Tensor5 lstm_forward_cpu(const Tensor& gx, const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq,
-                         bool need_grad) {
+                         bool need_grad, const StepMasks& masks) {
   check_cpu(gx, "gx");
-  return forward_cpu(gx, Tensor(), InputProjection{}, init, w, seq, need_grad);
+  return forward_cpu(gx, Tensor(), InputProjection{}, init, w, seq, need_grad, masks);
 }
 
 Tensor5 lstm_forward_projected_cpu(const Tensor& x, const InputProjection& in, const LSTMState& init,
-                                   const RecurrentWeights& w, const SequenceLayout& seq, bool need_grad) {
+                                   const RecurrentWeights& w, const SequenceLayout& seq, bool need_grad,
+                                   const StepMasks& masks) {
   const Tensor& w_ih = in.w_ih;
   const std::optional<Tensor>& bias = in.bias;
   check_cpu(x, "x");
@@ -685,13 +763,17 @@ Tensor5 lstm_forward_projected_cpu(const Tensor& x, const InputProjection& in, c
   std::vector<int64_t> gx_sizes(x.sizes().begin(), x.sizes().end());
   gx_sizes.back() = w_ih.size(0);
   const Tensor shape = at::empty({1}, x.options()).expand(gx_sizes);
-  return forward_cpu(shape, x, in, init, w, seq, need_grad);
+  return forward_cpu(shape, x, in, init, w, seq, need_grad, masks);
 }
 
 Tensor5 lstm_backward_cpu(const OutputGrads& grads, const Tensor& gates_, const Tensor& cells_, const Tensor& y_,
-                          const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq) {
+                          const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq,
+                          const StepMasks& masks) {
   const Plan p = make_plan(gates_, init, w, seq);
   check_backward_inputs(p, grads, gates_, cells_, y_, init.h);
+  check_masks(p, masks, init.h);
+  auto mask = [](const std::optional<Tensor>& t) { return StepMasks::on(t) ? t->contiguous() : Tensor(); };
+  const Tensor rmask = mask(masks.recurrent), zc = mask(masks.zone_c), zh = mask(masks.zone_h);
   check_cpu(init.h, "h0");
   const bool proj = w.has_proj();
   const Tensor grad_y = grads.y.contiguous(), gates = gates_.contiguous(), cells = cells_.contiguous();
@@ -705,6 +787,7 @@ Tensor5 lstm_backward_cpu(const OutputGrads& grads, const Tensor& gates_, const 
   Tensor d_r = proj ? at::empty(p.step_sizes(P), opts) : Tensor();
   Tensor hpre = proj ? at::empty(p.step_sizes(H), opts) : Tensor();
   Tensor dhbuf = proj ? at::empty({B, H}, opts) : Tensor();
+  Tensor carry = zh.defined() ? at::empty({B, P}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "lstm_backward_cpu", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
     BackwardData<scalar_t> d;
@@ -720,9 +803,13 @@ Tensor5 lstm_backward_cpu(const OutputGrads& grads, const Tensor& gates_, const 
     d.d_r = ptr(d_r);
     d.hpre = ptr(hpre);
     d.dhbuf = ptr(dhbuf);
+    d.rmask = ptr(rmask);
+    d.zc = ptr(zc);
+    d.zh = ptr(zh);
+    d.carry = ptr(carry);
     backward_loop<scalar_t>(p, d);
   });
-  auto [d_w_hh, d_w_hr] = weight_grads(d_gx, y, h0, d_r, hpre, p, w_hh);
+  auto [d_w_hh, d_w_hr] = weight_grads(d_gx, y, h0, d_r, hpre, p, w_hh, rmask);
   if (!proj) d_w_hr = at::empty({0}, opts);
   return {d_gx, dh, dc, d_w_hh, d_w_hr};
 }

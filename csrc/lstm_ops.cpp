@@ -110,6 +110,18 @@ void check_backward_inputs(const Plan& p, const OutputGrads& grads, const Tensor
   check(y, p.step_sizes(p.P), dt, "y");
 }
 
+void check_masks(const Plan& p, const StepMasks& masks, const Tensor& h0) {
+  auto check = [&](const std::optional<Tensor>& t, at::IntArrayRef sizes, const char* name) {
+    if (!StepMasks::on(t)) return;
+    TORCH_CHECK(t->sizes() == sizes && t->scalar_type() == h0.scalar_type() && t->device() == h0.device(),
+                "lstm_fast: ", name, " must be ", sizes, " ", h0.scalar_type(), " on ", h0.device(), ", got ",
+                t->sizes(), " ", t->scalar_type(), " on ", t->device());
+  };
+  check(masks.recurrent, {p.B, p.P}, "recurrent_mask");
+  check(masks.zone_c, p.step_sizes(p.H), "zone_c");
+  check(masks.zone_h, p.step_sizes(p.P), "zone_h");
+}
+
 Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan) {
   if (!plan.packed) {
     return plan.T > 0 ? y.select(0, plan.order[plan.T - 1]).clone() : h0.clone();
@@ -125,12 +137,27 @@ Tensor final_hidden(const Tensor& y, const Tensor& h0, const Plan& plan) {
   return h;
 }
 
+// rec_mask [B,P] expanded to every token of a per-step tensor: [1,B,P] padded, [N,P] packed.
+static Tensor token_mask(const Tensor& rec_mask, const Plan& plan) {
+  if (!plan.packed) return rec_mask.unsqueeze(0);
+  Tensor idx = at::empty({plan.N}, at::TensorOptions().dtype(at::kLong));
+  int64_t* index = idx.data_ptr<int64_t>();
+  for (int64_t t = 0; t < plan.T; ++t)
+    for (int64_t b = 0, n = plan.active[plan.reverse ? plan.T - 1 - t : t]; b < n; ++b) index[plan.row0[t] + b] = b;
+  return rec_mask.index_select(0, idx.to(rec_mask.device()));
+}
+
 std::tuple<Tensor, Tensor> weight_grads(const Tensor& d_gates, const Tensor& y, const Tensor& h0, const Tensor& d_r,
-                                        const Tensor& h_pre, const Plan& plan, const Tensor& w_hh) {
+                                        const Tensor& h_pre, const Plan& plan, const Tensor& w_hh,
+                                        const Tensor& rec_mask) {
   const int64_t G = 4 * plan.H, P = plan.P, T = plan.T;
   Tensor d_w_hh, d_w_hr;
   if (d_r.defined()) {
     d_w_hr = d_r.reshape({-1, P}).t().mm(h_pre.reshape({-1, plan.H}));
+  }
+  if (rec_mask.defined()) {
+    // every previous state entered the product masked by its batch row's mask
+    return weight_grads(d_gates, y.mul(token_mask(rec_mask, plan)), h0.mul(rec_mask), d_r, h_pre, plan, w_hh);
   }
   if (plan.packed) {
     // A row's previous state is y of the step before, or its h0 at its first
@@ -166,14 +193,17 @@ TORCH_LIBRARY(lstm_fast, m) {
   m.set_python_module("lstm_fast._ops");
   m.def(
       "lstm_forward(Tensor gx, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, "
-      "bool reverse, bool need_grad) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+      "bool reverse, bool need_grad, Tensor? recurrent_mask=None, Tensor? zone_c=None, Tensor? zone_h=None) -> "
+      "(Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   m.def(
       "lstm_forward_projected(Tensor x, Tensor w_ih, Tensor? bias, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool need_grad) -> "
+      "Tensor? w_hr, Tensor? batch_sizes, bool reverse, bool need_grad, Tensor? recurrent_mask=None, "
+      "Tensor? zone_c=None, Tensor? zone_h=None) -> "
       "(Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   m.def(
       "lstm_backward(Tensor grad_y, Tensor grad_hn, Tensor grad_cn, Tensor gates, Tensor cells, Tensor y, "
-      "Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse) -> "
+      "Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
+      "Tensor? recurrent_mask=None, Tensor? zone_c=None, Tensor? zone_h=None) -> "
       "(Tensor d_gx, Tensor d_h0, Tensor d_c0, Tensor d_w_hh, Tensor d_w_hr)");
 }
 

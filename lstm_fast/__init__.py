@@ -9,6 +9,7 @@ Backends: see lstm_fast.available_backends().
 from ._ops import load_prebuilt as _load_prebuilt
 from .backends import BACKEND_NAMES, available_backends
 from .function import LSTMRecurrence, lstm_layer, lstm_recurrence
+from .inspection import Inspection, StepStates, inspect
 from .nn import LSTM, LSTMCell
 
 # the prebuilt extension's ops exist from import on (a saved program calling them loads);
@@ -16,5 +17,5 @@ from .nn import LSTM, LSTMCell
 _load_prebuilt()
 
 __all__ = ["LSTM", "LSTMCell", "lstm_layer", "lstm_recurrence", "LSTMRecurrence",
-           "available_backends", "BACKEND_NAMES"]
+           "available_backends", "BACKEND_NAMES", "inspect", "Inspection", "StepStates"]
 __version__ = "0.1.0"

@@ -109,7 +109,8 @@ def _register_fakes() -> None:
     _fakes_registered = True
 
     @torch.library.register_fake("lstm_fast::lstm_forward")
-    def _forward_fake(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+    def _forward_fake(gx, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad, recurrent_mask=None, zone_c=None,
+                      zone_h=None):
         rows, G = gx.shape[:-1], gx.shape[-1]  # (T, B) padded, (N,) packed
         B, H, P = h0.shape[0], G // 4, h0.shape[1]
         acc = acc_dtype(gx.dtype)
@@ -121,12 +122,14 @@ def _register_fakes() -> None:
         return y, h0.new_empty((B, P)), c0.new_empty((B, H)), gates, cells
 
     @torch.library.register_fake("lstm_fast::lstm_forward_projected")
-    def _forward_projected_fake(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad):
+    def _forward_projected_fake(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, need_grad,
+                                recurrent_mask=None, zone_c=None, zone_h=None):
         return _forward_fake(x.new_empty((*x.shape[:-1], w_ih.shape[0])), h0, c0, w_hh, w_hr, batch_sizes,
                              reverse, need_grad)
 
     @torch.library.register_fake("lstm_fast::lstm_backward")
-    def _backward_fake(grad_y, grad_hn, grad_cn, gates, cells, y, h0, c0, w_hh, w_hr, batch_sizes, reverse):
+    def _backward_fake(grad_y, grad_hn, grad_cn, gates, cells, y, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                       recurrent_mask=None, zone_c=None, zone_h=None):
         d_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty((0,))
         return (grad_y.new_empty(gates.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
                 w_hh.new_empty(w_hh.shape), d_w_hr)

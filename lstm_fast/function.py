@@ -23,6 +23,7 @@ from .backends.base import (
     ProjectionWanted,
     RecurrentWeights,
     SequenceLayout,
+    StepMasks,
     acc_dtype,
     graph_recorder,
 )
@@ -35,10 +36,11 @@ class RecurrenceCall:
     """The non-tensor arguments of one LSTMRecurrence call. A plain class, not a
     NamedTuple: vmap must not look inside it for tensors to batch."""
 
-    __slots__ = ("backend", "layout", "projected", "need_grad")
+    __slots__ = ("backend", "layout", "projected", "need_grad", "masks")
 
-    def __init__(self, backend, layout: SequenceLayout, projected: bool, need_grad: bool):
+    def __init__(self, backend, layout: SequenceLayout, projected: bool, need_grad: bool, masks=None):
         self.backend, self.layout, self.projected, self.need_grad = backend, layout, projected, need_grad
+        self.masks = masks  # StepMasks or None: constants of the call, kept for backward
 
     def __repr__(self) -> str:  # by content: torch.jit.trace compares graphs, which print it
         return (f"RecurrenceCall({self.backend.name}, packed={self.layout.batch_sizes is not None}, "
@@ -76,7 +78,7 @@ class LSTMRecurrence(torch.autograd.Function):
     def backward(ctx, grad_y, grad_hn, grad_cn, _grad_gates, _grad_cells):
         call = ctx.call
         grads = _input_grads(ctx.saved_tensors, ctx.needs_input_grad[:8], call.layout, call.backend.name,
-                             call.projected, (grad_y, grad_hn, grad_cn))
+                             call.projected, (grad_y, grad_hn, grad_cn), call.masks)
         return (*grads, None)
 
     @staticmethod
@@ -84,7 +86,7 @@ class LSTMRecurrence(torch.autograd.Function):
         return _loop_over_batch(LSTMRecurrence.apply, info, in_dims, args)
 
 
-def _input_grads(saved, needs_input_grad, layout, backend, projected, output_grads):
+def _input_grads(saved, needs_input_grad, layout, backend, projected, output_grads, masks=None):
     """The gradients of (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr) from the saved
     (x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, y, gates, cells): the backward of
     LSTMRecurrence and of the op lstm_fast::recurrence_forward alike."""
@@ -94,7 +96,12 @@ def _input_grads(saved, needs_input_grad, layout, backend, projected, output_gra
     need = list(needs_input_grad)
     args = (gates, cells, y, *grads, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, layout.batch_sizes, layout.reverse,
             backend, projected, need)
-    if torch.compiler.is_compiling():
+    if masks is not None:
+        if torch.is_grad_enabled() or _functorch.peek_interpreter_stack() is not None:
+            raise NotImplementedError("lstm_fast: second derivatives and torch.func transforms of a call with "
+                                      "recurrent_dropout or zoneout are not supported (use eval mode)")
+        d = _recurrence_backward(*args, masks=masks)
+    elif torch.compiler.is_compiling():
         # traced: cpp's and cuda's backward are torch ops; the others' is the op with a fake
         # kernel (no second derivatives in a compiled graph)
         traced = get_backend(backend).traceable
@@ -128,18 +135,19 @@ def _wanted_outputs(need):
 
 
 def _recurrence_backward(gates, cells, y, grad_y, grad_hn, grad_cn, x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr,
-                         batch_sizes, reverse, backend, projected, need):
+                         batch_sizes, reverse, backend, projected, need, masks=None):
     """The backend's fused backward. Returns (d_x, d_w_ih, d_bias, d_h0, d_c0, d_w_hh,
     d_w_hr), d_x being d_gx on the recurrence-only entry; empty tensors where not asked."""
     chosen = get_backend(backend)
+    extra = {} if masks is None else {"masks": masks}
     grads, state = OutputGrads(grad_y, grad_hn, grad_cn), LSTMState(h0, c0)
     weights, layout = RecurrentWeights(w_hh, w_hr), SequenceLayout(batch_sizes, reverse)
     if projected:
         wanted = ProjectionWanted(need[0], need[1], need[2] or need[3])
         d = chosen.backward_projected((gates, cells), y, grads, x, InputProjection(w_ih, _bias(b_ih, b_hh)),
-                                      state, weights, layout, wanted)
+                                      state, weights, layout, wanted, **extra)
     else:
-        r = chosen.backward((gates, cells), y, grads, state, weights, layout)
+        r = chosen.backward((gates, cells), y, grads, state, weights, layout, **extra)
         d = (r.gx, None, None, r.h0, r.c0, r.w_hh, r.w_hr)
     return tuple(x.new_empty(0) if g is None else g for g in d)
 
@@ -333,10 +341,11 @@ def _double_backward(ctx, *cotangents):
 
 def _backend_forward(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, call):
     state, weights = LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr)
+    extra = {} if call.masks is None else {"masks": call.masks}
     if call.projected:
         return call.backend.forward_projected(x, InputProjection(w_ih, _bias(b_ih, b_hh)), state, weights,
-                                              call.layout, call.need_grad)
-    return call.backend.forward(x, state, weights, call.layout, call.need_grad)
+                                              call.layout, call.need_grad, **extra)
+    return call.backend.forward(x, state, weights, call.layout, call.need_grad, **extra)
 
 
 def _forward_without_grad(*args):
@@ -388,9 +397,12 @@ def _call_outside_graph(fn, *args):
     return fn(*args)
 
 
-def _run(x, projection, state: LSTMState, weights: RecurrentWeights, layout: SequenceLayout, backend):
+def _run(x, projection, state: LSTMState, weights: RecurrentWeights, layout: SequenceLayout, backend, masks=None):
     """One layer-direction. projection = (w_ih, b_ih, b_hh) when x [T, B, I] is the layer
-    input, None when x is the precomputed gx [T, B, 4H]. Returns y, h_n, c_n."""
+    input, None when x is the precomputed gx [T, B, 4H]. masks: StepMasks or None.
+    Returns y, h_n, c_n."""
+    if masks is not None:
+        return _run_masked(x, projection, state, weights, layout, backend, masks)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # As torch.nn.LSTM under autocast: on CUDA cuDNN's LSTM runs wholly in the autocast
@@ -437,6 +449,46 @@ def _run(x, projection, state: LSTMState, weights: RecurrentWeights, layout: Seq
     # numba's and Triton's launchers are Python around foreign kernels, which dynamo
     # cannot follow: under torch.compile the recurrence is an eager island
     return _call_outside_graph(recurrence, *args)
+
+
+def _run_masked(x, projection, state, weights, layout, backend, masks):
+    """_run for a call with regulariser masks: always through LSTMRecurrence, on a backend
+    whose loops take the masks (the reference for the others), never into a recorded graph."""
+    if graph_recorder() is not None:
+        raise RuntimeError("lstm_fast: recurrent_dropout and zoneout cannot be recorded into a graph "
+                           "(torch.jit.trace, torch.export, ONNX); record the module without them")
+    _check_call(x, projection, state, weights, layout)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):  # as _run: the call runs in one dtype, autocast off
+        dtype = torch.get_autocast_dtype(device_type) if device_type == "cuda" else weights.w_hh.dtype
+        x, projection, state, weights, masks = (_cast(t, dtype) for t in (x, projection, state, weights, masks))
+        with torch.autocast(device_type, enabled=False):
+            return _run_masked(x, projection, state, weights, layout, backend, masks)
+    chosen = _masked_backend(x, state, weights, layout, backend)
+    masks = _cast(masks, x.dtype)
+    if chosen.widens_16bit and x.dtype in HALF_DTYPES:
+        wx, wp, ws, ww, wm = (_cast(t, torch.float32) for t in (x, projection, state, weights, masks))
+        return tuple(t.to(x.dtype) for t in _run_masked(wx, wp, ws, ww, layout, chosen.name, wm))
+    h0, c0 = state
+    w_ih, b_ih, b_hh = projection if projection is not None else (None, None, None)
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, h0, c0, weights.w_hh, w_ih, b_ih, b_hh, weights.w_hr))
+    masks = StepMasks(*(None if t is None else t.contiguous() for t in masks))
+    args = (x.contiguous(), _contiguous(w_ih), _contiguous(b_ih), _contiguous(b_hh), h0.contiguous(),
+            c0.contiguous(), weights.w_hh.contiguous(), _contiguous(weights.w_hr),
+            RecurrenceCall(chosen, layout, projection is not None, need_grad, masks))
+    recurrence = _with_function if need_grad else _forward_without_grad
+    return _call_outside_graph(recurrence, *args) if torch.compiler.is_compiling() else recurrence(*args)
+
+
+def _masked_backend(x, state, weights, layout, backend):
+    """The backend of a masked call: the chosen one when its loops take masks, else the reference."""
+    h0 = state.h
+    packed = layout.batch_sizes is not None
+    T, B = (len(layout.batch_sizes), h0.shape[0]) if packed else x.shape[:2]
+    sizes = LayerSizes(T, B, weights.w_hh.shape[0] // 4, h0.shape[-1], packed, layout.reverse)
+    chosen = select_backend(backend, x.device, x.dtype, sizes)
+    return chosen if chosen.supports_masks else get_backend("reference")
 
 
 def _contiguous(t):
@@ -541,13 +593,38 @@ def lstm_recurrence(gx, h0, c0, w_hh, w_hr=None, *, batch_sizes=None, reverse=Fa
 
 
 def lstm_projected(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None, reverse=False,
-                   backend=None):
+                   backend=None, masks=None):
     """One layer-direction on its time-major input x [T, B, I]: the backend computes the
     input projection (one GEMM for all steps, or fused into its own launch).
     Returns y [T, B, P], h_n [B, P], c_n [B, H]. With batch_sizes, x and y are packed
-    ([N, I], [N, P]) as in lstm_recurrence."""
+    ([N, I], [N, P]) as in lstm_recurrence. masks: the regularisers' StepMasks (backends/base.py)."""
     return _run(x, (w_ih, b_ih, b_hh), LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr),
-                SequenceLayout(batch_sizes, reverse), backend)
+                SequenceLayout(batch_sizes, reverse), backend, masks)
+
+
+def lstm_projected_states(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *, batch_sizes=None,
+                          reverse=False, backend=None, masks=None):
+    """lstm_projected's forward, without gradients, keeping what the backend saves per step:
+    returns y, h_n, c_n, gates (activated i, f, g, o [T, B, 4H]) and cells (c_t [T, B, H]),
+    the last two in the accumulation dtype ([N, *] each when packed)."""
+    with torch.no_grad():
+        projection, state = (w_ih, b_ih, b_hh), LSTMState(h0, c0)
+        weights, layout = RecurrentWeights(w_hh, w_hr), SequenceLayout(batch_sizes, reverse)
+        _check_call(x, projection, state, weights, layout)
+        chosen = _masked_backend(x, state, weights, layout, backend) if masks is not None else \
+            select_backend(backend, x.device, x.dtype, LayerSizes(
+                len(batch_sizes) if batch_sizes is not None else x.shape[0], h0.shape[0], w_hh.shape[0] // 4,
+                h0.shape[-1], batch_sizes is not None, reverse))
+        dtype = x.dtype
+        if chosen.widens_16bit and dtype in HALF_DTYPES:
+            x, projection, state, weights, masks = (_cast(t, torch.float32) for t in
+                                                     (x, projection, state, weights, masks))
+        extra = {} if masks is None else {"masks": StepMasks(*(_cast(t, x.dtype) for t in masks))}
+        y, h_n, c_n, saved = chosen.forward_projected(x.contiguous(), InputProjection(w_ih=projection[0].contiguous(),
+                                                      bias=_bias(projection[1], projection[2])), state, weights,
+                                                      layout, True, **extra)
+        gates, cells = chosen.activations(saved, layout)
+        return y.to(dtype), h_n.to(dtype), c_n.to(dtype), gates, cells
 
 
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,

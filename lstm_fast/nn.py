@@ -6,12 +6,15 @@ only forward changes.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .backends import BACKEND_NAMES
-from .backends.base import graph_recorder
+from .backends.base import StepMasks, graph_recorder
 from .function import check_state, lstm_projected, outside_graph
 
 
@@ -20,14 +23,51 @@ def _check_backend_name(backend):
         raise ValueError(f"unknown lstm_fast backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
 
 
-class _FastOptions:
-    """backend= and forget_bias=, shared by LSTM and LSTMCell (mixed in before torch's class)."""
+def _probability(name, p):
+    """p as a float in [0, 1), or ValueError (as nn.LSTM's dropout check)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or math.isnan(p) or not 0 <= p < 1:
+        raise ValueError(f"{name} should be a number in range [0, 1) representing a probability, got {p!r}")
+    return float(p)
 
-    def __init__(self, *args, backend: str | None = None, forget_bias: float = 0.0, **kwargs):
+
+def _zoneout_pair(zoneout):
+    """zoneout=p or (p_c, p_h) as the pair (p_c, p_h)."""
+    if isinstance(zoneout, (tuple, list)):
+        if len(zoneout) != 2:
+            raise ValueError(f"zoneout should be a probability or a pair (p_c, p_h), got {zoneout!r}")
+        return _probability("zoneout p_c", zoneout[0]), _probability("zoneout p_h", zoneout[1])
+    p = _probability("zoneout", zoneout)
+    return p, p
+
+
+def _zone_mask(p, shape, like, training):
+    """Per-step zoneout weights of c_{t-1} (or h_{t-1}): Bernoulli(p) in training, the
+    expectation p in eval (the convention of haste's zoneout); None when p is 0."""
+    if not p:
+        return None
+    if training:
+        return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(p)
+    return torch.full(shape, p, dtype=like.dtype, device=like.device)
+
+
+class _FastOptions:
+    """backend=, forget_bias= and the recurrent regularisers, shared by LSTM and LSTMCell
+    (mixed in before torch's class)."""
+
+    def __init__(self, *args, backend: str | None = None, forget_bias: float = 0.0, recurrent_dropout: float = 0.0,
+                 zoneout: float | tuple[float, float] = 0.0, weight_drop: float = 0.0, **kwargs):
         _check_backend_name(backend)
         self.backend = backend
         self.forget_bias = float(forget_bias)
+        self.recurrent_dropout = _probability("recurrent_dropout", recurrent_dropout)
+        self.zoneout = _zoneout_pair(zoneout)
+        self.weight_drop = _probability("weight_drop", weight_drop)
         super().__init__(*args, **kwargs)
+
+    def _regularised(self) -> bool:
+        """Whether a call draws masks: zoneout always (its eval form is the expectation),
+        the dropouts in training."""
+        return any(self.zoneout) or (self.training and (self.recurrent_dropout > 0 or self.weight_drop > 0))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -40,6 +80,14 @@ class _FastOptions:
             for name, p in self.named_parameters():
                 if name.startswith("bias_ih"):
                     p[H:2 * H] += self.forget_bias
+
+
+def _regulariser_repr(module):
+    s = f", recurrent_dropout={module.recurrent_dropout}" if module.recurrent_dropout else ""
+    if any(module.zoneout):
+        p_c, p_h = module.zoneout
+        s += f", zoneout={p_c}" if p_c == p_h else f", zoneout=({p_c}, {p_h})"
+    return s + (f", weight_drop={module.weight_drop}" if module.weight_drop else "")
 
 
 def _copy_weights(src, dst):
@@ -56,13 +104,19 @@ class LSTM(_FastOptions, nn.LSTM):
         from lstm_fast.available_backends(); a named backend that cannot serve
         a call raises instead of falling back.
     forget_bias: added to the forget-gate slice of bias_ih at initialisation.
+    recurrent_dropout: p of one Bernoulli mask per sequence and layer-direction on
+        h_{t-1} where it enters h_{t-1} @ W_hh^T, scaled by 1/(1-p) (Gal & Ghahramani 2016).
+    zoneout: p, or (p_c, p_h): each unit of c and h keeps its previous value with that
+        probability at each step (Krueger et al. 2017); in eval the expectation.
+    weight_drop: DropConnect on W_hh, one mask per forward call (Merity et al. 2018).
+    The three are off by default; the dropouts act in training mode only.
     """
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
         if self.backend not in (None, "auto"):
             s += f", backend={self.backend!r}"
-        return s
+        return s + _regulariser_repr(self)
 
     @classmethod
     def from_torch(cls, module: nn.LSTM, backend: str | None = None) -> LSTM:
@@ -76,6 +130,7 @@ class LSTM(_FastOptions, nn.LSTM):
         return new
 
     def to_torch(self) -> nn.LSTM:
+        _refuse_zoneout(self, "to_torch()")
         p = next(self.parameters())
         new = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
                       batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
@@ -88,6 +143,7 @@ class LSTM(_FastOptions, nn.LSTM):
         """What torch.jit.script compiles in this module's place (the Python forward is not
         TorchScript): the same parameters, a forward calling the registered op."""
         from .scripting import ScriptableLSTM
+        _refuse_zoneout(self, "torch.jit.script")
         return ScriptableLSTM(self)
 
     def _layer_weights(self, layer, direction):
@@ -110,6 +166,7 @@ class LSTM(_FastOptions, nn.LSTM):
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)
         if graph_recorder() is not None and _exporting_to_onnx():
+            _refuse_zoneout(self, "ONNX export")
             return self._onnx_forward(input, hx)
         if torch.compiler.is_compiling():  # traced (torch._dynamo.config.allow_rnn = True)
             return self._forward(input, hx)
@@ -212,13 +269,17 @@ class LSTM(_FastOptions, nn.LSTM):
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         h_n, c_n = [], []
+        regularised = self._regularised()
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(layer, direction)
                 k = layer * num_directions + direction
+                extra = {}
+                if regularised:
+                    w_hh, extra["masks"] = self._regularise(x, w_hh, batch_sizes, max_batch_size, real_hidden_size)
                 y, h, c = run_layer(x, hx[0][k], hx[1][k], w_ih, w_hh, b_ih, b_hh, w_hr,
-                                    batch_sizes=batch_sizes, reverse=direction == 1, backend=self.backend)
+                                    batch_sizes=batch_sizes, reverse=direction == 1, backend=self.backend, **extra)
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
@@ -235,6 +296,30 @@ class LSTM(_FastOptions, nn.LSTM):
             output = output.squeeze(0 if self.batch_first else 1)
             hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1))
         return output, hidden
+
+
+    def _regularise(self, x, w_hh, batch_sizes, B, P):
+        """(W_hh after weight_drop, StepMasks or None) for one layer-direction, drawn from
+        torch's generator: x [T, B, *] (packed [N, *]) gives the per-step shapes."""
+        if self.training and self.weight_drop > 0:
+            w_hh = torch.nn.functional.dropout(w_hh, self.weight_drop, training=True)
+        rec = None
+        if self.training and self.recurrent_dropout > 0:
+            keep = 1 - self.recurrent_dropout
+            rec = torch.empty(B, P, dtype=x.dtype, device=x.device).bernoulli_(keep).div_(keep)
+        rows = tuple(x.shape[:1] if batch_sizes is not None else x.shape[:2])
+        p_c, p_h = self.zoneout
+        masks = StepMasks(rec, _zone_mask(p_c, (*rows, self.hidden_size), x, self.training),
+                          _zone_mask(p_h, (*rows, P), x, self.training))
+        return w_hh, masks if masks.any() else None
+
+
+def _refuse_zoneout(module, what):
+    # zoneout changes the eval-mode computation too, which torch's LSTM and the scripted
+    # or exported forms do not have
+    if any(module.zoneout):
+        raise ValueError(f"lstm_fast: {what} is not available for a module with zoneout (it changes the "
+                         f"eval-mode computation as well)")
 
 
 @outside_graph
@@ -311,7 +396,18 @@ def _check_state_placement(input, hx):
 
 
 class LSTMCell(_FastOptions, nn.LSTMCell):
-    """torch.nn.LSTMCell with the fused step; same constructor plus backend= and forget_bias=."""
+    """torch.nn.LSTMCell with the fused step; same constructor plus backend=, forget_bias=
+    and zoneout= (as LSTM's; recurrent_dropout and weight_drop hold a mask for a whole
+    sequence, which a one-step cell does not see: use LSTM for them)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.recurrent_dropout or self.weight_drop:
+            raise ValueError("LSTMCell takes zoneout only: recurrent_dropout and weight_drop draw one mask per "
+                             "sequence, which a one-step cell cannot see (use lstm_fast.LSTM)")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + _regulariser_repr(self)
 
     @classmethod
     def from_torch(cls, module: nn.LSTMCell, backend: str | None = None) -> LSTMCell:
@@ -322,6 +418,7 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         return new
 
     def to_torch(self) -> nn.LSTMCell:
+        _refuse_zoneout(self, "to_torch()")
         p = self.weight_ih
         new = nn.LSTMCell(self.input_size, self.hidden_size, bias=self.bias, device=p.device, dtype=p.dtype)
         _copy_weights(self, new)
@@ -329,10 +426,12 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
 
     def __prepare_scriptable__(self):
         from .scripting import ScriptableLSTMCell
+        _refuse_zoneout(self, "torch.jit.script")
         return ScriptableLSTMCell(self)
 
     def forward(self, input, hx=None):
         if graph_recorder() is not None and _exporting_to_onnx():
+            _refuse_zoneout(self, "ONNX export")
             return nn.LSTMCell.forward(self, input, hx)  # written as standard ONNX operators
         # A cell stepped in a Python loop pays this method's cost every step: the usual
         # call (2-D input, a (h, c) pair of the right shapes, device and dtype) is
@@ -347,8 +446,13 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         is_batched = True
         if not usual:
             input, hx, is_batched = self._checked_args(input, hx)
+        masks = None
+        if self.zoneout[0] or self.zoneout[1]:  # one step: per-step masks [1, B, H]
+            shape = (1, input.shape[0], self.hidden_size)
+            masks = StepMasks(None, _zone_mask(self.zoneout[0], shape, input, self.training),
+                              _zone_mask(self.zoneout[1], shape, input, self.training))
         _, h, c = lstm_projected(input.unsqueeze(0), hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
-                                 self.bias_hh, backend=self.backend)
+                                 self.bias_hh, backend=self.backend, masks=masks)
         if not is_batched:
             h, c = h.squeeze(0), c.squeeze(0)
         return h, c

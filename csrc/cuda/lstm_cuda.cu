@@ -121,7 +121,18 @@ struct ForwardBuffers {
   Tensor z;             // [B,4H] acc_t scratch when need_grad is off
   Tensor hpre;          // [B,H] scratch with a projection
   bool need_grad = false;
+  // Regularisers (StepMasks, lstm.h), undefined when off: rmask [B,P]; zc, zh
+  // per step, all in acc_t. Applied with ATen ops around the step's kernel.
+  Tensor rmask, zc, zh;
 };
+
+// The first n rows of h_{t-1} at step s: the previous step's y, h0 for rows starting here.
+Tensor previous_h(const Plan& p, const Tensor& y, const Tensor& h0, int64_t s, int64_t n) {
+  const int64_t with_prev = p.rows_with_prev(s);
+  if (with_prev == 0) return h0.narrow(0, 0, n);
+  const Tensor prev = p.rows(y, p.order[s - 1], with_prev);
+  return with_prev < n ? at::cat({prev, h0.narrow(0, with_prev, n - with_prev)}) : prev;
+}
 
 // Forward over all steps: gx [T,B,4H], h0 [B,P] and contiguous weights w.
 template <typename scalar_t>
@@ -139,11 +150,16 @@ void forward_stepwise(const Plan& p, const Tensor& gx, const Tensor& h0, const R
     // h_{t-1}: the previous step's output, and h0 for rows starting at this step
     const int64_t with_prev = p.rows_with_prev(s);
     Tensor zt = out.need_grad ? p.rows(out.gates, t, n) : out.z.narrow(0, 0, n);
-    if (with_prev > 0) {
+    const bool zoned = out.zc.defined() || out.zh.defined();
+    const Tensor h_prev = zoned || out.rmask.defined() ? previous_h(p, out.y, h0, s, n) : Tensor();
+    const Tensor c_prev = out.zc.defined() ? out.c.narrow(0, 0, n).clone() : Tensor();
+    if (out.rmask.defined()) {
+      gemm(h_prev.mul(out.rmask.narrow(0, 0, n)).to(h_prev.scalar_type()), w_hh_t, zt);
+    } else if (with_prev > 0) {
       Tensor z_prev = zt.narrow(0, 0, with_prev);
       gemm(p.rows(out.y, p.order[s - 1], with_prev), w_hh_t, z_prev);
     }
-    if (n > with_prev) {
+    if (!out.rmask.defined() && n > with_prev) {
       Tensor z_new = zt.narrow(0, with_prev, n - with_prev);
       gemm(h0.narrow(0, with_prev, n - with_prev), w_hh_t, z_new);
     }
@@ -157,16 +173,27 @@ void forward_stepwise(const Plan& p, const Tensor& gx, const Tensor& h0, const R
       Tensor yt = p.rows(out.y, t, n);
       gemm(hout, w_hr_t, yt);
     }
+    if (out.zc.defined()) {  // c_t = c~_t + zc (c_{t-1} - c~_t); the saved cells hold c_t
+      Tensor ct = out.c.narrow(0, 0, n);
+      ct.add_(p.rows(out.zc, t, n).mul(c_prev.sub(ct)));
+      if (out.need_grad) p.rows(out.cells, t, n).copy_(ct);
+    }
+    if (out.zh.defined()) {
+      Tensor yt = p.rows(out.y, t, n);
+      const Tensor y_acc = yt.to(out.zh.scalar_type());
+      yt.copy_(y_acc.add(p.rows(out.zh, t, n).mul(h_prev.to(y_acc.scalar_type()).sub(y_acc))));
+    }
   }
 }
 
 // Outputs and scratch of one backward call.
 struct BackwardBuffers {
-  Tensor dh;         // [B,P] acc_t, in: grad_hn, out: d_h0
-  Tensor dc;         // [B,H] acc_t, in: grad_cn, out: d_c0
-  Tensor d_gx;       // [T,B,4H] out
-  Tensor d_r, hpre;  // [T,B,P], [T,B,H] out, with a projection
-  Tensor dhbuf;      // [B,H] acc_t scratch, with a projection
+  Tensor dh;             // [B,P] acc_t, in: grad_hn, out: d_h0
+  Tensor dc;             // [B,H] acc_t, in: grad_cn, out: d_c0
+  Tensor d_gx;           // [T,B,4H] out
+  Tensor d_r, hpre;      // [T,B,P], [T,B,H] out, with a projection
+  Tensor dhbuf;          // [B,H] acc_t scratch, with a projection
+  Tensor rmask, zc, zh;  // as in ForwardBuffers
 };
 
 // Backward over all steps, processing order reversed: grad_y [T,B,P]; gates
@@ -187,24 +214,47 @@ void backward_stepwise(const Plan& p, const Tensor& grad_y, const Tensor& gates,
     if (with_prev > 0 && with_prev < n) cprev = at::cat({cprev, c0.narrow(0, with_prev, n - with_prev)});
     const scalar_t* gy = p.rows(grad_y, t, n).const_data_ptr<scalar_t>();
     const acc_t* dh_in = out.dh.const_data_ptr<acc_t>();
+    Tensor carry, dh_total;  // hidden zoneout: zh * (gradient reaching h_t) goes straight to h_{t-1}
+    if (out.zh.defined() && !proj) {
+      const Tensor total = out.dh.narrow(0, 0, n).add(p.rows(grad_y, t, n).to(out.dh.scalar_type()));
+      carry = p.rows(out.zh, t, n).mul(total);
+      dh_total = total.sub(carry).contiguous();
+      dh_in = dh_total.const_data_ptr<acc_t>();
+      gy = nullptr;
+    }
     if (proj) {
       Tensor drt = p.rows(out.d_r, t, n);
       add_kernel<scalar_t, acc_t>
           <<<blocks_for(n * P), kThreads, 0, stream>>>(dh_in, gy, drt.data_ptr<scalar_t>(), n * P);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (out.zh.defined()) {
+        carry = p.rows(out.zh, t, n).mul(drt.to(out.zh.scalar_type()));
+        drt.sub_(carry.to(drt.scalar_type()));
+      }
       Tensor dhb = out.dhbuf.narrow(0, 0, n);
       gemm(drt, *w.w_hr, dhb);
       dh_in = out.dhbuf.const_data_ptr<acc_t>();
       gy = nullptr;
     }
     Tensor dgt = p.rows(out.d_gx, t, n);
+    Tensor cell_t = p.rows(cells, t, n), dc_t;
+    const Tensor gt = p.rows(gates, t, n);
+    if (out.zc.defined()) {
+      // cells hold c_t; the gates saw c~_t = f c_{t-1} + i g, which gets (1 - zc) of dc_t
+      cell_t = gt.narrow(1, H, H).mul(cprev.narrow(0, 0, n)).add(gt.narrow(1, 0, H).mul(gt.narrow(1, 2 * H, H)));
+      dc_t = out.dc.narrow(0, 0, n).clone();
+      out.dc.narrow(0, 0, n).sub_(p.rows(out.zc, t, n).mul(dc_t));
+    }
     backward_step_kernel<scalar_t, acc_t><<<blocks_for(n * H), kThreads, 0, stream>>>(
-        p.rows(gates, t, n).const_data_ptr<acc_t>(), p.rows(cells, t, n).const_data_ptr<acc_t>(),
-        cprev.const_data_ptr<acc_t>(), dh_in, gy, out.dc.data_ptr<acc_t>(), dgt.data_ptr<scalar_t>(),
+        gt.const_data_ptr<acc_t>(), cell_t.const_data_ptr<acc_t>(), cprev.const_data_ptr<acc_t>(), dh_in, gy,
+        out.dc.data_ptr<acc_t>(), dgt.data_ptr<scalar_t>(),
         proj ? p.rows(out.hpre, t, n).data_ptr<scalar_t>() : nullptr, n, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (out.zc.defined()) out.dc.narrow(0, 0, n).add_(p.rows(out.zc, t, n).mul(dc_t));
     Tensor dht = out.dh.narrow(0, 0, n);
     gemm(dgt, w.w_hh, dht);  // dh_{t-1} = dgates @ W_hh
+    if (out.rmask.defined()) dht.mul_(out.rmask.narrow(0, 0, n));
+    if (carry.defined()) dht.add_(carry);
   }
 }
 
@@ -217,9 +267,15 @@ void check_cuda(const Tensor& t) {
 
 }  // namespace
 
+// A mask in the accumulation type, or undefined when off.
+Tensor acc_mask(const std::optional<Tensor>& t, at::ScalarType acc) {
+  return StepMasks::on(t) ? t->to(acc).contiguous() : Tensor();
+}
+
 Tensor5 lstm_forward_cuda(const Tensor& gx_, const LSTMState& init, const RecurrentWeights& w_,
-                          const SequenceLayout& seq, bool need_grad) {
+                          const SequenceLayout& seq, bool need_grad, const StepMasks& masks) {
   const Plan p = make_plan(gx_, init, w_, seq);
+  check_masks(p, masks, init.h);
   check_forward_inputs(gx_, init.h);
   check_cuda(gx_);
   const c10::cuda::CUDAGuard guard(gx_.device());
@@ -237,6 +293,9 @@ Tensor5 lstm_forward_cuda(const Tensor& gx_, const LSTMState& init, const Recurr
   out.z = need_grad ? Tensor() : at::empty({B, G}, acc_opts);
   out.hpre = proj ? at::empty({B, H}, opts) : Tensor();
   out.need_grad = need_grad;
+  out.rmask = acc_mask(masks.recurrent, acc_type(gx.scalar_type()));
+  out.zc = acc_mask(masks.zone_c, acc_type(gx.scalar_type()));
+  out.zh = acc_mask(masks.zone_h, acc_type(gx.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gx.scalar_type(), "lstm_forward_cuda",
                                   [&] { forward_stepwise<scalar_t>(p, gx, h0, w, out); });
   Tensor h_n = final_hidden(out.y, h0, p);
@@ -245,9 +304,11 @@ Tensor5 lstm_forward_cuda(const Tensor& gx_, const LSTMState& init, const Recurr
 }
 
 Tensor5 lstm_backward_cuda(const OutputGrads& grads, const Tensor& gates_, const Tensor& cells_, const Tensor& y_,
-                           const LSTMState& init, const RecurrentWeights& w_, const SequenceLayout& seq) {
+                           const LSTMState& init, const RecurrentWeights& w_, const SequenceLayout& seq,
+                           const StepMasks& masks) {
   const Plan p = make_plan(gates_, init, w_, seq);
   check_backward_inputs(p, grads, gates_, cells_, y_, init.h);
+  check_masks(p, masks, init.h);
   check_cuda(init.h);
   const c10::cuda::CUDAGuard guard(init.h.device());
   const bool proj = w_.has_proj();
@@ -266,9 +327,14 @@ Tensor5 lstm_backward_cuda(const OutputGrads& grads, const Tensor& gates_, const
   out.d_r = proj ? at::empty(p.step_sizes(P), opts) : Tensor();
   out.hpre = proj ? at::empty(p.step_sizes(H), opts) : Tensor();
   out.dhbuf = proj ? at::empty({B, H}, acc_opts) : Tensor();
+  const auto acc = acc_type(dt);
+  out.rmask = acc_mask(masks.recurrent, acc);
+  out.zc = acc_mask(masks.zone_c, acc);
+  out.zh = acc_mask(masks.zone_h, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "lstm_backward_cuda",
                                   [&] { backward_stepwise<scalar_t>(p, grad_y, gates, cells, c0, w, out); });
-  auto [d_w_hh, d_w_hr] = weight_grads(out.d_gx, y, h0, out.d_r, out.hpre, p, w.w_hh);
+  const Tensor rmask = StepMasks::on(masks.recurrent) ? masks.recurrent->contiguous() : Tensor();
+  auto [d_w_hh, d_w_hr] = weight_grads(out.d_gx, y, h0, out.d_r, out.hpre, p, w.w_hh, rmask);
   if (!proj) d_w_hr = at::empty({0}, opts);
   const Tensor &dh = out.dh, &dc = out.dc;
   return {out.d_gx, dh.to(dt, false, dh.scalar_type() != dt), dc.to(dt, false, dc.scalar_type() != dt), d_w_hh, d_w_hr};

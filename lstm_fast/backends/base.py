@@ -78,6 +78,22 @@ class SequenceLayout(NamedTuple):
     reverse: bool = False
 
 
+class StepMasks(NamedTuple):
+    """The recurrent regularisers' masks of one call (lstm_fast.LSTM draws them), each
+    None when off; values in the call's dtype. Every backend computes:
+        z_t  = gx_t + (h_{t-1} * recurrent) @ W_hh^T          (recurrent dropout)
+        c~_t = f * c_{t-1} + i * g,   h~_t = o * tanh(c~_t)   (then W_hr when projected)
+        c_t  = zone_c_t * c_{t-1} + (1 - zone_c_t) * c~_t     (zoneout)
+        h_t  = zone_h_t * h_{t-1} + (1 - zone_h_t) * h~_t
+    and saves c_t (not c~_t) as cells; y_t = h_t."""
+    recurrent: torch.Tensor | None = None  # [B, P], the same at every step (scaled by 1/(1-p))
+    zone_c: torch.Tensor | None = None  # per step, [T, B, H] or [N, H] packed: 1 keeps c_{t-1}
+    zone_h: torch.Tensor | None = None  # per step, [T, B, P] or [N, P]: 1 keeps h_{t-1}
+
+    def any(self) -> bool:
+        return self.recurrent is not None or self.zone_c is not None or self.zone_h is not None
+
+
 class OutputGrads(NamedTuple):
     y: torch.Tensor  # [T, B, P]
     h_n: torch.Tensor  # [B, P]
@@ -119,6 +135,9 @@ class Backend:
     # Whether float16/bfloat16 calls run in float32: function._run widens the inputs
     # and rounds the results back (autograd's casts do the same for the gradients).
     widens_16bit = False
+    # Whether forward/backward (and their projected forms) take masks=StepMasks and run
+    # them in their own loops; function._run hands a masked call to the reference otherwise.
+    supports_masks = False
 
     def is_available(self) -> tuple[bool, str]:
         raise NotImplementedError
@@ -130,15 +149,16 @@ class Backend:
         raise NotImplementedError
 
     def forward_projected(self, x, projection: InputProjection, state: LSTMState, weights: RecurrentWeights,
-                          layout: SequenceLayout, need_grad: bool):
+                          layout: SequenceLayout, need_grad: bool, **masks):
         """forward() on the layer input x [T, B, I]. By default one GEMM here; a backend
         may fuse the projection into its own launch. Without grad, in blocks of steps
-        (in_time_blocks): gx of the whole sequence is never held."""
+        (in_time_blocks): gx of the whole sequence is never held. masks: masks=StepMasks,
+        only for a backend with supports_masks (then the call runs whole)."""
         def run(x, state, layout, need_grad):
             gx = torch.nn.functional.linear(x, projection.w_ih, projection.bias)
-            return self.forward(gx, state, weights, layout, need_grad)
+            return self.forward(gx, state, weights, layout, need_grad, **masks)
 
-        if need_grad:
+        if need_grad or masks:
             return run(x, state, layout, True)
         return in_time_blocks(run, x, state, layout, weights.w_hh.shape[0])
 
@@ -146,12 +166,18 @@ class Backend:
                  layout: SequenceLayout) -> RecurrenceGrads:
         raise NotImplementedError
 
+    def activations(self, saved, layout: SequenceLayout):
+        """(gates, cells) of a forward's saved tensors in the call's own layout: activated
+        i, f, g, o [T, B, 4H] and c_t [T, B, H] of every step ([N, *] packed, rows in
+        PackedSequence order), in the accumulation dtype. What lstm_fast.inspect reads."""
+        return saved
+
     def backward_projected(self, saved, y, grads: OutputGrads, x, projection: InputProjection, state: LSTMState,
                            weights: RecurrentWeights, layout: SequenceLayout,
-                           wanted: ProjectionWanted) -> ProjectedGrads:
+                           wanted: ProjectionWanted, **masks) -> ProjectedGrads:
         """backward() after forward_projected(). By default the projection's gradients
         are GEMMs over all T*B rows here."""
-        r = self.backward(saved, y, grads, state, weights, layout)
+        r = self.backward(saved, y, grads, state, weights, layout, **masks)
         d_gx, w_ih = r.gx, projection.w_ih
         d_x = d_gx.matmul(w_ih.to(d_gx.dtype)) if wanted.x else None
         d_w_ih = d_gx.reshape(-1, d_gx.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]).to(d_gx.dtype)) \
@@ -220,6 +246,11 @@ class PackedRows:
         has_prev = inside & (b < self.batch_sizes[t_prev])
         return torch.where(has_prev, self.starts_t[t_prev] + b, self.N + b).to(device)
 
+    def batch_row(self, device) -> torch.Tensor:
+        """[N] int64: the batch row (0 .. B-1) of every token."""
+        t = torch.repeat_interleave(torch.arange(self.T), self.batch_sizes)
+        return (torch.arange(self.N) - self.starts_t[t]).to(device)
+
     def last_index(self, device) -> torch.Tensor:
         """[B] int64: the row of each batch row's last processed token."""
         b = torch.arange(self.B)
@@ -249,6 +280,18 @@ class PaddedPacking(Backend):
 
     def padded_backward(self, saved, y, grads, state, weights, layout) -> RecurrenceGrads:
         raise NotImplementedError
+
+    def padded_activations(self, saved, layout):
+        """activations() of padded_forward's saved tensors, in the padded layout."""
+        return saved
+
+    def activations(self, saved, layout):
+        if layout.batch_sizes is None:
+            return self.padded_activations(saved, layout)
+        gates, cells = self.padded_activations(saved, SequenceLayout(layout.batch_sizes, False))
+        T, B = gates.shape[:2]
+        index = _padded_index(layout, B, gates.device)[0]
+        return tuple(t.reshape(T * B, -1).index_select(0, index) for t in (gates, cells))
 
     def forward(self, gx, state, weights, layout, need_grad):
         if layout.batch_sizes is None:
@@ -318,7 +361,7 @@ def in_time_blocks(run, x, state, layout, gx_width):
     return y, state.h, state.c, ()
 
 
-def weight_grads(d_gates, y, h0, reverse, d_r=None, h_pre=None, batch_sizes=None):
+def weight_grads(d_gates, y, h0, reverse, d_r=None, h_pre=None, batch_sizes=None, recurrent_mask=None):
     """Recurrent weight gradients as GEMMs over all tokens, after the time loop.
 
     dW_hh = sum_t d_gates[t]^T @ hprev[t], where hprev[t] is y of the previous
@@ -327,7 +370,7 @@ def weight_grads(d_gates, y, h0, reverse, d_r=None, h_pre=None, batch_sizes=None
     state is y of the step before or, at its first step, its h0.
     d_gates [T, B, 4H] pre-activation gate gradients, y [T, B, P], h0 [B, P],
     d_r [T, B, P] gradient reaching each projected output, h_pre [T, B, H]
-    ([N, *] each when packed).
+    ([N, *] each when packed); recurrent_mask [B, P]: hprev * mask entered the product.
     Returns d_w_hh [4H, P], d_w_hr [P, H] or None, in d_gates' dtype.
     """
     G = d_gates.shape[-1]
@@ -335,6 +378,13 @@ def weight_grads(d_gates, y, h0, reverse, d_r=None, h_pre=None, batch_sizes=None
     d_w_hr = None
     if d_r is not None:
         d_w_hr = d_r.reshape(-1, d_r.shape[-1]).t().mm(h_pre.reshape(-1, h_pre.shape[-1]).to(d_r.dtype))
+    if recurrent_mask is not None:  # every token's previous state, masked by its batch row's mask
+        m = recurrent_mask.to(d_gates.dtype)
+        h0 = h0 * m
+        if batch_sizes is None:
+            y = y * m
+        else:
+            y = y * m.index_select(0, PackedRows(batch_sizes, reverse).batch_row(m.device))
     if batch_sizes is not None:
         index = PackedRows(batch_sizes, reverse).prev_index(d_gates.device)
         hprev = torch.cat([y, h0]).index_select(0, index)

@@ -36,14 +36,18 @@ class _CompiledBackend(Backend):
             return False, f"dtype {dtype} is not supported ({names})"
         return True, "ok"
 
-    def forward(self, gx, state, weights, layout, need_grad):
-        y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward(gx, *state, *weights, *layout, bool(need_grad))
+    # the ops take the regularisers' masks (csrc/lstm.h StepMasks) in their loops
+    supports_masks = True
+
+    def forward(self, gx, state, weights, layout, need_grad, masks=None):
+        y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward(gx, *state, *weights, *layout, bool(need_grad),
+                                                                     *(masks or ()))
         return y, h_n, c_n, ((gates, cells) if need_grad else ())
 
-    def backward(self, saved, y, grads, state, weights, layout):
+    def backward(self, saved, y, grads, state, weights, layout, masks=None):
         gates, cells = saved
         d_gx, d_h0, d_c0, d_w_hh, d_w_hr = torch.ops.lstm_fast.lstm_backward(*grads, gates, cells, y, *state,
-                                                                             *weights, *layout)
+                                                                             *weights, *layout, *(masks or ()))
         return RecurrenceGrads(d_gx, d_h0, d_c0, d_w_hh, d_w_hr if weights.w_hr is not None else None)
 
 
@@ -63,10 +67,10 @@ class CppBackend(_CompiledBackend):
     dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     widens_16bit = True
 
-    def forward_projected(self, x, projection, state, weights, layout, need_grad):
+    def forward_projected(self, x, projection, state, weights, layout, need_grad, masks=None):
         # each thread projects its own gate columns before the time loop (lstm.h)
         y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward_projected(
-            x, *projection, *state, *weights, *layout, bool(need_grad))
+            x, *projection, *state, *weights, *layout, bool(need_grad), *(masks or ()))
         return y, h_n, c_n, ((gates, cells) if need_grad else ())
 
 

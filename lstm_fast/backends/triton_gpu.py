@@ -165,6 +165,10 @@ class TritonBackend(PaddedPacking):
         return choice
 
     # ----------------------------------------------------------------- forward
+    def padded_activations(self, saved, layout):
+        gates, cells = saved  # cells [T + 1, B, H]: c0 in the first processed slot (see _forward)
+        return gates, (cells[:-1] if layout.reverse else cells[1:])
+
     def padded_forward(self, gx, state, weights, layout, need_grad):
         with _on_device(gx.device):
             return self._forward(gx, state, weights, layout, need_grad)

@@ -145,9 +145,19 @@ def _layout(x, h0, batch_sizes):
     return len(batch_sizes), h0.shape[0], (x.shape[0],)
 
 
+def _masks(masks, dt, P, H):
+    """((rmask [B, P], zc [rows, H], zh [rows, P]) as arrays, empty where off; which are on)."""
+    npdt = _DTYPES[dt]
+    parts = tuple(masks) if masks is not None else (None, None, None)
+    arrays = tuple(_dummy(npdt, (0, 0)) if t is None else _array(t, dt).reshape(-1, w)
+                   for t, w in zip(parts, (P, H, P)))
+    return arrays, tuple(t is not None for t in parts)
+
+
 class NumbaBackend(Backend):
     name = "numba"
     widens_16bit = True  # float16/bfloat16 calls run in float32 (function._run)
+    supports_masks = True  # the loops take StepMasks (loops.py)
 
     def is_available(self):
         try:
@@ -174,20 +184,20 @@ class NumbaBackend(Backend):
         n_chunks = threads.chunk_count(B, H, P)
         return rows, n_chunks, _cuts(H, n_chunks), _cuts(P, n_chunks)
 
-    def forward(self, gx, state, weights, layout, need_grad):
-        return self._forward(gx, None, state, weights, layout, need_grad)
+    def forward(self, gx, state, weights, layout, need_grad, masks=None):
+        return self._forward(gx, None, state, weights, layout, need_grad, masks)
 
-    def forward_projected(self, x, projection, state, weights, layout, need_grad):
+    def forward_projected(self, x, projection, state, weights, layout, need_grad, masks=None):
         # The input projection runs inside the parallel launch: each thread computes
         # its chunk's gate columns for all T*B rows with the step's product kernel
         # (no separate GEMM call, no [T,B,4H] tensor through torch). Without grad, in
         # blocks of steps, so that the projection of a long sequence is never held whole.
-        if need_grad:
-            return self._forward(x, projection, state, weights, layout, True)
+        if need_grad or masks is not None:
+            return self._forward(x, projection, state, weights, layout, need_grad, masks)
         return in_time_blocks(lambda xb, st, lay, _: self._forward(xb, projection, st, weights, lay, False),
                               x, state, layout, weights.w_hh.shape[0])
 
-    def _forward(self, x, projection, state, weights, layout, need_grad):
+    def _forward(self, x, projection, state, weights, layout, need_grad, masks=None):
         """x is gx [T,B,4H] when projection is None, else the layer input [T,B,I] ([N,*] packed)."""
         jit.load()
         (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = state, weights, layout
@@ -230,14 +240,17 @@ class NumbaBackend(Backend):
             saved_n = (_dummy(npdt, (0, 0)),) * 2
         h_pre = np.empty((B, H), npdt) if has_proj else _dummy(npdt, (0, 0))
         products = _products(npdt, B, (w_hh_slabs, False), (w_hr_slabs, False))
+        (rmask, zc, zh), on = _masks(masks, dt, P, H)
+        # both parities of the masked state start as h0 * mask: a row reads it until it first runs
+        hm = _array((h0.to(dt) * masks.recurrent.to(dt)).repeat(2, 1, 1)) if on[0] else _dummy(npdt, (2, 0, 0))
         threads.launch(loops.forward_parallel, loops.forward_worker, n_chunks, sync.counters(n_chunks),
-                       (fused, bool(reverse), bool(need_grad), has_proj), (unit_cuts, col_cuts), inputs, w_ih_slabs,
-                       w_hh_slabs, w_hr_slabs, (_array(y).reshape(-1, P), _array(h), _array(c)), saved_n,
-                       (gx_chunks, h_pre, products))
+                       (fused, bool(reverse), bool(need_grad), has_proj, *on), (unit_cuts, col_cuts), inputs,
+                       w_ih_slabs, w_hh_slabs, w_hr_slabs, (_array(y).reshape(-1, P), _array(h), _array(c)), saved_n,
+                       (gx_chunks, h_pre, products), (rmask, hm, zc, zh))
         saved = (gates, cells) if need_grad else ()
         return y, h.to(h0.dtype), c.to(c0.dtype), saved
 
-    def backward(self, saved, y, grads, state, weights, layout):
+    def backward(self, saved, y, grads, state, weights, layout, masks=None):
         jit.load()
         (grad_y, grad_hn, grad_cn), (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = grads, state, weights, layout
         gates, cells = saved
@@ -269,9 +282,13 @@ class NumbaBackend(Backend):
         tanh_c = np.empty((n_chunks, _widest(H, n_chunks)), npdt)
         inputs = (_array(gates).reshape(-1, G), _array(cells).reshape(-1, H), _array(c0, dt),
                   _array(grad_y, dt).reshape(-1, P), bs, row0)
+        (rmask, zc, zh), on = _masks(masks, dt, P, H)
+        carry = np.empty((B, P), npdt) if on[2] else _dummy(npdt, (0, 0))
         threads.launch(loops.backward_parallel, loops.backward_worker, n_chunks, sync.counters(n_chunks),
-                       (bool(reverse), has_proj), (unit_cuts, col_cuts), inputs, w_hh_slabs, w_hr_slabs,
-                       (_array(dh), _array(dc), _array(dg).reshape(-1, G)), proj_grads, (products, tanh_c), npdt(1))
-        d_w_hh, d_w_hr = weight_grads(dg, y, h0.detach(), reverse, dr_all, hpre_all, batch_sizes)
+                       (bool(reverse), has_proj, *on), (unit_cuts, col_cuts), inputs, w_hh_slabs, w_hr_slabs,
+                       (_array(dh), _array(dc), _array(dg).reshape(-1, G)), proj_grads, (products, tanh_c), npdt(1),
+                       (rmask, carry, zc, zh))
+        d_w_hh, d_w_hr = weight_grads(dg, y, h0.detach(), reverse, dr_all, hpre_all, batch_sizes,
+                                      None if masks is None else masks.recurrent)
         return RecurrenceGrads(dg.to(grad_y.dtype), dh.to(h0.dtype), dc.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                                None if d_w_hr is None else d_w_hr.to(w_hr.dtype))

@@ -9,7 +9,12 @@ cut when P = H). A worker claims chunks phase by phase (sync.py). All arrays are
 C-contiguous.
 
 The workers take their arrays in bundles (tuples, unpacked on entry):
-    flags        forward (fused, reverse, need_grad, has_proj), backward (reverse, has_proj)
+    flags        forward (fused, reverse, need_grad, has_proj, has_rmask, has_zc, has_zh), backward
+                 (reverse, has_proj, has_rmask, has_zc, has_zh): the last three say which
+                 regulariser masks (backends/base.py StepMasks) the call has
+    masks        forward (rmask [B, P], hm [2, B, P] h_{t-1} * rmask by step parity, zc
+                 [rows, H], zh [rows, P]); backward (rmask, carry [B, P] scratch, zc, zh);
+                 empty arrays for those off
     cuts         (unit_cuts [n_chunks + 1], col_cuts [n_chunks + 1])
     *_slabs      (weight, index [n_chunks, most], counts [n_chunks], slabs [n_chunks, size]):
                  chunk c's slab of a weight, packed in phase 0 by gemm.pack_chunk_slab
@@ -31,15 +36,17 @@ def copy_into(dst, src, n):
 
 
 def forward_units(chunk, r0, n_rows, h_prev, with_prev, flags, cuts, inputs, gx_chunk, slab, out, saved, h_pre,
-                  product):
+                  product, masks, r_prev, n_prev):
     """One step (rows r0 .. r0 + n_rows - 1), one chunk: all four gates of its hidden
     units u0:u1, then their cell and hidden update. h_{t-1} of the first with_prev rows
     is h_prev (the previous step's y rows); the others start from h0 at this step.
 
     The input projection of row b is gx_rows[r0 + b] (gate q at q*H + u0) or, when
     fused, the chunk's own gx_chunk[r0 + b] (gate q at q*n_units) plus bias [G].
-    slab: the chunk's W_hh slab; product [B, >= 4 n_units, padded]: scratch."""
-    fused, _, need_grad, has_proj = flags
+    slab: the chunk's W_hh slab; product [B, >= 4 n_units, padded]: scratch.
+    Zoneout reads the unmasked h_{t-1}: y rows r_prev .. for the first n_prev rows, else h0."""
+    fused, _, need_grad, has_proj, has_rmask, has_zc, has_zh = flags
+    rmask, hm, zc, zh = masks
     unit_cuts = cuts[0]
     u0 = unit_cuts[chunk]
     n_units = unit_cuts[chunk + 1] - u0
@@ -75,11 +82,19 @@ def forward_units(chunk, r0, n_rows, h_prev, with_prev, flags, cuts, inputs, gx_
         gate_o = zb[3 * n_units:4 * n_units]
         cb = c[b, u0:u0 + n_units]
         hb = h_pre[b, u0:u0 + n_units] if has_proj else y[r0 + b, u0:u0 + n_units]
-        for j in range(n_units):
-            c_new = cell.new_cell(gate_f[j], cb[j], gate_i[j], gate_g[j])
-            cb[j] = c_new
-            hb[j] = cell.new_hidden(gate_o[j], cell.tanh(c_new))
+        if has_zc:  # c_t = c~_t + zc (c_{t-1} - c~_t); h~_t reads c~_t
+            zcb = zc[r0 + b, u0:u0 + n_units]
+            for j in range(n_units):
+                c_new = cell.new_cell(gate_f[j], cb[j], gate_i[j], gate_g[j])
+                cb[j] = c_new + zcb[j] * (cb[j] - c_new)
+                hb[j] = cell.new_hidden(gate_o[j], cell.tanh(c_new))
+        else:
+            for j in range(n_units):
+                c_new = cell.new_cell(gate_f[j], cb[j], gate_i[j], gate_g[j])
+                cb[j] = c_new
+                hb[j] = cell.new_hidden(gate_o[j], cell.tanh(c_new))
         if not has_proj:
+            zone_h(b, r0, u0, n_units, r_prev, n_prev, y, h0, zh, rmask, hm, has_zh, has_rmask)
             copy_into(h[b, u0:u0 + n_units], hb, n_units)
         if need_grad:
             gb = gates[r0 + b]
@@ -88,22 +103,42 @@ def forward_units(chunk, r0, n_rows, h_prev, with_prev, flags, cuts, inputs, gx_
             copy_into(cells[r0 + b, u0:u0 + n_units], cb, n_units)
 
 
-def forward_proj(chunk, r0, n_rows, h_pre, slab, col_cuts, out, product):
-    """One step (rows r0 ..), one chunk: projected state columns p0:p1 = h_pre @ W_hr[p0:p1]^T."""
+def zone_h(b, r0, e0, n_cols, r_prev, n_prev, y, h0, zh, rmask, hm, has_zh, has_rmask):
+    """Row b's state columns e0:e0 + n_cols of y_t: hidden zoneout against h_{t-1} (y row
+    r_prev + b when b < n_prev, else h0), then the masked copy for the next step (hm)."""
+    yb = y[r0 + b, e0:e0 + n_cols]
+    if has_zh:
+        hp = y[r_prev + b, e0:e0 + n_cols] if b < n_prev else h0[b, e0:e0 + n_cols]
+        zb = zh[r0 + b, e0:e0 + n_cols]
+        for j in range(n_cols):
+            yb[j] = yb[j] + zb[j] * (hp[j] - yb[j])
+    if has_rmask:
+        mb = rmask[b, e0:e0 + n_cols]
+        nb = hm[b, e0:e0 + n_cols]
+        for j in range(n_cols):
+            nb[j] = yb[j] * mb[j]
+
+
+def forward_proj(chunk, r0, n_rows, h_pre, slab, col_cuts, out, product, flags, h0, masks, r_prev, n_prev):
+    """One step (rows r0 ..), one chunk: projected state columns p0:p1 = h_pre @ W_hr[p0:p1]^T,
+    then hidden zoneout and the masked copy (zone_h)."""
     p0 = col_cuts[chunk]
     n_cols = col_cuts[chunk + 1] - p0
     if n_cols == 0:
         return
     y, h, _ = out
+    has_rmask, has_zh = flags[4], flags[6]
+    rmask, hm, _, zh = masks
     gemm.slab_gemm(h_pre, n_rows, slab, n_cols, product)
     for b in range(n_rows):
         zb = product[b, :n_cols]
         copy_into(y[r0 + b, p0:p0 + n_cols], zb, n_cols)
-        copy_into(h[b, p0:p0 + n_cols], zb, n_cols)
+        zone_h(b, r0, p0, n_cols, r_prev, n_prev, y, h0, zh, rmask, hm, has_zh, has_rmask)
+        copy_into(h[b, p0:p0 + n_cols], y[r0 + b, p0:p0 + n_cols], n_cols)
 
 
 def forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
-                   scratch):
+                   scratch, masks):
     """This thread's part of the forward time loop (thread: its prange index).
 
     inputs   (x_rows [rows, I] the layer input when fused, gx_rows [rows, G] the
@@ -118,8 +153,9 @@ def forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, 
     scratch  (gx_chunks [n_chunks, rows, padded 4 n_units] the fused input projection,
              computed in phase 0; h_pre [B, H]; products [n_chunks, B, padded width])
     """
-    fused, reverse, _, has_proj = flags
-    x_rows, _, _, _, batch_sizes, row0 = inputs
+    fused, reverse, _, has_proj, has_rmask = flags[:5]
+    x_rows, _, _, h0, batch_sizes, row0 = inputs
+    rmask, hm, zc, zh = masks
     ih_slabs = w_ih_slabs[3]
     hh_slabs = w_hh_slabs[3]
     hr_slabs = w_hr_slabs[3]
@@ -145,16 +181,24 @@ def forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, 
         r0 = row0[t]
         with_prev = 0  # rows whose h_{t-1} is the previous step's y (the others start at h0)
         h_prev = y[r0:r0]
+        r_prev = 0
         if step > 0:
             t_prev = t + 1 if reverse else t - 1
             with_prev = min(n_rows, batch_sizes[t_prev])
-            h_prev = y[row0[t_prev]:row0[t_prev] + with_prev]
+            r_prev = row0[t_prev]
+            h_prev = y[r_prev:r_prev + with_prev]
+        n_prev = with_prev
+        # this step writes the masked h_t into the other parity of hm
+        step_masks = (rmask, hm[(step + 1) % 2], zc, zh)
+        gemm_prev, gemm_with_prev = h_prev, with_prev
+        if has_rmask:  # every row's masked h_{t-1} (h0 * mask for rows not yet written)
+            gemm_prev, gemm_with_prev = hm[step % 2][:n_rows], n_rows
         done = 0
         for i in range(n_chunks):
             chunk = (thread + i) % n_chunks
             if sync.claim(counters, chunk, phase):
-                forward_units(chunk, r0, n_rows, h_prev, with_prev, flags, cuts, inputs, gx_chunks[chunk],
-                              hh_slabs[chunk], out, saved, h_pre, products[chunk])
+                forward_units(chunk, r0, n_rows, gemm_prev, gemm_with_prev, flags, cuts, inputs, gx_chunks[chunk],
+                              hh_slabs[chunk], out, saved, h_pre, products[chunk], step_masks, r_prev, n_prev)
                 done += 1
         sync.phase_end(counters, done, n_chunks, phase)
         phase += 1
@@ -163,46 +207,66 @@ def forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, 
             for i in range(n_chunks):
                 chunk = (thread + i) % n_chunks
                 if sync.claim(counters, chunk, phase):
-                    forward_proj(chunk, r0, n_rows, h_pre, hr_slabs[chunk], cuts[1], out, products[chunk])
+                    forward_proj(chunk, r0, n_rows, h_pre, hr_slabs[chunk], cuts[1], out, products[chunk], flags, h0,
+                                 step_masks, r_prev, n_prev)
                     done += 1
             sync.phase_end(counters, done, n_chunks, phase)
             phase += 1
 
 
 def forward_parallel(n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
-                     scratch):
+                     scratch, masks):
     """forward_worker on a team of threads, one prange iteration each."""
     for thread in prange(n_chunks):
         forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
-                       scratch)
+                       scratch, masks)
 
 
-def backward_carry(chunk, r_next, n_next, d_gates, slab, col_cuts, dh, product):
+def backward_carry(chunk, r_next, n_next, d_gates, slab, col_cuts, dh, product, masks, has_rmask, has_zh):
     """dh[:n_next, p0:p1] = d_gates[rows r_next ..] @ W_hh[:, p0:p1]: the gradient reaching h
-    of the step before that one (rows not active there keep theirs)."""
+    of the step before that one (rows not active there keep theirs); times the recurrent
+    mask, plus hidden zoneout's direct part (carry) when those are on."""
     p0 = col_cuts[chunk]
     n_cols = col_cuts[chunk + 1] - p0
     if n_cols == 0:
         return
     gemm.slab_gemm(d_gates[r_next:], n_next, slab, n_cols, product)
+    rmask, carry, _, _ = masks
     for b in range(n_next):
-        copy_into(dh[b, p0:p0 + n_cols], product[b, :n_cols], n_cols)
+        dhb = dh[b, p0:p0 + n_cols]
+        copy_into(dhb, product[b, :n_cols], n_cols)
+        if has_rmask:
+            mb = rmask[b, p0:p0 + n_cols]
+            for j in range(n_cols):
+                dhb[j] *= mb[j]
+        if has_zh:
+            kb = carry[b, p0:p0 + n_cols]
+            for j in range(n_cols):
+                dhb[j] += kb[j]
 
 
-def output_grad(chunk, r0, n_rows, col_cuts, dh, grad_y, d_r):
-    """d_r[r0 + b, p0:p1] = dh + grad_y: the gradient reaching the projected output of a step."""
+def output_grad(chunk, r0, n_rows, col_cuts, dh, grad_y, d_r, masks, has_zh):
+    """d_r[r0 + b, p0:p1] = dh + grad_y: the gradient reaching the projected output of a step
+    (with hidden zoneout, zh of it is carried to h_{t-1} instead)."""
     p0 = col_cuts[chunk]
     p1 = col_cuts[chunk + 1]
+    _, carry, _, zh = masks
     for b in range(n_rows):
         drb = d_r[r0 + b, p0:p1]
         dhb = dh[b, p0:p1]
         gyb = grad_y[r0 + b, p0:p1]
         for j in range(p1 - p0):
             drb[j] = dhb[j] + gyb[j]
+        if has_zh:
+            kb = carry[b, p0:p1]
+            zb = zh[r0 + b, p0:p1]
+            for j in range(p1 - p0):
+                kb[j] = zb[j] * drb[j]
+                drb[j] -= kb[j]
 
 
 def backward_units(chunk, r0, r_prev, with_prev, n_rows, inputs, slab, unit_cuts, has_proj, grads, proj_grads,
-                   product, tanh_c, one):
+                   product, tanh_c, one, masks, has_zc, has_zh):
     """One step (rows r0 ..), one chunk: gate derivatives of its units u0:u1 and dc_{t-1};
     with a projection first the gradient reaching h_pre, d_r @ W_hr[:, u0:u1] (slab).
     c_{t-1} of the first with_prev rows is in cells at rows r_prev ..; the others started
@@ -225,8 +289,12 @@ def backward_units(chunk, r0, r_prev, with_prev, n_rows, inputs, slab, unit_cuts
         gate_o = gb[3 * H + u0:3 * H + u0 + n_units]
         c_prev = cells[r_prev + b, u0:u0 + n_units] if b < with_prev else c0[b, u0:u0 + n_units]
         c_t = cells[r0 + b, u0:u0 + n_units]
-        for j in range(n_units):
-            tanh_c[j] = cell.tanh(c_t[j])
+        if has_zc:  # cells hold c_t; the gates saw c~_t = f c_{t-1} + i g
+            for j in range(n_units):
+                tanh_c[j] = cell.tanh(cell.new_cell(gate_f[j], c_prev[j], gate_i[j], gate_g[j]))
+        else:
+            for j in range(n_units):
+                tanh_c[j] = cell.tanh(c_t[j])
         if has_proj:
             hp = h_pre[r0 + b, u0:u0 + n_units]
             for j in range(n_units):
@@ -237,19 +305,33 @@ def backward_units(chunk, r0, r_prev, with_prev, n_rows, inputs, slab, unit_cuts
             gy = grad_y[r0 + b, u0:u0 + n_units]
             for j in range(n_units):
                 dh_b[j] += gy[j]
+            if has_zh:  # zh of the gradient reaching h_t goes straight to h_{t-1}
+                kb = masks[1][b, u0:u0 + n_units]
+                zb = masks[3][r0 + b, u0:u0 + n_units]
+                for j in range(n_units):
+                    kb[j] = zb[j] * dh_b[j]
+                    dh_b[j] -= kb[j]
         db = d_gates[r0 + b]
         d_i = db[u0:u0 + n_units]
         d_f = db[H + u0:H + u0 + n_units]
         d_g = db[2 * H + u0:2 * H + u0 + n_units]
         d_o = db[3 * H + u0:3 * H + u0 + n_units]
         dc_b = dc[b, u0:u0 + n_units]
-        for j in range(n_units):
-            d_i[j], d_f[j], d_g[j], d_o[j], dc_b[j] = cell.cell_grads(
-                dc_b[j], dh_b[j], gate_o[j], tanh_c[j], gate_g[j], gate_i[j], c_prev[j], gate_f[j], one)
+        if has_zc:  # c_t = zc c_{t-1} + (1 - zc) c~_t
+            zcb = masks[2][r0 + b, u0:u0 + n_units]
+            for j in range(n_units):
+                kept = zcb[j] * dc_b[j]
+                d_i[j], d_f[j], d_g[j], d_o[j], dc_prev = cell.cell_grads(
+                    dc_b[j] - kept, dh_b[j], gate_o[j], tanh_c[j], gate_g[j], gate_i[j], c_prev[j], gate_f[j], one)
+                dc_b[j] = dc_prev + kept
+        else:
+            for j in range(n_units):
+                d_i[j], d_f[j], d_g[j], d_o[j], dc_b[j] = cell.cell_grads(
+                    dc_b[j], dh_b[j], gate_o[j], tanh_c[j], gate_g[j], gate_i[j], c_prev[j], gate_f[j], one)
 
 
 def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads, scratch,
-                    one):
+                    one, masks):
     """This thread's part of BPTT (thread: its prange index).
 
     inputs      (gates [rows, G] and cells [rows, H] saved by forward, c0 [B, H],
@@ -263,7 +345,7 @@ def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs,
     scratch     (products [n_chunks, B, padded width], tanh_c [n_chunks, >= n_units])
     one         1 in the dtype of the arrays: a literal 1.0 would widen float32 math to float64
     """
-    reverse, has_proj = flags
+    reverse, has_proj, has_rmask, has_zc, has_zh = flags
     unit_cuts, col_cuts = cuts
     _, _, _, grad_y, batch_sizes, row0 = inputs
     hh_slabs = w_hh_slabs[3]
@@ -301,12 +383,12 @@ def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs,
             if sync.claim(counters, chunk, phase):
                 if t_next >= 0:
                     backward_carry(chunk, row0[t_next], batch_sizes[t_next], d_gates, hh_slabs[chunk], col_cuts, dh,
-                                   products[chunk])
+                                   products[chunk], masks, has_rmask, has_zh)
                 if has_proj:
-                    output_grad(chunk, r0, n_rows, col_cuts, dh, grad_y, d_r)
+                    output_grad(chunk, r0, n_rows, col_cuts, dh, grad_y, d_r, masks, has_zh)
                 else:
                     backward_units(chunk, r0, r_prev, with_prev, n_rows, inputs, hr_slabs[chunk], unit_cuts, has_proj,
-                                   grads, proj_grads, products[chunk], tanh_c[chunk], one)
+                                   grads, proj_grads, products[chunk], tanh_c[chunk], one, masks, has_zc, has_zh)
                 done += 1
         sync.phase_end(counters, done, n_chunks, phase)
         phase += 1
@@ -316,7 +398,7 @@ def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs,
                 chunk = (thread + i) % n_chunks
                 if sync.claim(counters, chunk, phase):
                     backward_units(chunk, r0, r_prev, with_prev, n_rows, inputs, hr_slabs[chunk], unit_cuts, has_proj,
-                                   grads, proj_grads, products[chunk], tanh_c[chunk], one)
+                                   grads, proj_grads, products[chunk], tanh_c[chunk], one, masks, has_zc, False)
                     done += 1
             sync.phase_end(counters, done, n_chunks, phase)
             phase += 1
@@ -327,20 +409,20 @@ def backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs,
         chunk = (thread + i) % n_chunks
         if sync.claim(counters, chunk, phase):
             backward_carry(chunk, row0[t_next], batch_sizes[t_next], d_gates, hh_slabs[chunk], col_cuts, dh,
-                           products[chunk])
+                           products[chunk], masks, has_rmask, has_zh)
             done += 1
     sync.phase_end(counters, done, n_chunks, phase)
 
 
 def backward_parallel(n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads, scratch,
-                      one):
+                      one, masks):
     """backward_worker on a team of threads, one prange iteration each."""
     for thread in prange(n_chunks):
         backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads,
-                        scratch, one)
+                        scratch, one, masks)
 
 
-KERNELS = ("copy_into", "forward_units", "forward_proj", "forward_worker", "backward_carry", "output_grad",
+KERNELS = ("copy_into", "zone_h", "forward_units", "forward_proj", "forward_worker", "backward_carry", "output_grad",
            "backward_units", "backward_worker")
 PARALLEL_KERNELS = ("forward_parallel", "backward_parallel")
 
