@@ -139,7 +139,7 @@ def main():
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, label in (("torch", "torch.nn.LSTM"), ("lstm_fast", "lstm_fast.LSTM")):
-        ax.plot([x / math.log(2) for x in losses[name]], label=f"{label} ({speed[name]:,.0f} chars/s)", alpha=0.8)
+        ax.plot([x / math.log(2) for x in losses[name]], label=label, alpha=0.8)
     ax.set(xlabel="chunk", ylabel="training bits per character", title="Stateful truncated BPTT")
     ax.legend()
     fig.tight_layout()

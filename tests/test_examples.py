@@ -17,6 +17,8 @@ TINY = {
                      ["training_curves.png", "forecast.png"]),
     "classify.py": (["--epochs", "1", "--train", "64", "--test", "32", "--max-len", "24", "--hidden", "8"],
                     ["confusion.png"]),
+    "states.py": (["--steps", "3", "--length", "6", "--batch", "8", "--hidden", "8"],
+                  ["forget_bias.png", "states.png", "cells.png"]),
     "char_lm.py": (["--steps", "3", "--chars", "6000", "--batch", "4", "--chunk", "16", "--hidden", "16",
                     "--sample", "20"], ["loss.png", "sample.txt"]),
 }
