@@ -65,7 +65,7 @@ def finish(args, summary: dict) -> None:
     print(f"wrote {args.out}/")
 
 
-def side_by_side(times: dict) -> str:
-    """'lstm_fast 0.41 s/epoch, torch.nn.LSTM 0.93 s/epoch (2.3x)' from {name: seconds per epoch}."""
+def side_by_side(times: dict, unit: str = "s/epoch") -> str:
+    """'lstm_fast 0.41 s/epoch, torch.nn.LSTM 0.93 s/epoch (2.3x)' from {name: seconds per unit}."""
     fast, plain = times["lstm_fast"], times["torch"]
-    return f"lstm_fast {fast:.3g} s/epoch, torch.nn.LSTM {plain:.3g} s/epoch ({plain / fast:.2f}x)"
+    return f"lstm_fast {fast:.3g} {unit}, torch.nn.LSTM {plain:.3g} {unit} ({plain / fast:.2f}x)"

@@ -135,7 +135,7 @@ def main():
     fig.savefig(os.path.join(args.out, "cells.png"), dpi=120)
 
     last = max(1, args.steps // 5)  # the last fifth of training
-    print(side_by_side({k: v / 100 * args.steps for k, v in times.items()}))
+    print(side_by_side(times, "s per 100 steps"))
     finish(args, {
         "final_accuracy_forget_bias_0": sum(curves[0.0][-last:]) / last,
         "final_accuracy_forget_bias_1": sum(curves[1.0][-last:]) / last,
