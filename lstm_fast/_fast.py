@@ -1,0 +1,120 @@
+"""The usual call, short: one LSTMCell step or a one-direction LSTM call in plain
+eager code on the cpp backend goes straight to the extension's ops.
+
+At batch 1 a call's fixed cost outweighs its arithmetic (bench/NOTES_latency.md):
+the full path (torch.nn's checks in Python, backend choice, the autograd.Function)
+costs tens of microseconds a call. Here a module settles once whether its calls can
+take the short path (FastChoice), and each call then makes a few cheap tests and
+one op call; the ops check shapes, dtypes and devices in C++ and refuse anything
+unusual, which then takes the full path and gets torch.nn's errors.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ops
+from .backends import select_backend
+from .backends.base import LayerSizes
+
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = torch.compiler.is_exporting
+_is_tracing = torch._C._is_tracing
+_interpreters = torch._C._functorch.peek_interpreter_stack
+_is_autocast = torch.is_autocast_enabled
+_SHORT_DTYPES = (torch.float32, torch.float64)
+
+
+def watched() -> bool:
+    """Whether anything besides plain eager execution sees this call: torch.compile, a
+    graph recorder (jit.trace, export), a torch.func transform or CPU autocast. Those
+    take the full path, which knows how to behave under each (0.6 us a call)."""
+    return _is_compiling() or _is_tracing() or _is_exporting() or _interpreters() is not None or _is_autocast("cpu")
+
+
+def cpp_serves(backend: str | None, weight: torch.Tensor, hidden_size: int) -> bool:
+    """Whether the module's backend setting resolves to cpp for its weights (CPU,
+    float32/float64) and the extension has the step ops."""
+    if weight.device.type != "cpu" or weight.dtype not in _SHORT_DTYPES:
+        return False
+    try:
+        chosen = select_backend(backend, weight.device, weight.dtype, LayerSizes(1, 1, hidden_size, hidden_size))
+    except (RuntimeError, ValueError):
+        return False  # the full path raises the same error with its message
+    return chosen.name == "cpp" and _ops.load()[0] and hasattr(torch.ops.lstm_fast, "lstm_cell")
+
+
+class FastChoice:
+    """Mixin for LSTM and LSTMCell: the module's answer to "may my calls take the short
+    path?", kept in _short (None: not asked yet) and forgotten whenever what it rests on
+    may have changed: a parameter set, replaced or deleted, the module moved or cast
+    (_apply). The backend setting (backend=, LSTM_FAST_BACKEND) is read when it is asked."""
+
+    _short = None
+
+    def _forget_short(self):
+        self.__dict__["_short"] = None
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        self.__dict__["_short"] = None
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        self.__dict__["_short"] = None
+
+    def register_parameter(self, name, param):
+        super().register_parameter(name, param)
+        self.__dict__["_short"] = None
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.__dict__["_short"] = None
+        return out
+
+
+def lstm_call(module, layers, input, hx):
+    """LSTM.forward's usual call on the short path, or None for the full path.
+
+    layers: per layer (w_ih, w_hh, b_ih, b_hh). A one-step input (T=1) runs each layer
+    as one lstm_cell op (differentiable in C++); a longer one without gradients runs
+    each layer as one lstm_forward_projected op. Anything else returns None.
+    """
+    if type(input) is not torch.Tensor or input.dim() != 3:
+        return None
+    x = input.transpose(0, 1) if module.batch_first else input
+    T, B = x.shape[0], x.shape[1]
+    grad = torch.is_grad_enabled()
+    if T != 1 and grad:
+        return None  # training over a sequence: the autograd.Function of the full path
+    L, H = len(layers), module.hidden_size
+    if hx is None:
+        h0 = c0 = x.new_zeros(L, B, H)
+    else:
+        if type(hx) is not tuple or len(hx) != 2:
+            return None
+        h0, c0 = hx
+        if h0.shape != (L, B, H) or c0.shape != (L, B, H):
+            return None
+    hs, cs = [], []
+    try:
+        if T == 1:
+            step = torch.ops.lstm_fast.lstm_cell.default
+            y = x[0]
+            for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+                y, c = step(y, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh)
+                hs.append(y)
+                cs.append(c)
+            y = y.unsqueeze(0)
+        else:
+            run = torch.ops.lstm_fast.lstm_forward_projected.default
+            y = x.contiguous()
+            for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
+                bias = b_ih + b_hh if b_ih is not None else None
+                y, h, c, _, _ = run(y, w_ih, bias, h0[k], c0[k], w_hh, None, None, False, False)
+                hs.append(h)
+                cs.append(c)
+    except RuntimeError:
+        return None  # something unusual: the full path's checks say what, in torch.nn's words
+    # stacked, h_n is a tensor of its own, never a view of the output
+    hidden = (torch.stack(hs), torch.stack(cs))
+    return (y.transpose(0, 1) if module.batch_first else y), hidden
