@@ -47,8 +47,11 @@ constexpr int64_t kUnitBlock = 64;
 // Rows up to which a step computes its products as dot products over the
 // weights' contiguous rows (GEMV-shaped); above, two ATen GEMMs.
 constexpr int64_t kDotMaxRows = 4;
-// Multiply-adds below which a step runs on one thread: a fork/join costs more.
-constexpr int64_t kSplitMinWork = int64_t(1) << 17;
+// Multiply-adds below which a step runs on one thread. A fork/join waits for a
+// preempted partner thread: on the shared 2-core machine (load 5) a split B=1
+// H=256 step (524288) took 7.8 ms, against 34 us on one thread
+// (bench/NOTES_latency.md#threads); only steps of ~150 us and more split.
+constexpr int64_t kSplitMinWork = int64_t(1) << 22;
 
 bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
 

@@ -34,13 +34,8 @@ def watched() -> bool:
 def cpp_serves(backend: str | None, weight: torch.Tensor, hidden_size: int) -> bool:
     """Whether the module's backend setting resolves to cpp for its weights (CPU,
     float32/float64) and the extension has the step ops."""
-    if weight.device.type != "cpu" or weight.dtype not in _SHORT_DTYPES:
-        return False
-    try:
-        chosen = select_backend(backend, weight.device, weight.dtype, LayerSizes(1, 1, hidden_size, hidden_size))
-    except (RuntimeError, ValueError):
-        return False  # the full path raises the same error with its message
-    return chosen.name == "cpp" and _ops.load()[0] and hasattr(torch.ops.lstm_fast, "lstm_cell")
+    chosen = cpu_backend(backend, weight, hidden_size)  # a refusal: the full path raises it with its message
+    return chosen is not None and chosen.name == "cpp" and _ops.load()[0] and hasattr(torch.ops.lstm_fast, "lstm_cell")
 
 
 class FastChoice:
@@ -118,3 +113,42 @@ def lstm_call(module, layers, input, hx):
     # stacked, h_n is a tensor of its own, never a view of the output
     hidden = (torch.stack(hs), torch.stack(cs))
     return (y.transpose(0, 1) if module.batch_first else y), hidden
+
+
+_ONE_STEP = None
+
+
+def backend_step(module, chosen, input, h, c):
+    """One LSTMCell step on a backend that is not a torch op (numba), without the full
+    path's per-call work (autocast test, backend choice, the shared checks): the
+    module settled those once. Returns (h, c), or None for the full path."""
+    global _ONE_STEP
+    H = module.hidden_size
+    size = (input.shape[0], H) if input.dim() == 2 else None
+    # such kernels index raw memory: the shapes, dtype and device must agree exactly
+    w_ih, w_hh, b_ih, b_hh = module.weight_ih, module.weight_hh, module.bias_ih, module.bias_hh
+    if (size is None or input.shape[1] != module.input_size or h.shape != size or c.shape != size
+            or input.dtype != w_ih.dtype or h.dtype != w_ih.dtype or c.dtype != w_ih.dtype
+            or input.device != w_ih.device or h.device != w_ih.device or c.device != w_ih.device):
+        return None
+    from .backends.base import SequenceLayout
+    from .function import RecurrenceCall, _forward_without_grad, _with_function
+    if _ONE_STEP is None:
+        _ONE_STEP = SequenceLayout(None, False)
+    need_grad = torch.is_grad_enabled() and (
+        input.requires_grad or h.requires_grad or c.requires_grad or w_ih.requires_grad or w_hh.requires_grad
+        or (b_ih is not None and (b_ih.requires_grad or b_hh.requires_grad)))
+    run = _with_function if need_grad else _forward_without_grad
+    _, h, c = run(input.unsqueeze(0).contiguous(), w_ih, b_ih, b_hh, h.contiguous(), c.contiguous(), w_hh, None,
+                  RecurrenceCall(chosen, _ONE_STEP, True, need_grad))
+    return h, c
+
+
+def cpu_backend(backend: str | None, weight: torch.Tensor, hidden_size: int):
+    """The backend the module's setting resolves to for CPU float32/float64 weights, or None."""
+    if weight.device.type != "cpu" or weight.dtype not in _SHORT_DTYPES:
+        return None
+    try:
+        return select_backend(backend, weight.device, weight.dtype, LayerSizes(1, 1, hidden_size, hidden_size))
+    except (RuntimeError, ValueError):
+        return None

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ._fast import FastChoice, cpp_serves, lstm_call, watched
+from ._fast import FastChoice, backend_step, cpp_serves, cpu_backend, lstm_call, watched
 from .backends import BACKEND_NAMES
 from .backends.base import graph_recorder
 from .function import check_state, lstm_projected, outside_graph
@@ -351,21 +351,31 @@ class LSTMCell(FastChoice, _FastOptions, nn.LSTMCell):
         """(step op, w_ih, w_hh, b_ih, b_hh) when calls may take the short path
         (lstm_fast/_fast.py), else False. Kept until FastChoice forgets it."""
         p = self._parameters
-        ok = "weight_ih" in p and "weight_hh" in p and cpp_serves(self.backend, p["weight_ih"], self.hidden_size)
-        short = (torch.ops.lstm_fast.lstm_cell.default, p["weight_ih"], p["weight_hh"], p.get("bias_ih"),
-                 p.get("bias_hh")) if ok else False
+        short = False
+        if "weight_ih" in p and "weight_hh" in p:
+            if cpp_serves(self.backend, p["weight_ih"], self.hidden_size):
+                short = (torch.ops.lstm_fast.lstm_cell.default, p["weight_ih"], p["weight_hh"], p.get("bias_ih"),
+                         p.get("bias_hh"))
+            else:
+                chosen = cpu_backend(self.backend, p["weight_ih"], self.hidden_size)
+                # other CPU backends (numba) skip the per-call choice and checks at least
+                short = (None, chosen) if chosen is not None else False
         self.__dict__["_short"] = short
         return short
 
     def forward(self, input, hx=None):
         if type(hx) is tuple and len(hx) == 2 and not watched():  # traced code must not see the cached choice
             short = self._short if self._short is not None else self._decide_short()
-            if short:
+            if short and short[0] is not None:
                 step, w_ih, w_hh, b_ih, b_hh = short
                 try:
                     return step(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
                 except RuntimeError:
                     pass  # something unusual: the checks below say what, in torch.nn's words
+            elif short:
+                out = backend_step(self, short[1], input, hx[0], hx[1])
+                if out is not None:
+                    return out
         if graph_recorder() is not None and _exporting_to_onnx():
             return nn.LSTMCell.forward(self, input, hx)  # written as standard ONNX operators
         # A cell stepped in a Python loop pays this method's cost every step: the usual
