@@ -1,6 +1,6 @@
 """Where one call's microseconds go at batch 1, default backend (cpp), beside torch.nn.
 
-    python -m bench.cell_breakdown [--hidden 8,64,256] [--repeats 15]
+    python -m bench.cell_breakdown [--hidden 8,64,256] [--repeats 15] [--threads N]
 
 All times are per call (per step for the 50-step loops), medians of interleaved
 repeats in this process, in microseconds.
@@ -136,7 +136,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", default="8,64,256")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     numba = get_backend("numba").is_available()[0]
     hs = [int(h) for h in args.hidden.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; us per call (per step in loops), "
