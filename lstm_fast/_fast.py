@@ -61,6 +61,11 @@ class FastChoice:
         super().register_parameter(name, param)
         self.__dict__["_short"] = None
 
+    def __getstate__(self):  # pickle, deepcopy: the choice holds an op handle; a copy asks anew
+        state = dict(super().__getstate__())
+        state.pop("_short", None)
+        return state
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self.__dict__["_short"] = None

@@ -125,6 +125,26 @@ def test_cell_choice_follows_the_module():
     assert ref_backend._short[0] is None and ref_backend._short[1].name == "reference"  # no cpp op
 
 
+def test_modules_pickle_and_copy_after_a_call():
+    """The kept choice (an op handle) is not part of a module's state."""
+    import copy
+    import io
+    torch.manual_seed(6)
+    x, hx = torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(2, 4))
+    for m, call in ((lstm_fast.LSTMCell(3, 4), lambda m: m(x, hx)[0]),
+                    (lstm_fast.LSTM(3, 4), lambda m: m(x.unsqueeze(0))[0])):
+        want = call(m)
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        for other in (torch.load(buf, weights_only=False), copy.deepcopy(m)):
+            assert other._short is None
+            torch.testing.assert_close(call(other), want)
+            assert other._short  # asked anew, on its own parameters
+            kept = other._short[1:3] if isinstance(other, lstm_fast.LSTMCell) else other._short[0][:2]
+            assert all(any(k is p for p in other.parameters()) for k in kept)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layers,batch_first", ((1, False), (2, True)))
 def test_lstm_one_step_calls_match_torch(dtype, layers, batch_first):
