@@ -83,9 +83,6 @@ def lstm_call(module, layers, input, hx):
         return None
     x = input.transpose(0, 1) if module.batch_first else input
     T, B = x.shape[0], x.shape[1]
-    grad = torch.is_grad_enabled()
-    if T != 1 and grad:
-        return None  # training over a sequence: the autograd.Function of the full path
     L, H = len(layers), module.hidden_size
     if hx is None:
         h0 = c0 = x.new_zeros(L, B, H)
@@ -95,6 +92,10 @@ def lstm_call(module, layers, input, hx):
         h0, c0 = hx
         if h0.shape != (L, B, H) or c0.shape != (L, B, H):
             return None
+    if T != 1 and torch.is_grad_enabled() and (
+            input.requires_grad or (hx is not None and (h0.requires_grad or c0.requires_grad))
+            or any(w is not None and w.requires_grad for layer in layers for w in layer)):
+        return None  # training over a sequence: the autograd.Function of the full path
     hs, cs = [], []
     try:
         if T == 1:

@@ -178,6 +178,11 @@ def test_lstm_sequence_inference_matches_torch(dtype):
     with torch.inference_mode():
         got, want = ours(x, hx), ref(x, hx)
     _close((got[0], *got[1]), (want[0], *want[1]), dtype)
+    for p in ours.parameters():  # grad mode on, nothing asks for a gradient
+        p.requires_grad_(False)
+    got = ours(x, hx)
+    assert got[0].grad_fn is None
+    _close((got[0], *got[1]), (want[0], *want[1]), dtype)
 
 
 @pytest.mark.parametrize("kind", ("cell", "lstm", "lstm-reference"))
