@@ -25,6 +25,9 @@ class Shape:
     # One LSTMCell stepped T times in a Python loop (torch.nn.LSTMCell vs lstm_fast's)
     # instead of one LSTM call over the sequence: the per-call cost users of cells pay.
     cell: bool = False
+    # The LSTM fed one time step per call, its state carried from call to call, T calls
+    # in a Python loop (streaming use): the per-call cost of the LSTM module itself.
+    steps: bool = False
     # Variable-length batch (bench/varlen.py): "" dense; "padded" the padded call on the
     # full [T, B, I]; "packed" a PackedSequence; "lengths" padded input with lengths=.
     # The lengths are uniform in [T // 10, T], the same draw for every runner.
@@ -38,6 +41,8 @@ class Shape:
     def __post_init__(self):
         if self.cell and (self.L != 1 or self.bidir or self.proj):
             raise ValueError(f"a cell config is one layer, one direction, no projection: {self}")
+        if self.cell and self.steps:
+            raise ValueError(f"cell and steps are two kinds of loop; choose one: {self}")
 
     @property
     def name(self) -> str:
@@ -50,6 +55,8 @@ class Shape:
             s += f" P{self.proj}"
         if self.cell:
             s += " cell"
+        if self.steps:
+            s += " steps"
         if self.varlen:
             s += f" varlen-{self.varlen}"
         if self.reg:
@@ -60,12 +67,12 @@ class Shape:
     def family(self) -> str:
         """The shape without its sizes I and H: points of one hidden-size sweep share it."""
         return (f"T{self.T} B{self.B} L{self.L}{' bi' if self.bidir else ''}{' proj' if self.proj else ''}"
-                f"{' cell' if self.cell else ''}{' varlen' if self.varlen else ''}")
+                f"{' cell' if self.cell else ''}{' steps' if self.steps else ''}{' varlen' if self.varlen else ''}")
 
 
-def S(T, B, H, I=None, L=1, bidir=False, proj=0, cell=False, varlen="", reg="", modes=MODES, tags=()):
-    return Shape(T=T, B=B, I=H if I is None else I, H=H, L=L, bidir=bidir, proj=proj, cell=cell, varlen=varlen,
-                 reg=reg, modes=tuple(modes), tags=tuple(tags))
+def S(T, B, H, I=None, L=1, bidir=False, proj=0, cell=False, steps=False, varlen="", reg="", modes=MODES, tags=()):
+    return Shape(T=T, B=B, I=H if I is None else I, H=H, L=L, bidir=bidir, proj=proj, cell=cell, steps=steps,
+                 varlen=varlen, reg=reg, modes=tuple(modes), tags=tuple(tags))
 
 
 VARLEN_KINDS = ("padded", "packed", "lengths")
@@ -83,6 +90,16 @@ STACKED_CPU = [S(50, 16, 128, L=2, bidir=True)]
 # LSTMCell stepped in a Python loop: a tiny cell (per-call overhead), a mid-size and a
 # large one (the fused step's work).
 CELL_CPU = [S(50, 1, 64, cell=True), S(50, 8, 256, cell=True), S(50, 32, 512, cell=True)]
+# The fixed cost of a call (bench/NOTES_latency.md): B=1 and H=8, where the arithmetic is
+# negligible, for one LSTMCell step, one LSTM call at T=1 and T=100, and 100 one-step LSTM
+# calls with carried state; then the sizes the one-step speed claims are made on.
+LATENCY_CPU = [
+    S(1, 1, 8, cell=True, tags=("fixed-cost",)), S(1, 1, 8, tags=("fixed-cost",)),
+    S(100, 1, 8, cell=True, tags=("fixed-cost",)), S(100, 1, 8, steps=True, tags=("fixed-cost",)),
+    S(100, 1, 8, tags=("fixed-cost",)),
+    S(50, 1, 64, cell=True), S(50, 1, 256, cell=True), S(50, 8, 512, cell=True), S(50, 32, 512, cell=True),
+    S(50, 1, 256, steps=True), S(100, 1, 128, modes=("inference",)),
+]
 # Variable-length batches: the same sizes padded, packed and with lengths= side by side.
 VARLEN_CPU = [S(100, 32, 256, varlen=v, tags=("varlen",)) for v in VARLEN_KINDS]
 VARLEN_EXTRA_CPU = [S(200, 16, 128, L=2, bidir=True, varlen=v, tags=("varlen",)) for v in VARLEN_KINDS]
@@ -148,6 +165,7 @@ NAMED = {
     "flashrnn-gpu": FLASHRNN_GPU,
     "h200-sweep-gpu": H200_SWEEP_GPU,
     "cell": CELL_CPU,
+    "latency": LATENCY_CPU,
     "tiny": [S(8, 4, 32), S(8, 4, 32, L=2, bidir=True), S(4, 2, 16, cell=True)],  # smoke tests of the harness
 }
 
@@ -164,7 +182,8 @@ def default_dtypes(device: str, quick: bool) -> list[str]:
 
 _KEYS = {"t": "T", "b": "B", "i": "I", "h": "H", "l": "L", "layers": "L", "num_layers": "L",
          "bi": "bidir", "bidir": "bidir", "bidirectional": "bidir", "p": "proj", "proj": "proj",
-         "proj_size": "proj", "modes": "modes", "mode": "modes", "cell": "cell", "varlen": "varlen"}
+         "proj_size": "proj", "modes": "modes", "mode": "modes", "cell": "cell", "steps": "steps",
+         "varlen": "varlen"}
 
 
 def parse_spec(spec: str) -> list[Shape]:
@@ -191,7 +210,7 @@ def parse_spec(spec: str) -> list[Shape]:
                 if bad:
                     raise ValueError(f"unknown mode(s) {bad}; choose from {MODES}")
                 kw[key] = modes
-            elif key in ("bidir", "cell"):
+            elif key in ("bidir", "cell", "steps"):
                 kw[key] = v.lower() in ("1", "true", "yes", "y")
             elif key == "varlen":
                 if v not in VARLEN_KINDS:

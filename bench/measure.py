@@ -88,6 +88,26 @@ class RegularisedCellLoop(CellLoop):
         return torch.stack(ys), (h, c)
 
 
+class StepLoop(torch.nn.Module):
+    """An LSTM fed x [T, B, I] one step per call ([1, B, I]), its state carried from
+    call to call, presented as the whole layer: (y [T, B, H], (h_T, c_T))."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    @property
+    def weight_hh_l0(self):  # what outputs_of checks
+        return self.lstm.weight_hh_l0
+
+    def forward(self, x):
+        state, ys = None, []
+        for t in range(x.shape[0]):
+            y, state = self.lstm(x[t:t + 1], state)
+            ys.append(y)
+        return torch.cat(ys), state
+
+
 def make_base(shape, device, dtype):
     """torch's module for one configuration: nn.LSTM, or an nn.LSTMCell loop."""
     if shape.reg:
@@ -95,7 +115,8 @@ def make_base(shape, device, dtype):
     if shape.cell:
         return CellLoop(torch.nn.LSTMCell(shape.I, shape.H, device=device, dtype=dtype))
     base = torch.nn.LSTM(shape.I, shape.H, shape.L, bidirectional=shape.bidir, proj_size=shape.proj)
-    return base.to(device=device, dtype=dtype)
+    base = base.to(device=device, dtype=dtype)
+    return StepLoop(base) if shape.steps else base
 
 
 def make_module(name: str, base):
@@ -113,6 +134,8 @@ def make_module(name: str, base):
         return module
     if isinstance(base, CellLoop):
         return CellLoop(lstm_fast.LSTMCell.from_torch(base.cell, backend=name))
+    if isinstance(base, StepLoop):
+        return StepLoop(lstm_fast.LSTM.from_torch(base.lstm, backend=name))
     return lstm_fast.LSTM.from_torch(base, backend=name)
 
 
@@ -233,7 +256,8 @@ def _status_of(exc: BaseException) -> tuple[str, str]:
 def base_row(shape: Shape, dtype: str, mode: str, name: str) -> dict:
     return {"config": shape.name, "family": shape.family, "tags": list(shape.tags),
             "T": shape.T, "B": shape.B, "I": shape.I, "H": shape.H, "L": shape.L,
-            "bidir": shape.bidir, "proj": shape.proj, "cell": shape.cell, "dtype": dtype, "mode": mode,
+            "bidir": shape.bidir, "proj": shape.proj, "cell": shape.cell, "steps": shape.steps, "dtype": dtype,
+            "mode": mode,
             "backend": name, "status": "ok", "reason": "",
             "flops": lstm_flops(shape, mode) * varlen.real_share(shape),
             "varlen": shape.varlen, "real_share": varlen.real_share(shape),

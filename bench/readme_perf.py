@@ -53,6 +53,8 @@ def report_section(rep) -> str:
     base = "torch.nn.LSTM (cuDNN)" if m.get("device") == "cuda" else "torch.nn.LSTM (oneDNN)"
     if any(r.get("cell") for r in rep["rows"]):
         base += "; torch.nn.LSTMCell for `cell` configs"
+    if any(r.get("steps") for r in rep["rows"]):
+        base += "; for `steps` configs the module fed one step per call, state carried"
     commit = (m.get("git", {}).get("commit") or "?")[:10]
     timed = [n for n, b in rep.get("backends", {}).items() if b.get("timed")]
     left = [f"{n} ({_clip(b.get('note', ''))})" for n, b in rep.get("backends", {}).items() if not b.get("timed")]

@@ -17,6 +17,8 @@ def baseline_label(info: dict, rows=()) -> str:
     label = "torch.nn.LSTM (cuDNN)" if info.get("device") == "cuda" else "torch.nn.LSTM (oneDNN)"
     if any(r.get("cell") for r in rows):  # cell configs loop torch's own cell
         label += "; for `cell` configs torch.nn.LSTMCell in the same Python loop"
+    if any(r.get("steps") for r in rows):
+        label += "; for `steps` configs the same module fed one time step per call, state carried"
     return label
 
 

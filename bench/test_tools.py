@@ -26,6 +26,10 @@ def test_spec_parsing():
     assert cell.cell and cell.name == "T50 B8 I256 H256 cell" and cell != cfg.S(50, 8, 256)
     with pytest.raises(ValueError):  # a cell is one layer, one direction, no projection
         cfg.parse_spec("T=5,B=1,H=8,cell=1,L=2")
+    steps, = cfg.parse_spec("T=5,B=1,H=8,steps=1")
+    assert steps.steps and steps.name == "T5 B1 I8 H8 steps" and steps != cfg.S(5, 1, 8)
+    with pytest.raises(ValueError):  # two kinds of loop
+        cfg.parse_spec("T=5,B=1,H=8,steps=1,cell=1")
 
 
 def test_named_sets_and_reference_configs():

@@ -133,3 +133,21 @@ def _register_fakes() -> None:
         d_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty((0,))
         return (grad_y.new_empty(gates.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
                 w_hh.new_empty(w_hh.shape), d_w_hr)
+
+    @torch.library.register_fake("lstm_fast::lstm_cell")
+    def _cell_fake(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        return h.new_empty(h.shape), c.new_empty(c.shape)
+
+    @torch.library.register_fake("lstm_fast::lstm_cell_forward")
+    def _cell_forward_fake(x, h, c, w_ih, w_hh, b_ih, b_hh, need_grad):
+        gates = h.new_empty((x.shape[0], w_hh.shape[0]) if need_grad else (0,))
+        return h.new_empty(h.shape), c.new_empty(c.shape), gates
+
+    @torch.library.register_fake("lstm_fast::lstm_cell_backward")
+    def _cell_backward_fake(grad_h, grad_c, gates, c, c_n, x, h, w_ih, w_hh, need):
+        like = (x, h, c, w_ih, w_hh, w_hh[:, 0])
+        return tuple(t.new_empty(t.shape) if n else t.new_empty((0,)) for t, n in zip(like, need))
+
+    @torch.library.register_fake("lstm_fast::lstm_cell_out")
+    def _cell_out_fake(x, h, c, w_ih, w_hh, b_ih, b_hh, h_out, c_out):
+        return None

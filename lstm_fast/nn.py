@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ._fast import FastChoice, backend_step, cpp_serves, cpu_backend, lstm_call, watched
 from .backends import BACKEND_NAMES
 from .backends.base import StepMasks, graph_recorder
 from .function import check_state, lstm_projected, outside_graph
@@ -97,7 +98,7 @@ def _copy_weights(src, dst):
         dst.get_parameter(name).requires_grad_(p.requires_grad)
 
 
-class LSTM(_FastOptions, nn.LSTM):
+class LSTM(FastChoice, _FastOptions, nn.LSTM):
     """torch.nn.LSTM with fused kernels. Same constructor, plus:
 
     backend: 'auto' (default: LSTM_FAST_BACKEND or automatic choice) or a name
@@ -165,6 +166,11 @@ class LSTM(_FastOptions, nn.LSTM):
         and the final states at each length."""
         if lengths is not None:
             return self._forward_lengths(input, hx, lengths)
+        if not watched():  # first: traced code must not see (or set) the cached choice
+            short = self._short if self._short is not None else self._decide_short()
+            out = lstm_call(self, short, input, hx) if short else None
+            if out is not None:
+                return out
         if graph_recorder() is not None and _exporting_to_onnx():
             _refuse_zoneout(self, "ONNX export")
             return self._onnx_forward(input, hx)
@@ -174,6 +180,18 @@ class LSTM(_FastOptions, nn.LSTM):
         # eagerly, as it does torch's own LSTM; without this it would still compile each
         # function the forward calls, separately and for every new shape.
         return _forward_outside_graph(self, input, hx)
+
+    def _decide_short(self):
+        """Whether calls may take the short path (lstm_fast/_fast.py): one direction, no
+        projection, no dropout or regulariser to apply, the cpp backend. Kept until
+        FastChoice forgets it (train/eval and option changes are attribute sets)."""
+        ok = (not self.bidirectional and self.proj_size == 0 and not (self.dropout and self.training)
+              and not self._regularised()  # masks run on the full path
+              and all(n in self._parameters for n in self._flat_weights_names)
+              and cpp_serves(self.backend, self.weight_ih_l0, self.hidden_size))
+        short = [self._layer_weights(k, 0)[:4] for k in range(self.num_layers)] if ok else False
+        self.__dict__["_short"] = short
+        return short
 
     def _forward_lengths(self, input, hx, lengths):
         if isinstance(input, PackedSequence):
@@ -395,7 +413,7 @@ def _check_state_placement(input, hx):
     check_state(input, hx, check_dtype=not torch.is_autocast_enabled(input.device.type))
 
 
-class LSTMCell(_FastOptions, nn.LSTMCell):
+class LSTMCell(FastChoice, _FastOptions, nn.LSTMCell):
     """torch.nn.LSTMCell with the fused step; same constructor plus backend=, forget_bias=
     and zoneout= (as LSTM's; recurrent_dropout and weight_drop hold a mask for a whole
     sequence, which a one-step cell does not see: use LSTM for them)."""
@@ -429,7 +447,35 @@ class LSTMCell(_FastOptions, nn.LSTMCell):
         _refuse_zoneout(self, "torch.jit.script")
         return ScriptableLSTMCell(self)
 
+    def _decide_short(self):
+        """(step op, w_ih, w_hh, b_ih, b_hh) when calls may take the short path
+        (lstm_fast/_fast.py), else False. Kept until FastChoice forgets it."""
+        p = self._parameters
+        short = False
+        if "weight_ih" in p and "weight_hh" in p and not any(self.zoneout):  # zoneout's masks: the full path
+            if cpp_serves(self.backend, p["weight_ih"], self.hidden_size):
+                short = (torch.ops.lstm_fast.lstm_cell.default, p["weight_ih"], p["weight_hh"], p.get("bias_ih"),
+                         p.get("bias_hh"))
+            else:
+                chosen = cpu_backend(self.backend, p["weight_ih"], self.hidden_size)
+                # other CPU backends (numba) skip the per-call choice and checks at least
+                short = (None, chosen) if chosen is not None else False
+        self.__dict__["_short"] = short
+        return short
+
     def forward(self, input, hx=None):
+        if type(hx) is tuple and len(hx) == 2 and not watched():  # traced code must not see the cached choice
+            short = self._short if self._short is not None else self._decide_short()
+            if short and short[0] is not None:
+                step, w_ih, w_hh, b_ih, b_hh = short
+                try:
+                    return step(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
+                except RuntimeError:
+                    pass  # something unusual: the checks below say what, in torch.nn's words
+            elif short:
+                out = backend_step(self, short[1], input, hx[0], hx[1])
+                if out is not None:
+                    return out
         if graph_recorder() is not None and _exporting_to_onnx():
             _refuse_zoneout(self, "ONNX export")
             return nn.LSTMCell.forward(self, input, hx)  # written as standard ONNX operators

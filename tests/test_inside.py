@@ -319,3 +319,30 @@ def test_functional_entry_takes_masks():
     y0 = lstm_projected(x, h0, c0, w_ih, w_hh, backend="reference")[0]
     y1 = lstm_projected(x, h0, c0, w_ih, w_hh, backend="reference", masks=masks)[0]
     assert not torch.allclose(y0, y1)  # the recurrent input doubled
+
+
+def test_short_paths_keep_regularisers():
+    """The one-op short paths (LSTMCell step, LSTM one step or without grad, Stream) must
+    not skip a regulariser: zoneout's eval expectation changes the result, so a module
+    with it must equal its own full path, not the plain LSTM."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 4)
+    plain = lstm_fast.LSTM(4, 6).eval()
+    zoned = lstm_fast.LSTM(4, 6, zoneout=0.5).eval()
+    zoned.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        y_plain, _ = plain(x)
+        y_zoned, _ = zoned(x)
+        stream = lstm_fast.Stream(zoned, batch_size=3)
+        y_stream = stream.step(x[0])
+    assert not torch.allclose(y_plain, y_zoned)
+    torch.testing.assert_close(y_stream, y_zoned[0])
+    cell = lstm_fast.LSTMCell(4, 6, zoneout=0.5).eval()
+    cell_plain = lstm_fast.LSTMCell(4, 6).eval()
+    cell_plain.load_state_dict(cell.state_dict())
+    hx = (torch.randn(3, 6), torch.randn(3, 6))
+    with torch.no_grad():
+        h_zoned, _ = cell(x[0], hx)
+        h_plain, _ = cell_plain(x[0], hx)
+    # eval zoneout: h = p h_prev + (1 - p) h~
+    torch.testing.assert_close(h_zoned, 0.5 * hx[0] + 0.5 * h_plain)
