@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ._fast import FastChoice, backend_step, cpp_serves, cpu_backend, lstm_call, watched
 from .backends import BACKEND_NAMES
-from .backends.base import StepMasks, graph_recorder
+from .backends.base import PackedRows, StepMasks, graph_recorder
 from .function import check_state, lstm_projected, outside_graph
 
 
@@ -210,8 +210,7 @@ class LSTM(FastChoice, _FastOptions, nn.LSTM):
         sorted_lengths, sorted_indices = torch.sort(lengths, descending=True, stable=True)
         batch_sizes = (sorted_lengths.unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1)
         batch_sizes = batch_sizes[:int(sorted_lengths[0])]
-        t = torch.repeat_interleave(torch.arange(len(batch_sizes)), batch_sizes)
-        j = torch.arange(len(t)) - (torch.cumsum(batch_sizes, 0) - batch_sizes)[t]
+        t, j = PackedRows(batch_sizes, False).token_steps()  # j: the row in sorted order
         b = sorted_indices[j]
         index = (b * T + t if self.batch_first else t * B + b).to(input.device)
         data = input.reshape(T * B, input.shape[-1]).index_select(0, index)

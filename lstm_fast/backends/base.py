@@ -235,11 +235,20 @@ class PackedRows:
         self.starts_t = ends - self.batch_sizes
         self.starts = self.starts_t.tolist()
 
+    def token_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, b): the time index and the batch row of every token, [N] int64 each, on the CPU."""
+        t = torch.repeat_interleave(torch.arange(self.T), self.batch_sizes)
+        return t, torch.arange(self.N) - self.starts_t[t]
+
+    def lengths(self, B: int | None = None) -> torch.Tensor:
+        """[B] int64: each batch row's number of steps (0 for rows past batch_sizes[0])."""
+        rows = torch.arange(self.B if B is None else B)
+        return (self.batch_sizes.unsqueeze(0) > rows.unsqueeze(1)).sum(1)
+
     def prev_index(self, device) -> torch.Tensor:
         """[N] int64: token r's previous state is row prev_index[r] of cat([y, h0]) (y
         [N, P] in this layout, h0 [B, P] after it: index N + b for a row's first step)."""
-        t = torch.repeat_interleave(torch.arange(self.T), self.batch_sizes)
-        b = torch.arange(self.N) - self.starts_t[t]
+        t, b = self.token_steps()
         t_prev = t + 1 if self.reverse else t - 1
         inside = (t_prev >= 0) & (t_prev < self.T)
         t_prev = t_prev.clamp(0, max(self.T - 1, 0))
@@ -248,16 +257,14 @@ class PackedRows:
 
     def batch_row(self, device) -> torch.Tensor:
         """[N] int64: the batch row (0 .. B-1) of every token."""
-        t = torch.repeat_interleave(torch.arange(self.T), self.batch_sizes)
-        return (torch.arange(self.N) - self.starts_t[t]).to(device)
+        return self.token_steps()[1].to(device)
 
     def last_index(self, device) -> torch.Tensor:
         """[B] int64: the row of each batch row's last processed token."""
         b = torch.arange(self.B)
         if self.reverse:
             return b.to(device)  # every row ends at t = 0, the first B rows
-        lengths = (self.batch_sizes.unsqueeze(0) > b.unsqueeze(1)).sum(1)
-        return (self.starts_t[lengths - 1] + b).to(device)
+        return (self.starts_t[self.lengths() - 1] + b).to(device)
 
     def step_rows(self, t: int) -> slice:
         return slice(self.starts[t], self.starts[t] + self.sizes[t])
@@ -314,11 +321,9 @@ class PaddedPacking(Backend):
 def _padded_index(layout, B, device):
     """(index [N] of each packed row in the flattened [T*B] padded batch, T, B)."""
     rows = PackedRows(layout.batch_sizes, False)
-    t = torch.repeat_interleave(torch.arange(rows.T), rows.batch_sizes)
-    b = torch.arange(rows.N) - rows.starts_t[t]
+    t, b = rows.token_steps()
     if layout.reverse:  # step t of a sequence of length L goes to L - 1 - t
-        lengths = (rows.batch_sizes.unsqueeze(0) > torch.arange(rows.B).unsqueeze(1)).sum(1)
-        t = lengths[b] - 1 - t
+        t = rows.lengths()[b] - 1 - t
     return (t * B + b).to(device), rows.T, B
 
 

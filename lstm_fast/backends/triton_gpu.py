@@ -36,7 +36,7 @@ import os
 import torch
 
 from .. import _sources
-from .base import LayerSizes, PaddedPacking, RecurrenceGrads, acc_dtype, graph_recorder, weight_grads
+from .base import LayerSizes, PackedRows, PaddedPacking, RecurrenceGrads, acc_dtype, graph_recorder, weight_grads
 
 PATHS = ("auto", "step", "sequence")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -239,7 +239,7 @@ class TritonBackend(PaddedPacking):
 
         # Final states: each row's last active step (all rows: the last step).
         if packed:
-            lengths = _lengths(batch_sizes, B).to(dev)
+            lengths = PackedRows(batch_sizes, False).lengths(B).to(dev)
             rows = torch.arange(B, device=dev)
             h_n = y_ext[lengths, rows]
             c_slot = lengths if need_grad else lengths % 2
@@ -338,8 +338,3 @@ def _next_pow2(n: int) -> int:
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _lengths(batch_sizes, B):
-    """Per-row sequence length from packed batch_sizes [T] (CPU int64)."""
-    return (batch_sizes.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
