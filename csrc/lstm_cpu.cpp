@@ -25,6 +25,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -303,15 +304,10 @@ class StepBarrier {
     }
     // seq_cst on both sides: either the last thread sees sleepers_ > 0 and wakes
     // us, or our futex wait sees gen_ moved and returns at once.
-    const int64_t t0 = now_ns();
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
     while (gen_.load(std::memory_order_seq_cst) == gen) sleep(gen);
     sleepers_.fetch_sub(1, std::memory_order_relaxed);
-    slept_ns_.fetch_add(now_ns() - t0, std::memory_order_relaxed);
   }
-
-  // Nanoseconds all threads slept in this barrier (waits past the spin).
-  int64_t slept_ns() const { return slept_ns_.load(std::memory_order_relaxed); }
 
  private:
 #if defined(__linux__)
@@ -328,7 +324,6 @@ class StepBarrier {
   alignas(64) std::atomic<int> count_{0};
   alignas(64) std::atomic<uint32_t> gen_{0};
   std::atomic<int> sleepers_{0};
-  std::atomic<int64_t> slept_ns_{0};
 };
 static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
 
@@ -361,6 +356,7 @@ int64_t split_min() {
 // (bench/NOTES_cpp.md#preempted-threads).
 constexpr int64_t kSoloMinNs = 250'000'000, kSoloMaxNs = 4'000'000'000;
 std::atomic<int64_t> g_solo_until_ns{0}, g_solo_pause_ns{kSoloMinNs};
+bool solo_active() { return split_min() > 0 && now_ns() < g_solo_until_ns.load(std::memory_order_relaxed); }
 
 // CPUs the OS gives the process: min(its affinity mask, the cgroup's CFS quota
 // rounded down, at least 1), read once. The same policy as lstm_fast/_threads.py's
@@ -393,14 +389,39 @@ int os_thread_limit() {
 int loop_threads(int64_t B, int64_t H, int64_t P) {
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), os_thread_limit());
   if (nt <= 1 || omp_in_parallel() || B * 4 * H * P < split_min()) return 1;
-  if (split_min() > 0 && now_ns() < g_solo_until_ns.load(std::memory_order_relaxed)) return 1;
-  return (int)nt;
+  return solo_active() ? 1 : (int)nt;
 }
 
-// After a split call: its threads slept `slept` ns at barriers during `wall` ns.
-void note_split(int nt, int64_t slept, int64_t wall) {
+// While the solo fallback is on, an op's ATen calls (the weight-gradient GEMMs) run
+// on one thread too: torch's parallel regions wait for a preempted pool thread just
+// as the split loop did (bench/NOTES_cpp.md#preempted-threads).
+class SoloTorchThreads {
+ public:
+  SoloTorchThreads() {
+    if (!solo_active() || omp_in_parallel()) return;
+    prev_ = at::get_num_threads();
+    if (prev_ > 1) at::set_num_threads(1);
+  }
+  ~SoloTorchThreads() {
+    if (prev_ > 1) at::set_num_threads(prev_);
+  }
+  SoloTorchThreads(const SoloTorchThreads&) = delete;
+  SoloTorchThreads& operator=(const SoloTorchThreads&) = delete;
+
+ private:
+  int prev_ = 0;
+};
+
+// A split call stalled when its threads got less than half the CPU time they had and
+// lost at least a scheduler tick's worth: waking an idle team costs tens of
+// microseconds, a preemption milliseconds (bench/NOTES_cpp.md#preempted-threads).
+constexpr int64_t kStallMinNs = 1'000'000;
+
+// After a split call of nt threads that together got `cpu` ns of CPU time in `wall` ns.
+void note_split(int nt, int64_t cpu, int64_t wall) {
   if (nt <= 1 || split_min() == 0) return;
-  if (2 * slept > wall) {
+  const int64_t lost = nt * wall - cpu;
+  if (2 * cpu < nt * wall && lost > kStallMinNs) {
     const int64_t pause = g_solo_pause_ns.load(std::memory_order_relaxed);
     g_solo_until_ns.store(now_ns() + pause, std::memory_order_relaxed);
     g_solo_pause_ns.store(std::min(2 * pause, kSoloMaxNs), std::memory_order_relaxed);
@@ -408,6 +429,37 @@ void note_split(int nt, int64_t slept, int64_t wall) {
     g_solo_pause_ns.store(kSoloMinNs, std::memory_order_relaxed);
   }
 }
+
+inline int64_t thread_cpu_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return int64_t(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+// Wall time of one time loop and the CPU time its threads got (each thread adds its
+// own through a Share). A thread preempted, or asleep at a barrier because its
+// partner was, runs less than the wall time: note_split() judges from that.
+class LoopClock {
+ public:
+  explicit LoopClock(int nt) : nt_(nt), t0_(now_ns()) {}
+  class Share {
+   public:
+    explicit Share(LoopClock& clock) : clock_(clock), t0_(thread_cpu_ns()) {}
+    ~Share() { clock_.cpu_.fetch_add(thread_cpu_ns() - t0_, std::memory_order_relaxed); }
+    Share(const Share&) = delete;
+    Share& operator=(const Share&) = delete;
+
+   private:
+    LoopClock& clock_;
+    int64_t t0_;
+  };
+  void finish() const { note_split(nt_, cpu_.load(std::memory_order_relaxed), now_ns() - t0_); }
+
+ private:
+  int nt_;
+  int64_t t0_;
+  std::atomic<int64_t> cpu_{0};
+};
 
 // The fused input projection is computed for at most this many gx elements (all
 // threads together) at a time, as lstm_fast/backends/base.py's BLOCK_ELEMENTS:
@@ -443,9 +495,10 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
   StepBarrier barrier;
-  const int64_t t0 = now_ns();
+  LoopClock clock(nt_req);
 #pragma omp parallel num_threads(nt_req)
   {
+    const LoopClock::Share share(clock);
     const int nt = omp_get_num_threads(), k = omp_get_thread_num();
     const auto [j0, j1] = split_range<T>(H, k, nt);
     const auto [p0, p1] = split_range<T>(P, k, nt);
@@ -537,7 +590,7 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
       barrier.arrive_and_wait(nt);
     }
   }
-  note_split(nt_req, barrier.slept_ns(), now_ns() - t0);
+  clock.finish();
 }
 
 // Data of one backward call, for backward_loop: contiguous, distinct buffers.
@@ -568,9 +621,10 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
   const int nt_req = loop_threads(B, H, P);
   StepBarrier barrier;
-  const int64_t t0 = now_ns();
+  LoopClock clock(nt_req);
 #pragma omp parallel num_threads(nt_req)
   {
+    const LoopClock::Share share(clock);
     const int nt = omp_get_num_threads(), k = omp_get_thread_num();
     const auto [j0, j1] = split_range<T>(H, k, nt);
     const auto [p0, p1] = split_range<T>(P, k, nt);
@@ -633,7 +687,7 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
       }
     }
   }
-  note_split(nt_req, barrier.slept_ns(), now_ns() - t0);
+  clock.finish();
 }
 
 void check_cpu(const Tensor& t, const char* name) {
@@ -731,6 +785,7 @@ Tensor5 lstm_forward_projected_cpu(const Tensor& x, const InputProjection& in, c
 Tensor5 lstm_backward_cpu(const OutputGrads& grads, const Tensor& gates_, const Tensor& cells_, const Tensor& y_,
                           const LSTMState& init, const RecurrentWeights& w, const SequenceLayout& seq,
                           const StepMasks& masks) {
+  const SoloTorchThreads solo;
   const Plan p = make_plan(gates_, init, w, seq);
   check_backward_inputs(p, grads, gates_, cells_, y_, init.h);
   check_masks(p, masks, init.h);
@@ -777,6 +832,10 @@ Tensor5 lstm_backward_cpu(const OutputGrads& grads, const Tensor& gates_, const 
 }
 
 }  // namespace lstm_fast
+
+// Whether the CPU loops run solo after a stalled split: Python runs the backward's
+// projection GEMMs on one torch thread meanwhile (lstm_fast/backends/compiled.py).
+TORCH_LIBRARY_FRAGMENT(lstm_fast, m) { m.def("cpu_loops_solo() -> bool", &lstm_fast::solo_active); }
 
 TORCH_LIBRARY_IMPL(lstm_fast, CPU, m) {
   m.impl("lstm_forward", &lstm_fast::forward_op<lstm_fast::lstm_forward_cpu>);

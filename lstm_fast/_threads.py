@@ -1,6 +1,7 @@
 """How many threads a CPU time loop may use: torch's thread count, capped by what the OS gives the process."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -54,3 +55,16 @@ def os_thread_limit() -> int:
 def usable_threads() -> int:
     """Threads for a CPU time loop: torch.get_num_threads() (the user's knob), capped by os_thread_limit()."""
     return max(1, min(torch.get_num_threads(), os_thread_limit()))
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch's intra-op thread count set to 1 inside, restored after (setting it costs under a microsecond)."""
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)

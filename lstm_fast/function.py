@@ -8,11 +8,13 @@ loop); only dropout and layer stacking stay outside, in ordinary PyTorch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 
 import torch
 
+from ._threads import one_torch_thread
 from .backends import AUTO_ORDER, get_backend, select_backend
 from .backends.base import (
     HALF_DTYPES,
@@ -77,8 +79,10 @@ class LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_hn, grad_cn, _grad_gates, _grad_cells):
         call = ctx.call
-        grads = _input_grads(ctx.saved_tensors, ctx.needs_input_grad[:8], call.layout, call.backend.name,
-                             call.projected, (grad_y, grad_hn, grad_cn), call.masks)
+        # on contended cores, the whole backward on one thread (bench/NOTES_cpp.md#preempted-threads)
+        with one_torch_thread() if call.backend.loops_solo() else contextlib.nullcontext():
+            grads = _input_grads(ctx.saved_tensors, ctx.needs_input_grad[:8], call.layout, call.backend.name,
+                                 call.projected, (grad_y, grad_hn, grad_cn), call.masks)
         return (*grads, None)
 
     @staticmethod

@@ -60,3 +60,59 @@ def test_numba_chunks_follow_the_policy(fake_os, monkeypatch):
     assert numba_threads.chunk_count(8, 64, 64) == 2
     fake_os(affinity=8, files={}, torch_threads=1)
     assert numba_threads.chunk_count(8, 64, 64) == 1
+
+
+def test_one_torch_thread_restores_the_count():
+    before = torch.get_num_threads()
+    with _threads.one_torch_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="inside"), _threads.one_torch_thread():
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+
+
+def test_backward_runs_on_one_thread_while_the_loops_run_solo(monkeypatch):
+    """While a backend's loops have fallen back to one thread (contended cores), the whole
+    backward of the layer runs on one torch thread, and the user's count is back after."""
+    import lstm_fast
+    from lstm_fast.backends import get_backend
+
+    backend = get_backend("reference")
+    seen = []
+    plain = backend.backward_projected
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "backward_projected", spy)
+    lstm = lstm_fast.LSTM(8, 8, backend="reference")
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for solo in (False, True):
+            monkeypatch.setattr(backend, "loops_solo", lambda solo=solo: solo)
+            lstm(x)[0].sum().backward()
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 1]
+
+
+def test_cpp_loops_not_solo_on_a_single_thread():
+    """cpu_loops_solo() only turns on after a split call stalled; one-thread calls never split."""
+    from lstm_fast.backends import get_backend
+
+    cpp = get_backend("cpp")
+    if not cpp.is_available()[0]:
+        pytest.skip(cpp.is_available()[1])
+    import lstm_fast
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lstm_fast.LSTM(64, 64, backend="cpp")(torch.randn(20, 16, 64))
+        assert cpp.loops_solo() is False
+    finally:
+        torch.set_num_threads(before)

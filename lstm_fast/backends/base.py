@@ -139,6 +139,11 @@ class Backend:
     # them in their own loops; function._run hands a masked call to the reference otherwise.
     supports_masks = False
 
+    def loops_solo(self) -> bool:
+        """Whether this backend's time loops currently run on one thread because split calls
+        stalled on shared cores; LSTMRecurrence's backward then runs on one torch thread too."""
+        return False
+
     def is_available(self) -> tuple[bool, str]:
         raise NotImplementedError
 

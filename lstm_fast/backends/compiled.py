@@ -67,6 +67,9 @@ class CppBackend(_CompiledBackend):
     dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     widens_16bit = True
 
+    def loops_solo(self):
+        return not torch.compiler.is_compiling() and torch.ops.lstm_fast.cpu_loops_solo()
+
     def forward_projected(self, x, projection, state, weights, layout, need_grad, masks=None):
         # each thread projects its own gate columns before the time loop (lstm.h)
         y, h_n, c_n, gates, cells = torch.ops.lstm_fast.lstm_forward_projected(
