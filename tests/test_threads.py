@@ -116,3 +116,47 @@ def test_cpp_loops_not_solo_on_a_single_thread():
         assert cpp.loops_solo() is False
     finally:
         torch.set_num_threads(before)
+
+
+def test_numba_solo_fallback_rule(fake_os, monkeypatch):
+    """A split launch that lost over half its threads' time, and over 1 ms, makes the next calls
+    run on one thread for a while; a short wake-up delay or a busy team does not."""
+    pytest.importorskip("numba")
+    import numba
+
+    from lstm_fast.backends.numba import threads as numba_threads
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 16)
+    monkeypatch.setattr(numba_threads, "_pool_pid", None)
+    monkeypatch.setattr(numba_threads, "_solo_until", 0.0)
+    monkeypatch.setattr(numba_threads, "_solo_pause", numba_threads.SOLO_MIN_S)
+    fake_os(affinity=2, torch_threads=2)
+    ms = 1_000_000
+    numba_threads.note_split(10 * ms, 9 * ms, 0)           # busy team
+    numba_threads.note_split(1 * ms // 2, 0, 0)             # all lost, but under 1 ms
+    assert numba_threads.chunk_count(16, 128, 128) == 2
+    numba_threads.note_split(20 * ms, 12 * ms, 4 * ms)      # preempted 8 ms, waited 4 ms more
+    assert numba_threads.solo_active() and numba_threads.chunk_count(16, 128, 128) == 1
+    assert numba_threads._solo_pause == 2 * numba_threads.SOLO_MIN_S  # a failed retry would wait longer
+
+
+def test_numba_split_launch_reports_its_team_time(monkeypatch):
+    """The counters of a real split launch carry the team's wall and CPU time."""
+    pytest.importorskip("numba")
+    import lstm_fast
+    from lstm_fast.backends.numba import threads as numba_threads
+
+    seen = []
+    monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)
+    monkeypatch.setattr(numba_threads, "_pool_pid", None)
+    monkeypatch.setattr(numba_threads, "note_split", lambda *times: seen.append(times))
+    monkeypatch.setattr(numba_threads, "team_size", lambda n_chunks: n_chunks)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lstm_fast.LSTM(32, 32, backend="numba")(torch.randn(30, 4, 32))
+    finally:
+        torch.set_num_threads(before)
+    if not seen:
+        pytest.skip("this machine gives the process a single CPU: no split launch")
+    wall, cpu, stalled = seen[0]
+    assert wall > 0 and 0 < cpu and stalled >= 0

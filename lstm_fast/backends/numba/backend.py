@@ -159,6 +159,9 @@ class NumbaBackend(Backend):
     widens_16bit = True  # float16/bfloat16 calls run in float32 (function._run)
     supports_masks = True  # the loops take StepMasks (loops.py)
 
+    def loops_solo(self):
+        return threads.solo_active()
+
     def is_available(self):
         try:
             import numba

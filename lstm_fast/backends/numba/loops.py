@@ -218,8 +218,10 @@ def forward_parallel(n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_s
                      scratch, masks):
     """forward_worker on a team of threads, one prange iteration each."""
     for thread in prange(n_chunks):
+        started = sync.work_started()
         forward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_ih_slabs, w_hh_slabs, w_hr_slabs, out, saved,
                        scratch, masks)
+        sync.work_done(counters, n_chunks, started)
 
 
 def backward_carry(chunk, r_next, n_next, d_gates, slab, col_cuts, dh, product, masks, has_rmask, has_zh):
@@ -418,8 +420,10 @@ def backward_parallel(n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_
                       one, masks):
     """backward_worker on a team of threads, one prange iteration each."""
     for thread in prange(n_chunks):
+        started = sync.work_started()
         backward_worker(thread, n_chunks, counters, flags, cuts, inputs, w_hh_slabs, w_hr_slabs, grads, proj_grads,
                         scratch, one, masks)
+        sync.work_done(counters, n_chunks, started)
 
 
 KERNELS = ("copy_into", "zone_h", "forward_units", "forward_proj", "forward_worker", "backward_carry", "output_grad",

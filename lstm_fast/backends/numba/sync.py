@@ -8,11 +8,14 @@ actually runs (even one: it takes every chunk), and a thread the OS has not
 scheduled yet does not hold the others up: its chunk is taken over.
 
 Counters (see counters()): slot 0 counts finished chunks over all phases, slot
-(1 + c) * LINE the phases chunk c has been claimed for.
+(1 + c) * LINE the phases chunk c has been claimed for; the last line sums each
+thread's wall time and CPU time from its start of work, and the time its waits lasted
+past the spin (see team_time()).
 """
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -25,7 +28,19 @@ SPINS = 2000
 
 def counters(n_chunks):
     """The zeroed counters of one call (host side)."""
-    return np.zeros((1 + n_chunks) * LINE, dtype=np.int64)
+    return np.zeros((2 + n_chunks) * LINE, dtype=np.int64)
+
+
+def team_time(counters, n_chunks):
+    """(wall, CPU, stalled) ns of a finished call's threads, each counted from its own start
+    (a thread started late by the threading layer costs nothing: its chunks were claimed);
+    stalled: waits past the spin, when a partner held a chunk (on shared cores: preempted)."""
+    base = (1 + n_chunks) * LINE
+    return int(counters[base]), int(counters[base + 1]), int(counters[base + 2])
+
+
+# clock ids of clock_ns(): CLOCK_MONOTONIC and CLOCK_THREAD_CPUTIME_ID on Linux
+MONOTONIC, THREAD_CPU = 1, 3
 
 
 # What the intrinsics of numba_bindings() do, as plain Python (one thread).
@@ -59,6 +74,22 @@ def yield_core():
         os.sched_yield()
 
 
+def clock_ns(clock):
+    """Nanoseconds of a clock: MONOTONIC, or this thread's CPU time (THREAD_CPU)."""
+    return time.monotonic_ns() if clock == MONOTONIC else time.thread_time_ns()
+
+
+def work_started():
+    """(wall, CPU) clocks of this thread at the start of its work."""
+    return clock_ns(MONOTONIC), clock_ns(THREAD_CPU)
+
+
+def work_done(counters, n_chunks, started):
+    """Adds this thread's wall and CPU time since work_started() to the counters."""
+    atomic_add(counters, (1 + n_chunks) * LINE, clock_ns(MONOTONIC) - started[0])
+    atomic_add(counters, (1 + n_chunks) * LINE + 1, clock_ns(THREAD_CPU) - started[1])
+
+
 def claim(counters, chunk, phase):
     """True for exactly one caller per (chunk, phase); phases count up from 0."""
     return atomic_cas(counters, (1 + chunk) * LINE, phase, phase + 1)
@@ -70,15 +101,20 @@ def phase_end(counters, finished, n_chunks, phase):
         atomic_add(counters, 0, finished)
     target = n_chunks * (phase + 1)
     spins = 0
+    since = 0
     while atomic_load(counters, 0) < target:
         spins += 1
         if spins < SPINS:
             spin_pause()
         else:
+            if spins == SPINS:
+                since = clock_ns(MONOTONIC)
             yield_core()
+    if spins >= SPINS:
+        atomic_add(counters, (1 + n_chunks) * LINE + 2, clock_ns(MONOTONIC) - since)
 
 
-KERNELS = ("claim", "phase_end")
+KERNELS = ("work_started", "work_done", "claim", "phase_end")
 
 
 def numba_bindings(numba):
@@ -138,5 +174,22 @@ def numba_bindings(numba):
             return context.get_dummy_value()
         return types.void(), codegen
 
+    @intrinsic
+    def clock_ns(typingctx, clock):
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            if not has_yield:  # no clock_gettime: the team's times stay 0 (no solo fallback)
+                return ir.Constant(i64, 0)
+            timespec = ir.LiteralStructType([i64, i64])
+            ts = cgutils.alloca_once(builder, timespec)
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.IntType(32), [ir.IntType(32), timespec.as_pointer()]),
+                "clock_gettime")
+            builder.call(fn, [builder.trunc(args[0], ir.IntType(32)), ts])
+            sec = builder.load(cgutils.gep_inbounds(builder, ts, 0, 0))
+            nsec = builder.load(cgutils.gep_inbounds(builder, ts, 0, 1))
+            return builder.add(builder.mul(sec, ir.Constant(i64, 1_000_000_000)), nsec)
+        return types.int64(clock), codegen
+
     return {"atomic_add": atomic_add, "atomic_load": atomic_load, "atomic_cas": atomic_cas,
-            "spin_pause": spin_pause, "yield_core": yield_core}
+            "spin_pause": spin_pause, "yield_core": yield_core, "clock_ns": clock_ns}
