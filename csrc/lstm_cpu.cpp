@@ -24,6 +24,7 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
@@ -831,14 +832,44 @@ Tensor5 lstm_backward_cpu(const OutputGrads& grads, const Tensor& gates_, const 
   return {d_gx, dh, dc, d_w_hh, d_w_hr};
 }
 
+// Bernoulli(p) draws as 0/1 of like's dtype, element i from a splitmix64 hash of
+// (seed, i): counter-based, so threads fill their own ranges and the result does not
+// depend on the thread count. torch's bernoulli_ draws serially from one generator:
+// the two zoneout masks of a T=100 B=32 H=256 call took 9.5 ms of its 10 ms overhead
+// (bench/NOTES_cpp.md#zoneout-masks).
+Tensor bernoulli_mask(const Tensor& like, at::IntArrayRef size, double p, int64_t seed) {
+  check_cpu(like, "like");
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "lstm_fast bernoulli_mask: p must be in [0, 1], got ", p);
+  Tensor out = at::empty(size, like.options());
+  // u < p with u = top 53 bits / 2^53: the threshold on the 53-bit integer itself
+  const uint64_t threshold = p >= 1.0 ? (uint64_t(1) << 53) : uint64_t(std::ldexp(p, 53));
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "bernoulli_mask", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, out.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        uint64_t z = uint64_t(seed) + uint64_t(i + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        o[i] = (z >> 11) < threshold ? scalar_t(1) : scalar_t(0);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace lstm_fast
 
 // Whether the CPU loops run solo after a stalled split: Python runs the backward's
 // projection GEMMs on one torch thread meanwhile (lstm_fast/backends/compiled.py).
-TORCH_LIBRARY_FRAGMENT(lstm_fast, m) { m.def("cpu_loops_solo() -> bool", &lstm_fast::solo_active); }
+TORCH_LIBRARY_FRAGMENT(lstm_fast, m) {
+  m.def("cpu_loops_solo() -> bool", &lstm_fast::solo_active);
+  m.def("bernoulli_mask(Tensor like, int[] size, float p, int seed) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(lstm_fast, CPU, m) {
   m.impl("lstm_forward", &lstm_fast::forward_op<lstm_fast::lstm_forward_cpu>);
   m.impl("lstm_forward_projected", &lstm_fast::forward_projected_op<lstm_fast::lstm_forward_projected_cpu>);
   m.impl("lstm_backward", &lstm_fast::backward_op<lstm_fast::lstm_backward_cpu>);
+  m.impl("bernoulli_mask", &lstm_fast::bernoulli_mask);
 }

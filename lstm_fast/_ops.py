@@ -95,6 +95,11 @@ def load_prebuilt() -> None:
             _state = (True, "prebuilt lstm_fast._C")
 
 
+def loaded() -> bool:
+    """Whether the ops are registered already (never builds anything)."""
+    return _state is not None and _state[0]
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether the loaded library has kernels for 'cpu' or 'cuda'."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]

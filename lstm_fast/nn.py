@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import _ops
 from ._fast import FastChoice, backend_step, cpp_serves, cpu_backend, lstm_call, watched
 from .backends import BACKEND_NAMES
 from .backends.base import PackedRows, StepMasks, graph_recorder
@@ -47,8 +48,19 @@ def _zone_mask(p, shape, like, training):
     if not p:
         return None
     if training:
-        return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(p)
+        return _bernoulli(p, shape, like)
     return torch.full(shape, p, dtype=like.dtype, device=like.device)
+
+
+def _bernoulli(p, shape, like):
+    """Bernoulli(p) draws as 0/1 in like's dtype and device, repeatable under torch.manual_seed:
+    on CPU the extension's counter-based fill, seeded from torch's generator, draws in parallel
+    (torch's bernoulli_ is serial; bench/NOTES_cpp.md#zoneout-masks)."""
+    if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64) \
+            and not torch.compiler.is_compiling() and _ops.loaded():
+        seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64))
+        return torch.ops.lstm_fast.bernoulli_mask(like, list(shape), float(p), seed)
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(p)
 
 
 class _FastOptions:

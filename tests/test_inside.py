@@ -9,6 +9,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 import lstm_fast
 from helpers import BACKEND_NAMES, INTERPRETED, assert_close, device_of_tests, require
+from lstm_fast import nn as lstm_nn
 from lstm_fast.backends.base import StepMasks
 from lstm_fast.function import lstm_projected
 
@@ -299,8 +300,7 @@ def test_cell_zoneout(training):
     h1, c1 = cell(x, (h, c))
     torch.manual_seed(9)
     if training:
-        zc = torch.empty(2, 4, dtype=torch.float64).bernoulli_(0.3)
-        zh = torch.empty(2, 4, dtype=torch.float64).bernoulli_(0.6)
+        zc, zh = (lstm_nn._bernoulli(p, (2, 4), x) for p in (0.3, 0.6))  # the module's draws, replayed
     else:
         zc, zh = torch.full((2, 4), 0.3, dtype=torch.float64), torch.full((2, 4), 0.6, dtype=torch.float64)
     h_new, c_new = torch.nn.LSTMCell.forward(cell, x, (h, c))
@@ -346,3 +346,23 @@ def test_short_paths_keep_regularisers():
         h_plain, _ = cell_plain(x[0], hx)
     # eval zoneout: h = p h_prev + (1 - p) h~
     torch.testing.assert_close(h_zoned, 0.5 * hx[0] + 0.5 * h_plain)
+
+
+def test_bernoulli_draws():
+    """The zoneout draws: 0/1 only, mean within 6 binomial standard deviations of p,
+    repeatable under torch.manual_seed, the same whatever the thread count."""
+    like = torch.empty(0, dtype=torch.float32)
+    n, p = 200_000, 0.1
+    torch.manual_seed(3)
+    a = lstm_nn._bernoulli(p, (n,), like)
+    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    assert abs(a.mean().item() - p) < 6 * (p * (1 - p) / n) ** 0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(3)
+        assert torch.equal(lstm_nn._bernoulli(p, (n,), like), a)
+    finally:
+        torch.set_num_threads(before)
+    assert not torch.equal(lstm_nn._bernoulli(p, (n,), like), a)  # the generator moved on
+    assert lstm_nn._bernoulli(0.0, (100,), like).sum() == 0 and lstm_nn._bernoulli(1.0, (100,), like).sum() == 100
