@@ -36,7 +36,7 @@ def parse_args(argv):
     p.add_argument("--runners", default="torch,cpp", help="torch and lstm_fast backends, comma-separated")
     p.add_argument("--size", default="T=100,B=16,I=128,H=128")
     p.add_argument("--ddp", action="store_true", help="also two DDP ranks (gloo) per measurement")
-    p.add_argument("--out", help="folder for results.json and results.md")
+    p.add_argument("--out", help="folder for contention.json and contention.md")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -158,9 +158,9 @@ def main(argv=None):
                                 cwd=ROOT).stdout.strip()
         meta = {"command": "python -m bench.contention " + " ".join(sys.argv[1:] if argv is None else argv),
                 "commit": commit, "load_before": load, "cpus": os.cpu_count()}
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        with open(os.path.join(args.out, "contention.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
+        with open(os.path.join(args.out, "contention.md"), "w") as f:
             f.write(f"# Shared cores: training step in fresh processes\n\n`{meta['command']}` at commit "
                     f"{commit}; load average before the run {' '.join(load)}; {meta['cpus']} CPUs.\n\n{md}\n")
     return 0
