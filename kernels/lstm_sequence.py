@@ -20,8 +20,8 @@ memory. The weights take 4*HP*HP elements per program, which is what bounds H
 bench/NOTES_triton.md#sequence-kernel-limits).
 
 Slot layout shared with the step kernels: y_ext / cells_ext have T+1 slots,
-h0 / c0 in slot 0 (slot T when REVERSE) and step t's result in slot t+1
-(slot t when REVERSE).
+step t's result in slot t and h0 / c0 in slot T (so the first T slots are y and
+the saved cells as they are returned).
 """
 import triton
 import triton.language as tl
@@ -95,20 +95,15 @@ def lstm_fwd_seq_kernel(
     b_wg = tl.load(p_w_hh + 2 * H * H + o_w, mask=m_w, other=0.0)
     b_wo = tl.load(p_w_hh + 3 * H * H + o_w, mask=m_w, other=0.0)
 
-    if REVERSE:
-        slot0 = T
-    else:
-        slot0 = 0
     slab = tl.cast(B, tl.int64) * H  # elements per slot
-    b_h = tl.load(p_y + tl.cast(slot0, tl.int64) * slab + o_bj, mask=m_bj, other=0.0).to(tl.float32)
+    b_h = tl.load(p_y + tl.cast(T, tl.int64) * slab + o_bj, mask=m_bj, other=0.0).to(tl.float32)
     b_c = tl.load(p_c0 + o_bj, mask=m_bj, other=0.0).to(tl.float32)
     for s in range(T):
         if REVERSE:
             t = T - 1 - s
-            slot = t
         else:
             t = s
-            slot = t + 1
+        slot = t
         if PACKED:
             n = tl.load(p_bs + t)
         else:
@@ -184,12 +179,11 @@ def lstm_bwd_seq_kernel(
     for r in range(T):  # processing order run backwards
         if REVERSE:
             t = r
-            slot = t
             slot_prev = t + 1
         else:
             t = T - 1 - r
-            slot = t + 1
-            slot_prev = t
+            slot_prev = tl.where(t == 0, T, t - 1)  # c0 in slot T
+        slot = t
         if PACKED:
             n = tl.load(p_bs + t)
         else:

@@ -36,7 +36,7 @@ import os
 import torch
 
 from .. import _sources
-from .base import LayerSizes, PackedRows, PaddedPacking, RecurrenceGrads, acc_dtype, graph_recorder, weight_grads
+from .base import LayerSizes, PackedRows, PaddedPacking, RecurrenceGrads, acc_dtype, weight_grads
 
 PATHS = ("auto", "step", "sequence")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -128,6 +128,8 @@ class TritonBackend(PaddedPacking):
 
     def supports(self, device, dtype, sizes: LayerSizes):
         self._check_path()
+        # torch.jit.trace hands sizes as traced tensors; H and P are the weights' constant sizes
+        sizes = sizes._replace(H=int(sizes.H), P=int(sizes.P))
         device = torch.device(device)
         if self._interp():
             if device.type != "cpu":
@@ -138,9 +140,6 @@ class TritonBackend(PaddedPacking):
             return False, f"Triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs CPU tensors)"
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             return False, f"dtype {dtype} not supported (float32, float64, float16, bfloat16)"
-        recorder = graph_recorder()
-        if recorder:
-            return False, f"Triton kernels are not torch ops, so {recorder} cannot record them (cuda can)"
         # Activation offsets (rows of [T, B, ..] buffers) are int64 in every kernel, so T*B*4H may pass 2^31;
         # weight offsets are int32, hence this bound on W_hh.
         if 4 * sizes.H * sizes.P >= 2 ** 31:
@@ -165,13 +164,13 @@ class TritonBackend(PaddedPacking):
         return choice
 
     # ----------------------------------------------------------------- forward
-    def padded_activations(self, saved, layout):
-        gates, cells = saved  # cells [T + 1, B, H]: c0 in the first processed slot (see _forward)
-        return gates, (cells[:-1] if layout.reverse else cells[1:])
-
     def padded_forward(self, gx, state, weights, layout, need_grad):
         with _on_device(gx.device):
-            return self._forward(gx, state, weights, layout, need_grad)
+            y, h_n, c_n, saved = self._forward(gx, state, weights, layout, need_grad)
+        if saved:  # cells [T, B, H] as every backend saves them (the recorded op's fake kernel says so)
+            gates, cells = saved
+            saved = (gates, cells[:-1])
+        return y, h_n, c_n, saved
 
     def _forward(self, gx, state, weights, layout, need_grad):
         (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = state, weights, layout
@@ -184,19 +183,18 @@ class TritonBackend(PaddedPacking):
         prec = self.dot_precision(dtype)
         packed = batch_sizes is not None
         sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
-        # y_ext[T+1]: h0 in slot h0_slot, y[t] in slot t+1 (t when reverse), so
-        # step t reads h_{t-1} from one slot of the same buffer. Packed rows
+        # y_ext[T+1]: y[t] in slot t, h0 in slot T, so step t reads h_{t-1} from one
+        # slot of the same buffer and y is its first T slots (no offset). Packed rows
         # that are inactive must read as y = 0 (and stay finite for backward).
         alloc = torch.zeros if packed else torch.empty
         y_ext = alloc(T + 1, B, P, dtype=dtype, device=dev)
-        h0_slot = T if reverse else 0
-        y_ext[h0_slot] = h0
-        y = y_ext[:T] if reverse else y_ext[1:]
+        y_ext[T] = h0
+        y = y_ext[:T]
         gates = alloc(T, B, G, dtype=acc, device=dev) if need_grad else None
         cells = None
         if need_grad:  # cells_ext: same slot layout as y_ext
             cells = alloc(T + 1, B, H, dtype=acc, device=dev)
-            cells[h0_slot] = c0
+            cells[T] = c0
         bs = batch_sizes.tolist() if packed else None
         if T == 0 or B == 0:  # nothing to compute: no launch with an empty grid
             return y, h0.clone(), c0.clone(), ((gates, cells) if need_grad else ())
@@ -228,7 +226,7 @@ class TritonBackend(PaddedPacking):
             n = B if bs is None else bs[t]
             if n == 0:
                 continue
-            h_in, h_out = (t + 1, t) if reverse else (t, t + 1)
+            h_in, h_out = T if s == 0 else t + 1 if reverse else t - 1, t  # slot T: h0, c0
             c_in, c_out = (h_in, h_out) if need_grad else (s % 2, (s + 1) % 2)
             step_k.lstm_fwd_step_kernel[lambda m, n=n: (triton_cdiv(n, m["BLOCK_B"]), triton_cdiv(H, m["BLOCK_H"]))](
                 gx, w, y_ext, y_ext if hpre is None else hpre, cells, gates_arg,
@@ -241,11 +239,12 @@ class TritonBackend(PaddedPacking):
         if packed:
             lengths = PackedRows(batch_sizes, False).lengths(B).to(dev)
             rows = torch.arange(B, device=dev)
-            h_n = y_ext[lengths, rows]
-            c_slot = lengths if need_grad else lengths % 2
+            last = torch.where(lengths > 0, lengths - 1, T)  # rows never active: h0, c0 in slot T
+            h_n = y_ext[last, rows]
+            c_slot = last if need_grad else lengths % 2
             c_n = cells[c_slot, rows]
         else:
-            last = 0 if reverse else T
+            last = 0 if reverse else T - 1
             h_n = y_ext[last].clone()
             c_n = cells[last if need_grad else T % 2].clone()
         saved = (gates, cells) if need_grad else ()
@@ -253,13 +252,15 @@ class TritonBackend(PaddedPacking):
 
     # ---------------------------------------------------------------- backward
     def padded_backward(self, saved, y, grads, state, weights, layout):
+        gates, cells = saved  # the kernels read c_{t-1} from one buffer: c0 goes back in its slot
+        cells = torch.cat([cells, state.c.to(cells.dtype).unsqueeze(0)])
         with _on_device(y.device):
-            return self._backward(saved, y, grads, state, weights, layout)
+            return self._backward((gates, cells), y, grads, state, weights, layout)
 
     def _backward(self, saved, y, grads, state, weights, layout):
         (grad_y, grad_hn, grad_cn), (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = grads, state, weights, layout
         step_k, seq_k = self._kernels()
-        gates, cells = saved  # cells: [T + 1, B, H], c0 in its first processed slot (see _forward)
+        gates, cells = saved  # cells: [T + 1, B, H], c0 in slot T (see _forward)
         T, B, G = gates.shape
         H, P = G // 4, h0.shape[1]
         dtype, dev = grad_y.dtype, grad_y.device
@@ -303,7 +304,7 @@ class TritonBackend(PaddedPacking):
                 n = B if bs is None else bs[t]
                 if n == 0:
                     continue
-                c_t, c_prev = (t, t + 1) if reverse else (t + 1, t)
+                c_t, c_prev = t, T if s == 0 else t + 1 if reverse else t - 1
                 if w_hr is not None:
                     torch.add(dh[k, :n], grad_y[t, :n], out=d_r_all[t, :n])
                     torch.mm(d_r_all[t, :n], w_hr_f, out=dh_proj[:n])
@@ -320,8 +321,7 @@ class TritonBackend(PaddedPacking):
 
         h_pre = None
         if w_hr is not None:
-            c_all = cells[:T] if reverse else cells[1:]
-            h_pre = gates[..., 3 * H:] * torch.tanh(c_all)
+            h_pre = gates[..., 3 * H:] * torch.tanh(cells[:T])
         d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre)
         return RecurrenceGrads(d_gates.to(dtype), dh0.to(h0.dtype), dc0.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                                None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
