@@ -70,7 +70,7 @@ def record_launches(cases):
 # (dtype, fp32 precision, path, H, P, packed, reverse). H=48: the sequence path fits and
 # 48 is no multiple of the blocks; H=96, P=40: step path with a projection; H=200: step
 # path only (beyond every sequence limit). The quick set gives each dtype both paths and
-# each of packed / reverse / projection at least once (30 compiles, under a minute).
+# each of packed / reverse / projection at least once, and the sequence kernels packed reverse.
 QUICK_CASES = [
     (torch.float32, "tf32", "sequence", 48, 48, True, False),
     (torch.float32, "tf32", "step", 96, 40, False, True),
@@ -82,13 +82,14 @@ QUICK_CASES = [
     (torch.bfloat16, None, "sequence", 48, 48, True, False),
     (torch.bfloat16, None, "step", 200, 200, False, True),
     (torch.float64, None, "step", 96, 40, True, False),  # float64: step path only
+    (torch.float32, "ieee", "sequence", 48, 48, True, True),  # packed reverse: rows joining from h0 / c0
 ]
 FULL_CASES = [(dtype, prec, path, H, P, packed, reverse)
               for dtype, precs in ((torch.float32, ("tf32", "ieee", "tf32x3")), (torch.float16, (None,)),
                                    (torch.bfloat16, (None,)))
               for prec in precs
               for path, H, P in (("sequence", 48, 48), ("step", 48, 48), ("step", 96, 40), ("step", 200, 200))
-              for packed, reverse in ((False, False), (False, True), (True, False))] + [
+              for packed, reverse in ((False, False), (False, True), (True, False), (True, True))] + [
     (torch.float64, None, "step", H, P, packed, reverse)
     for H, P in ((48, 48), (96, 40), (200, 200)) for packed, reverse in ((False, False), (False, True), (True, False))]
 
@@ -105,12 +106,13 @@ def _drive_backend(cases):
         def mk(*shape, dtype=dtype):
             return torch.empty(*shape, dtype=dtype, device=meta)
 
-        gx, h0, c0, w_hh = mk(T, B, 4 * H), mk(B, P), mk(B, H), mk(4 * H, P)
+        rows = (int(batch_sizes.sum()),) if packed else (T, B)  # packed: PackedSequence's [N, *] rows
+        gx, h0, c0, w_hh = mk(*rows, 4 * H), mk(B, P), mk(B, H), mk(4 * H, P)
         w_hr = mk(P, H) if P != H else None
         state, weights, layout = LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr), SequenceLayout(bs, reverse)
         y, h_n, c_n, saved = b.forward(gx, state, weights, layout, True)
         b.forward(gx, state, weights, layout, False)
-        b.backward(saved, y, OutputGrads(mk(T, B, P), mk(B, P), mk(B, H)), state, weights, layout)
+        b.backward(saved, y, OutputGrads(mk(*rows, P), mk(B, P), mk(B, H)), state, weights, layout)
 
 
 def _signature(fn, named, config):

@@ -272,59 +272,6 @@ class PackedRows:
         return slice(self.starts[t], self.starts[t] + self.sizes[t])
 
 
-class PaddedPacking(Backend):
-    """Base of a backend whose kernels step through a padded batch only: it implements
-    padded_forward / padded_backward (the contract's forward / backward for batch_sizes
-    None, or padded [T, B, *] tensors whose rows past batch_sizes[t] are inactive at
-    step t, never with reverse).
-
-    A packed call is scattered into a zero-padded [T, B, *] batch (for reverse, each
-    sequence reversed within its length, so the kernels always run forward with
-    shrinking batch_sizes), run, and gathered back, the saved tensors too (the contract's
-    [N, *] rows): it costs the padding's work and memory, which backends with packed
-    loops of their own do not pay.
-    """
-
-    def padded_forward(self, gx, state, weights, layout, need_grad):
-        raise NotImplementedError
-
-    def padded_backward(self, saved, y, grads, state, weights, layout) -> RecurrenceGrads:
-        raise NotImplementedError
-
-    def forward(self, gx, state, weights, layout, need_grad):
-        if layout.batch_sizes is None:
-            return self.padded_forward(gx, state, weights, layout, need_grad)
-        index, T, B = _padded_index(layout, state.h.shape[0], gx.device)
-        y, h_n, c_n, saved = self.padded_forward(_scatter(gx, index, T, B), state, weights,
-                                                 SequenceLayout(layout.batch_sizes, False), need_grad)
-        saved = tuple(t.reshape(T * B, -1).index_select(0, index) for t in saved)
-        return y.reshape(T * B, -1).index_select(0, index), h_n, c_n, saved
-
-    def backward(self, saved, y, grads, state, weights, layout):
-        if layout.batch_sizes is None:
-            return self.padded_backward(saved, y, grads, state, weights, layout)
-        index, T, B = _padded_index(layout, state.h.shape[0], y.device)
-        padded = OutputGrads(_scatter(grads.y, index, T, B), grads.h_n, grads.c_n)
-        r = self.padded_backward(tuple(_scatter(t, index, T, B) for t in saved), _scatter(y, index, T, B), padded,
-                                 state, weights, SequenceLayout(layout.batch_sizes, False))
-        return r._replace(gx=r.gx.reshape(T * B, -1).index_select(0, index))
-
-
-def _padded_index(layout, B, device):
-    """(index [N] of each packed row in the flattened [T*B] padded batch, T, B)."""
-    rows = PackedRows(layout.batch_sizes, False)
-    t, b = rows.token_steps()
-    if layout.reverse:  # step t of a sequence of length L goes to L - 1 - t
-        t = rows.lengths()[b] - 1 - t
-    return (t * B + b).to(device), rows.T, B
-
-
-def _scatter(rows, index, T, B):
-    out = rows.new_zeros(T * B, rows.shape[-1])
-    out[index] = rows
-    return out.view(T, B, -1)
-
-
 # Inference input projections are computed for at most this many gx elements at a time
 # (16 MB in float32): peak memory is the output plus this block, whatever T is.
 BLOCK_ELEMENTS = 1 << 22
