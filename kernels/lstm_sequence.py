@@ -149,7 +149,7 @@ def lstm_fwd_seq_kernel(
 def lstm_bwd_seq_kernel(
     p_gates,   # [R, G] fp32 saved activations i, f, g, o
     p_cells,   # [R, H] fp32 saved cell states c_t
-    p_c0,      # [B, H] initial cell state, any float dtype
+    p_c0,      # [B, H] fp32 initial cell state
     p_w_hh,    # [G, H] recurrent weight, activation dtype
     p_gy,      # [R, H] gradient of y, activation dtype
     p_dhn,     # [B, H] fp32 gradient of h_n
@@ -217,8 +217,9 @@ def lstm_bwd_seq_kernel(
         b_g = tl.load(p_gates + o_g + 2 * H, mask=m_a, other=0.0)
         b_o = tl.load(p_gates + o_g + 3 * H, mask=m_a, other=0.0)
         b_c = tl.load(p_cells + o_rh, mask=m_a, other=0.0)
-        b_c_prev = tl.load(p_cells + (row_prev + o_b[:, None]) * H + o_j[None, :], mask=m_a & m_prev, other=0.0)
-        b_c_prev += tl.load(p_c0 + o_bj, mask=m_a & ~m_prev, other=0.0).to(tl.float32)
+        # one load through per-row pointers: the previous step's row, or c0's
+        p_c_rows = tl.where(m_prev, p_cells + (row_prev + o_b[:, None]) * H, p_c0 + o_b[:, None] * H)
+        b_c_prev = tl.load(p_c_rows + o_j[None, :], mask=m_a, other=0.0)
         # Gradient reaching h_t: through step t+1 and from y[t].
         b_dht = b_dh + tl.load(p_gy + o_rh, mask=m_a, other=0.0).to(tl.float32)
         b_dzi, b_dzf, b_dzg, b_dzo, b_dc_prev = cell_bwd(b_dht, b_dc, b_i, b_f, b_g, b_o, b_c, b_c_prev)

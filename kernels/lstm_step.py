@@ -89,7 +89,7 @@ def lstm_fwd_step_kernel(
     p_h0,      # [B, P] initial hidden state, activation dtype: h_{t-1} of rows >= N_PREV
     p_h_prev,  # [R', P] h_{t-1} of rows < N_PREV from row row_h_prev (the previous step's y)
     p_h_out,   # [R', H] receives o*tanh(c_t) from row row_h_out (h_t itself without projection)
-    p_c0,      # [B, H] initial cell state, any float dtype: c_{t-1} of rows >= N_PREV
+    p_c0,      # [B, H] acc initial cell state: c_{t-1} of rows >= N_PREV
     p_c_prev,  # [R', H] acc c_{t-1} of rows < N_PREV from row row_c_prev
     p_c_out,   # [R', H] acc receives c_t from row row_c_out (may be p_c_prev's buffer: other rows)
     p_gates,   # [R, G] acc activations i, f, g, o saved for backward, from row_x (SAVE only)
@@ -117,15 +117,13 @@ def lstm_fwd_step_kernel(
     acc_o = tl.load(p_gx + o_gx + 3 * H, mask=m_bj, other=0.0).to(ACC)
 
     # + h_{t-1} @ W_hh^T, K = P in chunks; W^T[k, q*H + j] = w_hh[q*H + j, k].
-    o_hp = (row_h_prev + o_b)[:, None] * P  # [BLOCK_B, 1] rows of h_{t-1} in p_h_prev
-    o_h0 = o_b[:, None] * P
+    # [BLOCK_B, 1] row pointers of h_{t-1}: one load per chunk whichever buffer a row reads
+    # (two masked loads instead cost 56-88 B of spills and more shared memory in fp32, sm_90)
+    p_h_rows = tl.where(m_prev, p_h_prev + (row_h_prev + o_b)[:, None] * P, p_h0 + o_b[:, None] * P)
     for k0 in range(0, P, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < P
-        m_bk = m_b[:, None] & m_k[None, :]
-        # disjoint masks: each row comes from one source, the other load adds 0
-        b_h = tl.load(p_h_prev + o_hp + o_k[None, :], mask=m_bk & m_prev, other=0.0)
-        b_h += tl.load(p_h0 + o_h0 + o_k[None, :], mask=m_bk & ~m_prev, other=0.0)
+        b_h = tl.load(p_h_rows + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
         o_w = o_j[None, :] * P + o_k[:, None]  # [BLOCK_K, BLOCK_H]
         m_w = m_k[:, None] & m_j[None, :]
         b_wi = tl.load(p_w_hh + o_w, mask=m_w, other=0.0)
@@ -137,9 +135,8 @@ def lstm_fwd_step_kernel(
         acc_g = tl.dot(b_h, b_wg, acc_g, input_precision=DOT_PRECISION)
         acc_o = tl.dot(b_h, b_wo, acc_o, input_precision=DOT_PRECISION)
 
-    o_bh = o_b[:, None] * H + o_j[None, :]
-    b_c_prev = tl.load(p_c_prev + (row_c_prev + o_b)[:, None] * H + o_j[None, :], mask=m_bj & m_prev, other=0.0)
-    b_c_prev += tl.load(p_c0 + o_bh, mask=m_bj & ~m_prev, other=0.0).to(ACC)
+    p_c_rows = tl.where(m_prev, p_c_prev + (row_c_prev + o_b)[:, None] * H, p_c0 + o_b[:, None] * H)
+    b_c_prev = tl.load(p_c_rows + o_j[None, :], mask=m_bj, other=0.0)
     b_i, b_f, b_g, b_o, b_c, b_hid = cell_fwd(acc_i, acc_f, acc_g, acc_o, b_c_prev)
     tl.store(p_c_out + (row_c_out + o_b)[:, None] * H + o_j[None, :], b_c, mask=m_bj)
     tl.store(p_h_out + (row_h_out + o_b)[:, None] * H + o_j[None, :], b_hid.to(p_h_out.dtype.element_ty), mask=m_bj)
@@ -157,7 +154,7 @@ def lstm_fwd_step_kernel(
 def lstm_bwd_step_kernel(
     p_gates,    # [R, G] acc saved activations i, f, g, o; the step's rows from row_x
     p_cells,    # [R, H] acc saved cell states: c_t from row_x, c_{t-1} of rows < N_PREV from row_prev
-    p_c0,       # [B, H] initial cell state, any float dtype: c_{t-1} of rows >= N_PREV
+    p_c0,       # [B, H] acc initial cell state: c_{t-1} of rows >= N_PREV
     p_w_hh,     # [G, P] recurrent weight, activation dtype
     p_dh,       # [B, H] acc gradient reaching h_t from later steps (already through W_hr with projection)
     p_gy,       # [R, H] gradient of the output y, activation dtype, from row_x (ADD_GY only)
@@ -187,7 +184,7 @@ def lstm_bwd_step_kernel(
 
     o_rg = (row_x + o_b)[:, None] * G  # [BLOCK_B, 1] the step's rows of the [R, G] buffers
     o_rh = (row_x + o_b)[:, None] * H  # and of the [R, H] ones
-    o_rp = (row_prev + o_b)[:, None] * H  # rows of c_{t-1} in p_cells
+    p_c_rows = tl.where(m_prev, p_cells + (row_prev + o_b)[:, None] * H, p_c0 + o_b[:, None] * H)  # c_{t-1}
     acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=p_dh_prev.dtype.element_ty)
     for k0 in range(0, H, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
@@ -200,8 +197,7 @@ def lstm_bwd_step_kernel(
         b_g = tl.load(p_gates + o_g + 2 * H, mask=m_bk, other=0.0)
         b_o = tl.load(p_gates + o_g + 3 * H, mask=m_bk, other=0.0)
         b_c = tl.load(p_cells + o_rh + o_k[None, :], mask=m_bk, other=0.0)
-        b_c_prev = tl.load(p_cells + o_rp + o_k[None, :], mask=m_bk & m_prev, other=0.0)
-        b_c_prev += tl.load(p_c0 + o_bk, mask=m_bk & ~m_prev, other=0.0).to(b_c.dtype)
+        b_c_prev = tl.load(p_c_rows + o_k[None, :], mask=m_bk, other=0.0)
         b_dh = tl.load(p_dh + o_bk, mask=m_bk, other=0.0)
         if ADD_GY:
             b_dh += tl.load(p_gy + o_rh + o_k[None, :], mask=m_bk, other=0.0).to(b_dh.dtype)

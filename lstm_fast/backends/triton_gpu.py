@@ -214,11 +214,12 @@ class TritonBackend(Backend):
         hpre = torch.empty(B, H, dtype=dtype, device=dev) if w_hr is not None else None
         w_hr_t = w_hr.to(dtype).t() if w_hr is not None else None
         gates_arg = gates.view(-1, G) if need_grad else c_buf
+        c0_acc = c0.to(acc).contiguous()  # one row pointer serves c0 and the cell buffer: one dtype
         bb = step_k.bucket(B)
         for s, (n, n_prev, r0, r_prev) in enumerate(plan.steps):
             c_in, c_out = (r_prev, r0) if need_grad else ((s % 2) * B, ((s + 1) % 2) * B)
             step_k.lstm_fwd_step_kernel[lambda m, n=n: (triton_cdiv(n, m["BLOCK_B"]), triton_cdiv(H, m["BLOCK_H"]))](
-                gx2, w, h0, y2, y2 if hpre is None else hpre, c0, c_buf, c_buf, gates_arg,
+                gx2, w, h0, y2, y2 if hpre is None else hpre, c0_acc, c_buf, c_buf, gates_arg,
                 n, n_prev, r0, r_prev, r0 if hpre is None else 0, c_in, c_out,
                 H=H, P=P, B_BUCKET=bb, SAVE=need_grad, DOT_PRECISION=prec)
             if hpre is not None:
@@ -231,7 +232,7 @@ class TritonBackend(Backend):
             c_last = c_buf.index_select(0, last)
         else:  # the slot written at each row's last step s: (s + 1) % 2
             c_last = c_ping.index_select(0, plan.last_slots(dev) * B + torch.arange(B, device=dev))
-        c_n = torch.where(active[:, None], c_last, c0.to(acc))
+        c_n = torch.where(active[:, None], c_last, c0_acc)
         return y, h_n.to(h0.dtype), c_n.to(c0.dtype), saved
 
     # ---------------------------------------------------------------- backward
@@ -266,7 +267,7 @@ class TritonBackend(Backend):
             dc0 = torch.empty(B, H, dtype=acc, device=dev)
             bs_dev, row0_dev = _step_tables(batch_sizes, dev)
             seq_k.lstm_bwd_seq_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]),)](
-                gates, cells, c0, w, grad_y, dh_n, dc_n, bs_dev, row0_dev, d_gates, dh0, dc0,
+                gates, cells, c0.to(acc).contiguous(), w, grad_y, dh_n, dc_n, bs_dev, row0_dev, d_gates, dh0, dc0,
                 T, B, H=H, HP=max(16, _next_pow2(H)), B_BUCKET=step_k.bucket(B),
                 REVERSE=bool(reverse), PACKED=packed, DOT_PRECISION=prec)
         else:
@@ -282,6 +283,7 @@ class TritonBackend(Backend):
                 dr2 = d_r_all.view(-1, P)
                 dh_proj = torch.empty(B, H, dtype=acc, device=dev)
                 w_hr_f = w_hr.to(acc)
+            c0_acc = c0.to(acc).contiguous()  # read beside the saved cells through one row pointer
             bb = step_k.bucket(B)
             k = 0
             for n, n_prev, r0, r_prev in reversed(plan.steps):
@@ -293,7 +295,7 @@ class TritonBackend(Backend):
                     p_dh, add_gy = dh[k], True
                 step_k.lstm_bwd_step_kernel[lambda m, n=n: (triton_cdiv(n, m["BLOCK_B"]),
                                                          triton_cdiv(P, m["BLOCK_P"]))](
-                    g2, c2, c0, w, p_dh, gy2, dc[k], dg2, dh[1 - k], dc[1 - k], dh0, dc0,
+                    g2, c2, c0_acc, w, p_dh, gy2, dc[k], dg2, dh[1 - k], dc[1 - k], dh0, dc0,
                     n, n_prev, r0, r_prev,
                     H=H, P=P, B_BUCKET=bb, ADD_GY=add_gy, DOT_PRECISION=prec)
                 k = 1 - k
