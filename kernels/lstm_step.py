@@ -93,9 +93,13 @@ def lstm_fwd_step_kernel(
     p_c_prev,  # [R', H] acc c_{t-1} of rows < N_PREV from row row_c_prev
     p_c_out,   # [R', H] acc receives c_t from row row_c_out (may be p_c_prev's buffer: other rows)
     p_gates,   # [R, G] acc activations i, f, g, o saved for backward, from row_x (SAVE only)
+    p_rmask,   # [B, P] recurrent dropout mask on h_{t-1}, activation dtype (RMASK only)
+    p_zc,      # [R, H] cell zoneout: 1 keeps c_{t-1}, activation dtype, from row_x (ZONE_C only)
+    p_zh,      # [R, H] hidden zoneout (P = H here), activation dtype, from row_x (ZONE_H only)
     N, N_PREV, row_x, row_h_prev, row_h_out, row_c_prev, row_c_out,
     B_BUCKET, H: tl.constexpr, P: tl.constexpr,
-    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SAVE: tl.constexpr, RMASK: tl.constexpr, ZONE_C: tl.constexpr, ZONE_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     G: tl.constexpr = 4 * H
@@ -124,6 +128,8 @@ def lstm_fwd_step_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < P
         b_h = tl.load(p_h_rows + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+        if RMASK:  # recurrent dropout: h_{t-1} * mask enters the product (h0's rows too)
+            b_h *= tl.load(p_rmask + o_b[:, None] * P + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
         o_w = o_j[None, :] * P + o_k[:, None]  # [BLOCK_K, BLOCK_H]
         m_w = m_k[:, None] & m_j[None, :]
         b_wi = tl.load(p_w_hh + o_w, mask=m_w, other=0.0)
@@ -138,6 +144,14 @@ def lstm_fwd_step_kernel(
     p_c_rows = tl.where(m_prev, p_c_prev + (row_c_prev + o_b)[:, None] * H, p_c0 + o_b[:, None] * H)
     b_c_prev = tl.load(p_c_rows + o_j[None, :], mask=m_bj, other=0.0)
     b_i, b_f, b_g, b_o, b_c, b_hid = cell_fwd(acc_i, acc_f, acc_g, acc_o, b_c_prev)
+    o_xh = (row_x + o_b)[:, None] * H + o_j[None, :]  # the step's rows of the [R, H] masks
+    if ZONE_C:  # c_t = zc c_{t-1} + (1 - zc) c~_t; h~_t above read c~_t
+        b_zc = tl.load(p_zc + o_xh, mask=m_bj, other=0.0).to(ACC)
+        b_c = b_c + b_zc * (b_c_prev - b_c)
+    if ZONE_H:  # h_t = zh h_{t-1} + (1 - zh) h~_t, h_{t-1} unmasked (P = H: unit j is column j)
+        b_zh = tl.load(p_zh + o_xh, mask=m_bj, other=0.0).to(ACC)
+        b_h_prev = tl.load(p_h_rows + o_j[None, :], mask=m_bj, other=0.0).to(ACC)
+        b_hid = b_hid + b_zh * (b_h_prev - b_hid)
     tl.store(p_c_out + (row_c_out + o_b)[:, None] * H + o_j[None, :], b_c, mask=m_bj)
     tl.store(p_h_out + (row_h_out + o_b)[:, None] * H + o_j[None, :], b_hid.to(p_h_out.dtype.element_ty), mask=m_bj)
     if SAVE:
@@ -164,9 +178,13 @@ def lstm_bwd_step_kernel(
     p_dc_prev,  # [B, H] acc out: dc_{t-1} = d_c * f of rows < N_PREV
     p_dh0,      # [B, P] acc out: the same for rows >= N_PREV, whose h_{t-1} was h0: the gradient of h0
     p_dc0,      # [B, H] acc out: the gradient of c0 for those rows
+    p_rmask,    # [B, P] recurrent dropout mask, activation dtype (RMASK only)
+    p_zc,       # [R, H] cell zoneout, activation dtype, from row_x (ZONE_C only)
+    p_zh,       # [R, H] hidden zoneout (P = H here), activation dtype, from row_x (ZONE_H only)
     N, N_PREV, row_x, row_prev,
     B_BUCKET, H: tl.constexpr, P: tl.constexpr,
-    ADD_GY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ADD_GY: tl.constexpr, RMASK: tl.constexpr, ZONE_C: tl.constexpr, ZONE_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     G: tl.constexpr = 4 * H
@@ -202,8 +220,17 @@ def lstm_bwd_step_kernel(
         if ADD_GY:
             b_dh += tl.load(p_gy + o_rh + o_k[None, :], mask=m_bk, other=0.0).to(b_dh.dtype)
         b_dc = tl.load(p_dc + o_bk, mask=m_bk, other=0.0)
+        b_dc_cell = b_dc
+        if ZONE_H:  # zh of the gradient reaching h_t goes straight to h_{t-1} (added after the loop)
+            b_dh = b_dh * (1.0 - tl.load(p_zh + o_rh + o_k[None, :], mask=m_bk, other=0.0).to(b_dh.dtype))
+        if ZONE_C:  # the saved c_t is zoned: the gates saw c~_t = f c_{t-1} + i g, which gets (1 - zc) of dc
+            b_zc = tl.load(p_zc + o_rh + o_k[None, :], mask=m_bk, other=0.0).to(b_dc.dtype)
+            b_c = b_f * b_c_prev + b_i * b_g
+            b_dc_cell = b_dc * (1.0 - b_zc)
 
-        b_dzi, b_dzf, b_dzg, b_dzo, b_dc_prev = cell_bwd(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_c_prev)
+        b_dzi, b_dzf, b_dzg, b_dzo, b_dc_prev = cell_bwd(b_dh, b_dc_cell, b_i, b_f, b_g, b_o, b_c, b_c_prev)
+        if ZONE_C:
+            b_dc_prev += b_zc * b_dc
         m_st = m_bk & is_writer
         tl.store(p_dgates + o_g, b_dzi, mask=m_st)
         tl.store(p_dgates + o_g + H, b_dzf, mask=m_st)
@@ -226,5 +253,13 @@ def lstm_bwd_step_kernel(
 
     o_bp = o_b[:, None] * P + o_p[None, :]
     m_bp = m_b[:, None] & m_p[None, :]
+    if RMASK:  # h_{t-1} entered the product masked
+        acc *= tl.load(p_rmask + o_bp, mask=m_bp, other=0.0).to(acc.dtype)
+    if ZONE_H:  # + zh dh_t, the direct path (P = H: column p is unit p)
+        o_rp = (row_x + o_b)[:, None] * H + o_p[None, :]
+        b_dh_p = tl.load(p_dh + o_bp, mask=m_bp, other=0.0)
+        if ADD_GY:
+            b_dh_p += tl.load(p_gy + o_rp, mask=m_bp, other=0.0).to(acc.dtype)
+        acc += tl.load(p_zh + o_rp, mask=m_bp, other=0.0).to(acc.dtype) * b_dh_p
     tl.store(p_dh_prev + o_bp, acc, mask=m_bp & m_prev)
     tl.store(p_dh0 + o_bp, acc, mask=m_bp & ~m_prev)

@@ -173,6 +173,58 @@ def test_packed_call_allocates_no_padded_batch(triton_backend, path, reverse):
     assert y.shape == (N, H) and gates.shape == (N, 4 * H) and cells.shape == (N, H)
 
 
+MASK_CASES = [  # (id, P, packed, reverse, masks on: recurrent, zone_c, zone_h)
+    ("all", 5, False, False, (True, True, True)),
+    ("recurrent_reverse", 5, False, True, (True, False, False)),
+    ("zone_c_packed", 5, True, False, (False, True, False)),
+    ("zone_h_packed_reverse", 5, True, True, (False, False, True)),
+    ("proj_all_packed_reverse", 3, True, True, (True, True, True)),
+    ("proj_zone_h", 3, False, False, (False, False, True)),
+]
+# the sequence path refuses a projection outright, masks or not
+MASK_RUNS = [(p, *c) for p in ("step", "sequence") for c in MASK_CASES if p == "step" or c[1] == 5]
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+@pytest.mark.parametrize("path,name,P,packed,reverse,on", MASK_RUNS, ids=[f"{r[0]}-{r[1]}" for r in MASK_RUNS])
+def test_interpreter_masks_match_reference(triton_backend, monkeypatch, path, name, P, packed, reverse, on):
+    """Recurrent dropout and zoneout inside the step kernels (a masked call takes the step
+    path whichever is asked): outputs and every gradient against the reference's loop with
+    the same masks, packed and reverse, with a projection (zoneout of h after W_hr)."""
+    from lstm_fast.backends.base import StepMasks
+    from lstm_fast.function import lstm_projected
+
+    triton_backend.path = path
+    T, B, H, I = 4, 3, 5, 2
+    bs = torch.tensor([3, 2, 2, 1]) if packed else None
+    rows = (int(bs.sum()),) if packed else (T, B)
+    g = torch.Generator().manual_seed(8)
+    masks = StepMasks(
+        (torch.rand(B, P, generator=g) > 0.3).float() / 0.7 if on[0] else None,
+        torch.rand(*rows, H, generator=g) if on[1] else None,  # zoneout's eval form: any value in [0, 1]
+        (torch.rand(*rows, P, generator=g) > 0.5).float() if on[2] else None)
+    leaves = layer_inputs(T, B, H, P, torch.float32, DEVICE, I=I, batch_sizes=bs)
+    results = []
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a masked triton call was handed to the reference backend")
+
+    for backend in ("triton", "reference"):
+        with monkeypatch.context() as m:
+            if backend == "triton":
+                reference = type(get_backend("reference"))
+                m.setattr(reference, "forward", not_here)
+                m.setattr(reference, "forward_projected", not_here)
+            y, h_n, c_n = lstm_projected(*(leaves[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")),
+                                         leaves.get("w_hr"), batch_sizes=bs, reverse=reverse, backend=backend,
+                                         masks=masks)
+        ups = torch.Generator().manual_seed(9)
+        loss = sum((t * torch.randn(t.shape, generator=ups)).sum() for t in (y, h_n, c_n))
+        results.append((y, h_n, c_n, *torch.autograd.grad(loss, list(leaves.values()))))
+    for what, a, b in zip(["y", "h_n", "c_n", *(f"d_{k}" for k in leaves)], *results):
+        torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m, what=what: f"{name} {what}: {m}")
+
+
 def test_dispatch_and_limits(triton_backend):
     from lstm_fast.backends.triton_gpu import seq_max_h
 
@@ -416,8 +468,9 @@ def _step_beyond_int32():
     cells = torch.randn(2, B, H, generator=g)  # the same for c_{t-1}, c_t
     h0, c0 = torch.zeros(B, P).half(), torch.zeros(B, H)  # not read: every row continues (N_PREV = B)
     step_k.lstm_fwd_step_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]), triton_cdiv(H, m["BLOCK_H"]))](
-        gx, w, h0, y_ext, y_ext, c0, cells, cells, cells, B, B, t * B, 0, B, 0, B,
-        H=H, P=P, B_BUCKET=step_k.bucket(B), SAVE=False, DOT_PRECISION="ieee")
+        gx, w, h0, y_ext, y_ext, c0, cells, cells, cells, h0, h0, h0, B, B, t * B, 0, B, 0, B,
+        H=H, P=P, B_BUCKET=step_k.bucket(B), SAVE=False, RMASK=False, ZONE_C=False, ZONE_H=False,
+        DOT_PRECISION="ieee")
     z = gx[t].double() + y_ext[0].double() @ w.double().T
     i, f, gg, o = torch.sigmoid(z[:, :H]), torch.sigmoid(z[:, H:2 * H]), torch.tanh(z[:, 2 * H:3 * H]), \
         torch.sigmoid(z[:, 3 * H:])

@@ -13,6 +13,9 @@ row (t*B, or the cumulative batch_sizes) with its active row count, so a packed
 call computes and stores real tokens only. Rows that start at a step (all at the
 first; packed reverse, those whose sequence ends at that t) read h0 / c0, the
 others the previous step's rows; the reverse direction runs from the same rows.
+Regulariser masks (StepMasks: recurrent dropout on h_{t-1}, zoneout of c and h) run
+inside the step kernels, so a masked call takes the step path whatever `path` says
+(the sequence kernels carry no masks).
 `path` (attribute, or env LSTM_FAST_TRITON_PATH) = auto | step | sequence;
 auto takes sequence whenever it applies (one launch instead of 2T; to be
 confirmed by a GPU benchmark). A forced path that cannot serve a call
@@ -82,6 +85,8 @@ def _torch_fp32_precision() -> str:
 
 class TritonBackend(Backend):
     name = "triton"
+    # recurrent dropout and zoneout run inside the step kernels; a masked call takes the step path
+    supports_masks = True
 
     def __init__(self):
         self.path = os.environ.get("LSTM_FAST_TRITON_PATH", "auto") or "auto"
@@ -171,11 +176,11 @@ class TritonBackend(Backend):
         return choice
 
     # ----------------------------------------------------------------- forward
-    def forward(self, gx, state, weights, layout, need_grad):
+    def forward(self, gx, state, weights, layout, need_grad, masks=None):
         with _on_device(gx.device):
-            return self._forward(gx, state, weights, layout, need_grad)
+            return self._forward(gx, state, weights, layout, need_grad, _Masks(masks, state.h))
 
-    def _forward(self, gx, state, weights, layout, need_grad):
+    def _forward(self, gx, state, weights, layout, need_grad, masks):
         (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = state, weights, layout
         step_k, seq_k = self._kernels()
         rows_shape, G = gx.shape[:-1], gx.shape[-1]  # (T, B) padded, (N,) packed
@@ -196,7 +201,7 @@ class TritonBackend(Backend):
         if gx.numel() == 0 or B == 0:  # nothing to compute: no launch with an empty grid
             return y, h0.clone(), c0.clone(), saved
 
-        if self.use_sequence(sizes, dtype):
+        if self.use_sequence(sizes, dtype) and not masks.on:
             h_n = torch.empty(B, H, dtype=h0.dtype, device=dev)
             c_n = torch.empty(B, H, dtype=acc, device=dev)
             bs_dev, row0_dev = _step_tables(batch_sizes, dev)
@@ -206,7 +211,7 @@ class TritonBackend(Backend):
                 REVERSE=bool(reverse), PACKED=packed, SAVE=need_grad, DOT_PRECISION=prec)
             return y, h_n, c_n.to(c0.dtype), saved
 
-        # Step path. Without saving, the cell state ping-pongs between two [B, H] slots.
+        # Step path (and every masked call). Without saving, the cell state ping-pongs between two [B, H] slots.
         plan = _Plan(T, B, batch_sizes, reverse)
         gx2, y2 = gx.view(-1, G), y.view(-1, P)
         c_ping = None if need_grad else torch.empty(2 * B, H, dtype=acc, device=dev)
@@ -216,14 +221,20 @@ class TritonBackend(Backend):
         gates_arg = gates.view(-1, G) if need_grad else c_buf
         c0_acc = c0.to(acc).contiguous()  # one row pointer serves c0 and the cell buffer: one dtype
         bb = step_k.bucket(B)
+        zone_h_in_kernel = masks.zh is not None and hpre is None  # with W_hr, h zoneout follows the torch.mm
         for s, (n, n_prev, r0, r_prev) in enumerate(plan.steps):
             c_in, c_out = (r_prev, r0) if need_grad else ((s % 2) * B, ((s + 1) % 2) * B)
             step_k.lstm_fwd_step_kernel[lambda m, n=n: (triton_cdiv(n, m["BLOCK_B"]), triton_cdiv(H, m["BLOCK_H"]))](
-                gx2, w, h0, y2, y2 if hpre is None else hpre, c0_acc, c_buf, c_buf, gates_arg,
+                gx2, w, h0, y2, y2 if hpre is None else hpre, c0_acc, c_buf, c_buf, gates_arg, *masks.args(h0),
                 n, n_prev, r0, r_prev, r0 if hpre is None else 0, c_in, c_out,
-                H=H, P=P, B_BUCKET=bb, SAVE=need_grad, DOT_PRECISION=prec)
+                H=H, P=P, B_BUCKET=bb, SAVE=need_grad, RMASK=masks.rmask is not None, ZONE_C=masks.zc is not None,
+                ZONE_H=zone_h_in_kernel, DOT_PRECISION=prec)
             if hpre is not None:
-                torch.mm(hpre[:n], w_hr_t, out=y2[r0:r0 + n])
+                y_t = y2[r0:r0 + n]
+                torch.mm(hpre[:n], w_hr_t, out=y_t)
+                if masks.zh is not None:  # h_t = zh h_{t-1} + (1 - zh) W_hr h~_t
+                    h_prev = torch.cat([y2[r_prev:r_prev + n_prev], h0[n_prev:n]])
+                    y_t.add_(masks.zh[r0:r0 + n] * (h_prev - y_t))
 
         # Final states: each row's at its last processed step; rows never active keep h0, c0.
         last, active = plan.last_rows(dev)
@@ -236,11 +247,11 @@ class TritonBackend(Backend):
         return y, h_n.to(h0.dtype), c_n.to(c0.dtype), saved
 
     # ---------------------------------------------------------------- backward
-    def backward(self, saved, y, grads, state, weights, layout):
+    def backward(self, saved, y, grads, state, weights, layout, masks=None):
         with _on_device(y.device):
-            return self._backward(saved, y, grads, state, weights, layout)
+            return self._backward(saved, y, grads, state, weights, layout, _Masks(masks, state.h))
 
-    def _backward(self, saved, y, grads, state, weights, layout):
+    def _backward(self, saved, y, grads, state, weights, layout, masks):
         (grad_y, grad_hn, grad_cn), (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = grads, state, weights, layout
         step_k, seq_k = self._kernels()
         gates, cells = saved  # [T, B, *] padded, [N, *] packed, as forward saved them
@@ -262,7 +273,7 @@ class TritonBackend(Backend):
 
         if gates.numel() == 0 or B == 0:
             dh0, dc0 = dh_n, dc_n
-        elif self.use_sequence(sizes, y.dtype):
+        elif self.use_sequence(sizes, y.dtype) and not masks.on:
             dh0 = torch.empty(B, H, dtype=acc, device=dev)
             dc0 = torch.empty(B, H, dtype=acc, device=dev)
             bs_dev, row0_dev = _step_tables(batch_sizes, dev)
@@ -286,24 +297,64 @@ class TritonBackend(Backend):
             c0_acc = c0.to(acc).contiguous()  # read beside the saved cells through one row pointer
             bb = step_k.bucket(B)
             k = 0
+            zone_h_in_kernel = masks.zh is not None and w_hr is None
             for n, n_prev, r0, r_prev in reversed(plan.steps):
+                carry = None
                 if w_hr is not None:
-                    torch.add(dh[k, :n], gy2[r0:r0 + n], out=dr2[r0:r0 + n])
-                    torch.mm(dr2[r0:r0 + n], w_hr_f, out=dh_proj[:n])
+                    d_r = dr2[r0:r0 + n]
+                    torch.add(dh[k, :n], gy2[r0:r0 + n], out=d_r)
+                    if masks.zh is not None:  # zh of it goes straight to h_{t-1}, the rest through W_hr
+                        carry = masks.zh[r0:r0 + n] * d_r
+                        d_r.sub_(carry)
+                    torch.mm(d_r, w_hr_f, out=dh_proj[:n])
                     p_dh, add_gy = dh_proj, False
                 else:
                     p_dh, add_gy = dh[k], True
                 step_k.lstm_bwd_step_kernel[lambda m, n=n: (triton_cdiv(n, m["BLOCK_B"]),
                                                          triton_cdiv(P, m["BLOCK_P"]))](
-                    g2, c2, c0_acc, w, p_dh, gy2, dc[k], dg2, dh[1 - k], dc[1 - k], dh0, dc0,
+                    g2, c2, c0_acc, w, p_dh, gy2, dc[k], dg2, dh[1 - k], dc[1 - k], dh0, dc0, *masks.args(h0),
                     n, n_prev, r0, r_prev,
-                    H=H, P=P, B_BUCKET=bb, ADD_GY=add_gy, DOT_PRECISION=prec)
+                    H=H, P=P, B_BUCKET=bb, ADD_GY=add_gy, RMASK=masks.rmask is not None,
+                    ZONE_C=masks.zc is not None, ZONE_H=zone_h_in_kernel, DOT_PRECISION=prec)
+                if carry is not None:
+                    dh[1 - k, :n_prev] += carry[:n_prev]
+                    dh0[n_prev:n] += carry[n_prev:]
                 k = 1 - k
 
-        h_pre = gates[..., 3 * H:] * torch.tanh(cells) if w_hr is not None else None
-        d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre, batch_sizes)
+        h_pre = None
+        if w_hr is not None:  # h~_t = o tanh(c~_t); the saved cells are c_t, which zoneout moved from c~_t
+            c_tilde = cells if masks.zc is None else _cell_before_zoneout(gates, cells, c0, layout)
+            h_pre = gates[..., 3 * H:] * torch.tanh(c_tilde)
+        d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre, batch_sizes, masks.rmask)
         return RecurrenceGrads(d_gates.to(dtype), dh0.to(h0.dtype), dc0.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                                None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
+
+
+class _Masks:
+    """A call's StepMasks (backends/base.py) as the step kernels take them: rmask [B, P], zc
+    [R, H] and zh [R, P] rows in the activation dtype, each None when off."""
+
+    def __init__(self, masks, h0):
+        rmask, zc, zh = masks if masks is not None else (None, None, None)
+        self.rmask, self.zc, self.zh = (None if t is None else t.to(h0.dtype).contiguous().view(-1, t.shape[-1])
+                                        for t in (rmask, zc, zh))
+        self.on = any(t is not None for t in (rmask, zc, zh))
+
+    def args(self, dummy):
+        """The kernels' (p_rmask, p_zc, p_zh); `dummy` where a mask is off (never read)."""
+        return tuple(dummy if t is None else t for t in (self.rmask, self.zc, self.zh))
+
+
+def _cell_before_zoneout(gates, cells, c0, layout):
+    """c~_t = f c_{t-1} + i g of every token, from the saved gates and the zoned cells c_t."""
+    H = cells.shape[-1]
+    if layout.batch_sizes is None:
+        first = c0.to(cells.dtype).unsqueeze(0)
+        c_prev = torch.cat([cells[1:], first]) if layout.reverse else torch.cat([first, cells[:-1]])
+    else:
+        index = PackedRows(layout.batch_sizes, layout.reverse).prev_index(cells.device)
+        c_prev = torch.cat([cells, c0.to(cells.dtype)]).index_select(0, index)
+    return gates[..., H:2 * H] * c_prev + gates[..., :H] * gates[..., 2 * H:3 * H]
 
 
 class _Plan:
