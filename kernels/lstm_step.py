@@ -1,20 +1,25 @@
 """Fused LSTM step kernels: one launch per time step, any hidden size.
 
 Dimension glossary
-    T   sequence length (runtime)
-    B   rows of the padded batch (runtime); sets the row stride of every [.., B, ..] buffer
-    N   rows active at this step (runtime, N <= B); packed sequences shrink it,
-        rows >= N are neither read nor written
+    R   rows of a per-step tensor (gx, y, gates, cells, their gradients), read as
+        [R, width]: T*B in the padded layout (step t's rows start at t*B), N =
+        sum(batch_sizes) in PackedSequence's (step t's rows start at row0[t]); the
+        launcher passes each step's first row, so one kernel serves both
+    R'  rows of a buffer the launcher picks per call: R (y, the saved cells) or a
+        [B, *] or [2, B, *] scratch (projection, inference), addressed by a row argument
+    B   rows of the initial state h0 / c0 and of the [B, *] state buffers (runtime)
+    N   rows active at this step (runtime, N <= B): the step's rows are row .. row + N - 1
+        for batch rows 0 .. N - 1; rows >= N are neither read nor written
+    N_PREV  rows of this step whose h_{t-1} / c_{t-1} are the previous processed step's
+        rows (runtime, N_PREV <= N); rows N_PREV .. N - 1 start here from h0 / c0 (all rows
+        at the first step; packed reverse, the rows whose sequence ends at this t)
     H   hidden size (compile time)
     P   recurrent state size: proj_size if > 0 else H (compile time)
     G   4H: gates i, f, g, o stacked in nn.LSTM's order
     B_BUCKET  power-of-two bucket of B: only the autotune key (runtime int, unused
         by the code, so a new B never recompiles)
     acc the accumulation dtype of gates, cell states and gradients: fp32, or fp64
-        when the activations are fp64 (read from p_c's type, nothing to pass)
-    S, S', S''  slots of a state buffer (each buffer its own); the launcher
-        decides which slot a step reads and writes, so the same kernel serves
-        the saving (T+1 slots) and the inference (2 ping-pong slots) layouts
+        when the activations are fp64 (read from p_c_out's type, nothing to pass)
 Blocks
     BLOCK_B  batch rows per program
     BLOCK_H  hidden units per program (forward; each for all 4 gates)
@@ -22,9 +27,9 @@ Blocks
     BLOCK_K  chunk of the reduction dim (P forward, H backward); >= 16, the
              smallest tl.dot K on the GPU
 
-All buffers are contiguous. Offsets inside a slot use int64 rows so T*B*G may
-exceed 2^31; weight offsets are int32 (the launcher checks G*P < 2^31).
-Every kernel is idempotent (reads and writes disjoint buffers), so autotune
+All buffers are contiguous. Row offsets are int64 (row + b, times the width), so
+R*G may exceed 2^31; weight offsets are int32 (the launcher checks G*P < 2^31).
+Every kernel is idempotent (the rows it writes are not rows it reads), so autotune
 may run it repeatedly.
 """
 import triton
@@ -76,42 +81,55 @@ def _prune(configs_, named_args, **kwargs):
 
 @triton.autotune(configs=configs(_FWD_GPU, _FWD_INTERP), key=["H", "P", "B_BUCKET", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["B", "N", "t", "B_BUCKET", "slot_h_in", "slot_h_out", "slot_c_in", "slot_c_out"])
+@triton.jit(do_not_specialize=["N", "N_PREV", "row_x", "row_h_prev", "row_h_out", "row_c_prev", "row_c_out",
+                               "B_BUCKET"])
 def lstm_fwd_step_kernel(
-    p_gx,     # [T, B, G] input projection with both biases, activation dtype
-    p_w_hh,   # [G, P] recurrent weight (nn.LSTM layout), activation dtype
-    p_h_in,   # [S, B, P] hidden states; slot_h_in holds h_{t-1}
-    p_h_out,  # [S', B, H] slot_h_out receives o*tanh(c_t) (h_t itself without projection)
-    p_c,      # [S'', B, H] acc cell states; reads slot_c_in, writes slot_c_out
-    p_gates,  # [T, B, G] acc activations i, f, g, o saved for backward (SAVE only)
-    B, N, t, slot_h_in, slot_h_out, slot_c_in, slot_c_out,
+    p_gx,      # [R, G] input projection with both biases, activation dtype; the step's rows from row_x
+    p_w_hh,    # [G, P] recurrent weight (nn.LSTM layout), activation dtype
+    p_h0,      # [B, P] initial hidden state, activation dtype: h_{t-1} of rows >= N_PREV
+    p_h_prev,  # [R', P] h_{t-1} of rows < N_PREV from row row_h_prev (the previous step's y)
+    p_h_out,   # [R', H] receives o*tanh(c_t) from row row_h_out (h_t itself without projection)
+    p_c0,      # [B, H] acc initial cell state: c_{t-1} of rows >= N_PREV
+    p_c_prev,  # [R', H] acc c_{t-1} of rows < N_PREV from row row_c_prev
+    p_c_out,   # [R', H] acc receives c_t from row row_c_out (may be p_c_prev's buffer: other rows)
+    p_gates,   # [R, G] acc activations i, f, g, o saved for backward, from row_x (SAVE only)
+    p_rmask,   # [B, P] recurrent dropout mask on h_{t-1}, activation dtype (RMASK only)
+    p_zc,      # [R, H] cell zoneout: 1 keeps c_{t-1}, activation dtype, from row_x (ZONE_C only)
+    p_zh,      # [R, H] hidden zoneout (P = H here), activation dtype, from row_x (ZONE_H only)
+    N, N_PREV, row_x, row_h_prev, row_h_out, row_c_prev, row_c_out,
     B_BUCKET, H: tl.constexpr, P: tl.constexpr,
-    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SAVE: tl.constexpr, RMASK: tl.constexpr, ZONE_C: tl.constexpr, ZONE_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     G: tl.constexpr = 4 * H
-    ACC: tl.constexpr = p_c.dtype.element_ty  # fp32, or fp64 for fp64 input
+    ACC: tl.constexpr = p_c_out.dtype.element_ty  # fp32, or fp64 for fp64 input
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     o_j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     m_b = o_b < N
+    m_prev = (o_b < N_PREV)[:, None]  # rows continuing from the previous step; the others start from h0 / c0
     m_j = o_j < H
     m_bj = m_b[:, None] & m_j[None, :]
 
-    # Gate pre-activations start from gx[t]; gate q of unit j is column q*H + j.
-    o_gx = t.to(tl.int64) * B * G + o_b[:, None] * G + o_j[None, :]
+    # Gate pre-activations start from gx; gate q of unit j is column q*H + j.
+    o_gx = (row_x + o_b)[:, None] * G + o_j[None, :]
     acc_i = tl.load(p_gx + o_gx, mask=m_bj, other=0.0).to(ACC)
     acc_f = tl.load(p_gx + o_gx + H, mask=m_bj, other=0.0).to(ACC)
     acc_g = tl.load(p_gx + o_gx + 2 * H, mask=m_bj, other=0.0).to(ACC)
     acc_o = tl.load(p_gx + o_gx + 3 * H, mask=m_bj, other=0.0).to(ACC)
 
     # + h_{t-1} @ W_hh^T, K = P in chunks; W^T[k, q*H + j] = w_hh[q*H + j, k].
-    p_h_prev = p_h_in + slot_h_in.to(tl.int64) * B * P  # [B, P] h_{t-1}
+    # [BLOCK_B, 1] row pointers of h_{t-1}: one load per chunk whichever buffer a row reads
+    # (two masked loads instead cost 56-88 B of spills and more shared memory in fp32, sm_90)
+    p_h_rows = tl.where(m_prev, p_h_prev + (row_h_prev + o_b)[:, None] * P, p_h0 + o_b[:, None] * P)
     for k0 in range(0, P, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < P
-        b_h = tl.load(p_h_prev + o_b[:, None] * P + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+        b_h = tl.load(p_h_rows + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
+        if RMASK:  # recurrent dropout: h_{t-1} * mask enters the product (h0's rows too)
+            b_h *= tl.load(p_rmask + o_b[:, None] * P + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0)
         o_w = o_j[None, :] * P + o_k[:, None]  # [BLOCK_K, BLOCK_H]
         m_w = m_k[:, None] & m_j[None, :]
         b_wi = tl.load(p_w_hh + o_w, mask=m_w, other=0.0)
@@ -123,12 +141,19 @@ def lstm_fwd_step_kernel(
         acc_g = tl.dot(b_h, b_wg, acc_g, input_precision=DOT_PRECISION)
         acc_o = tl.dot(b_h, b_wo, acc_o, input_precision=DOT_PRECISION)
 
-    o_bh = o_b[:, None] * H + o_j[None, :]
-    b_c_prev = tl.load(p_c + slot_c_in.to(tl.int64) * B * H + o_bh, mask=m_bj, other=0.0)
+    p_c_rows = tl.where(m_prev, p_c_prev + (row_c_prev + o_b)[:, None] * H, p_c0 + o_b[:, None] * H)
+    b_c_prev = tl.load(p_c_rows + o_j[None, :], mask=m_bj, other=0.0)
     b_i, b_f, b_g, b_o, b_c, b_hid = cell_fwd(acc_i, acc_f, acc_g, acc_o, b_c_prev)
-    tl.store(p_c + slot_c_out.to(tl.int64) * B * H + o_bh, b_c, mask=m_bj)
-    tl.store(p_h_out + slot_h_out.to(tl.int64) * B * H + o_bh,
-             b_hid.to(p_h_out.dtype.element_ty), mask=m_bj)
+    o_xh = (row_x + o_b)[:, None] * H + o_j[None, :]  # the step's rows of the [R, H] masks
+    if ZONE_C:  # c_t = zc c_{t-1} + (1 - zc) c~_t; h~_t above read c~_t
+        b_zc = tl.load(p_zc + o_xh, mask=m_bj, other=0.0).to(ACC)
+        b_c = b_c + b_zc * (b_c_prev - b_c)
+    if ZONE_H:  # h_t = zh h_{t-1} + (1 - zh) h~_t, h_{t-1} unmasked (P = H: unit j is column j)
+        b_zh = tl.load(p_zh + o_xh, mask=m_bj, other=0.0).to(ACC)
+        b_h_prev = tl.load(p_h_rows + o_j[None, :], mask=m_bj, other=0.0).to(ACC)
+        b_hid = b_hid + b_zh * (b_h_prev - b_hid)
+    tl.store(p_c_out + (row_c_out + o_b)[:, None] * H + o_j[None, :], b_c, mask=m_bj)
+    tl.store(p_h_out + (row_h_out + o_b)[:, None] * H + o_j[None, :], b_hid.to(p_h_out.dtype.element_ty), mask=m_bj)
     if SAVE:
         p_g = p_gates + o_gx
         tl.store(p_g, b_i, mask=m_bj)
@@ -139,20 +164,27 @@ def lstm_fwd_step_kernel(
 
 @triton.autotune(configs=configs(_BWD_GPU, _BWD_INTERP), key=["H", "P", "B_BUCKET", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["B", "N", "t", "B_BUCKET", "slot_c", "slot_c_prev"])
+@triton.jit(do_not_specialize=["N", "N_PREV", "row_x", "row_prev", "B_BUCKET"])
 def lstm_bwd_step_kernel(
-    p_gates,    # [T, B, G] acc saved activations i, f, g, o
-    p_c,        # [S, B, H] acc saved cell states: slot_c = c_t, slot_c_prev = c_{t-1}
+    p_gates,    # [R, G] acc saved activations i, f, g, o; the step's rows from row_x
+    p_cells,    # [R, H] acc saved cell states: c_t from row_x, c_{t-1} of rows < N_PREV from row_prev
+    p_c0,       # [B, H] acc initial cell state: c_{t-1} of rows >= N_PREV
     p_w_hh,     # [G, P] recurrent weight, activation dtype
     p_dh,       # [B, H] acc gradient reaching h_t from later steps (already through W_hr with projection)
-    p_gy,       # [T, B, H] gradient of the output y, activation dtype (ADD_GY only)
+    p_gy,       # [R, H] gradient of the output y, activation dtype, from row_x (ADD_GY only)
     p_dc,       # [B, H] acc gradient reaching c_t from later steps
-    p_dgates,   # [T, B, G] acc out: gradient of the gate pre-activations
-    p_dh_prev,  # [B, P] acc out: dh_{t-1} = d_gates @ W_hh
-    p_dc_prev,  # [B, H] acc out: dc_{t-1} = d_c * f
-    B, N, t, slot_c, slot_c_prev,
+    p_dgates,   # [R, G] acc out: gradient of the gate pre-activations, from row_x
+    p_dh_prev,  # [B, P] acc out: dh_{t-1} = d_gates @ W_hh of rows < N_PREV
+    p_dc_prev,  # [B, H] acc out: dc_{t-1} = d_c * f of rows < N_PREV
+    p_dh0,      # [B, P] acc out: the same for rows >= N_PREV, whose h_{t-1} was h0: the gradient of h0
+    p_dc0,      # [B, H] acc out: the gradient of c0 for those rows
+    p_rmask,    # [B, P] recurrent dropout mask, activation dtype (RMASK only)
+    p_zc,       # [R, H] cell zoneout, activation dtype, from row_x (ZONE_C only)
+    p_zh,       # [R, H] hidden zoneout (P = H here), activation dtype, from row_x (ZONE_H only)
+    N, N_PREV, row_x, row_prev,
     B_BUCKET, H: tl.constexpr, P: tl.constexpr,
-    ADD_GY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ADD_GY: tl.constexpr, RMASK: tl.constexpr, ZONE_C: tl.constexpr, ZONE_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     G: tl.constexpr = 4 * H
@@ -161,41 +193,51 @@ def lstm_bwd_step_kernel(
     o_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     o_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_b = o_b < N
+    m_prev = (o_b < N_PREV)[:, None]  # rows continuing from the previous step; the others started from h0 / c0
     m_p = o_p < P
     # Every column program needs the gate gradients of all 4H rows of W_hh, so
     # each recomputes them; only the first one stores them (and dc_{t-1}).
     is_writer = pid_p == 0
     w_dtype = p_w_hh.dtype.element_ty
 
-    p_gates_t = p_gates + t.to(tl.int64) * B * G  # [B, G] step t's slice
-    p_dgates_t = p_dgates + t.to(tl.int64) * B * G  # [B, G]
-    p_c_t = p_c + slot_c.to(tl.int64) * B * H  # [B, H] c_t
-    p_c_prev = p_c + slot_c_prev.to(tl.int64) * B * H  # [B, H] c_{t-1}
+    o_rg = (row_x + o_b)[:, None] * G  # [BLOCK_B, 1] the step's rows of the [R, G] buffers
+    o_rh = (row_x + o_b)[:, None] * H  # and of the [R, H] ones
+    p_c_rows = tl.where(m_prev, p_cells + (row_prev + o_b)[:, None] * H, p_c0 + o_b[:, None] * H)  # c_{t-1}
     acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=p_dh_prev.dtype.element_ty)
     for k0 in range(0, H, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < H
         m_bk = m_b[:, None] & m_k[None, :]
         o_bk = o_b[:, None] * H + o_k[None, :]
-        o_g = o_b[:, None] * G + o_k[None, :]
-        b_i = tl.load(p_gates_t + o_g, mask=m_bk, other=0.0)
-        b_f = tl.load(p_gates_t + o_g + H, mask=m_bk, other=0.0)
-        b_g = tl.load(p_gates_t + o_g + 2 * H, mask=m_bk, other=0.0)
-        b_o = tl.load(p_gates_t + o_g + 3 * H, mask=m_bk, other=0.0)
-        b_c = tl.load(p_c_t + o_bk, mask=m_bk, other=0.0)
-        b_c_prev = tl.load(p_c_prev + o_bk, mask=m_bk, other=0.0)
+        o_g = o_rg + o_k[None, :]
+        b_i = tl.load(p_gates + o_g, mask=m_bk, other=0.0)
+        b_f = tl.load(p_gates + o_g + H, mask=m_bk, other=0.0)
+        b_g = tl.load(p_gates + o_g + 2 * H, mask=m_bk, other=0.0)
+        b_o = tl.load(p_gates + o_g + 3 * H, mask=m_bk, other=0.0)
+        b_c = tl.load(p_cells + o_rh + o_k[None, :], mask=m_bk, other=0.0)
+        b_c_prev = tl.load(p_c_rows + o_k[None, :], mask=m_bk, other=0.0)
         b_dh = tl.load(p_dh + o_bk, mask=m_bk, other=0.0)
         if ADD_GY:
-            b_dh += tl.load(p_gy + t.to(tl.int64) * B * H + o_bk, mask=m_bk, other=0.0).to(b_dh.dtype)
+            b_dh += tl.load(p_gy + o_rh + o_k[None, :], mask=m_bk, other=0.0).to(b_dh.dtype)
         b_dc = tl.load(p_dc + o_bk, mask=m_bk, other=0.0)
+        b_dc_cell = b_dc
+        if ZONE_H:  # zh of the gradient reaching h_t goes straight to h_{t-1} (added after the loop)
+            b_dh = b_dh * (1.0 - tl.load(p_zh + o_rh + o_k[None, :], mask=m_bk, other=0.0).to(b_dh.dtype))
+        if ZONE_C:  # the saved c_t is zoned: the gates saw c~_t = f c_{t-1} + i g, which gets (1 - zc) of dc
+            b_zc = tl.load(p_zc + o_rh + o_k[None, :], mask=m_bk, other=0.0).to(b_dc.dtype)
+            b_c = b_f * b_c_prev + b_i * b_g
+            b_dc_cell = b_dc * (1.0 - b_zc)
 
-        b_dzi, b_dzf, b_dzg, b_dzo, b_dc_prev = cell_bwd(b_dh, b_dc, b_i, b_f, b_g, b_o, b_c, b_c_prev)
+        b_dzi, b_dzf, b_dzg, b_dzo, b_dc_prev = cell_bwd(b_dh, b_dc_cell, b_i, b_f, b_g, b_o, b_c, b_c_prev)
+        if ZONE_C:
+            b_dc_prev += b_zc * b_dc
         m_st = m_bk & is_writer
-        tl.store(p_dgates_t + o_g, b_dzi, mask=m_st)
-        tl.store(p_dgates_t + o_g + H, b_dzf, mask=m_st)
-        tl.store(p_dgates_t + o_g + 2 * H, b_dzg, mask=m_st)
-        tl.store(p_dgates_t + o_g + 3 * H, b_dzo, mask=m_st)
-        tl.store(p_dc_prev + o_bk, b_dc_prev, mask=m_st)
+        tl.store(p_dgates + o_g, b_dzi, mask=m_st)
+        tl.store(p_dgates + o_g + H, b_dzf, mask=m_st)
+        tl.store(p_dgates + o_g + 2 * H, b_dzg, mask=m_st)
+        tl.store(p_dgates + o_g + 3 * H, b_dzo, mask=m_st)
+        tl.store(p_dc_prev + o_bk, b_dc_prev, mask=m_st & m_prev)
+        tl.store(p_dc0 + o_bk, b_dc_prev, mask=m_st & ~m_prev)
 
         # dh_{t-1}[:, p] += sum over gates q of dz_q @ w_hh[q*H + k, p]
         o_w = o_k[:, None] * P + o_p[None, :]  # [BLOCK_K, BLOCK_P]
@@ -209,4 +251,15 @@ def lstm_bwd_step_kernel(
         acc = tl.dot(b_dzo.to(w_dtype), tl.load(p_w_hh + 3 * H * P + o_w, mask=m_w, other=0.0), acc,
                      input_precision=DOT_PRECISION)
 
-    tl.store(p_dh_prev + o_b[:, None] * P + o_p[None, :], acc, mask=m_b[:, None] & m_p[None, :])
+    o_bp = o_b[:, None] * P + o_p[None, :]
+    m_bp = m_b[:, None] & m_p[None, :]
+    if RMASK:  # h_{t-1} entered the product masked
+        acc *= tl.load(p_rmask + o_bp, mask=m_bp, other=0.0).to(acc.dtype)
+    if ZONE_H:  # + zh dh_t, the direct path (P = H: column p is unit p)
+        o_rp = (row_x + o_b)[:, None] * H + o_p[None, :]
+        b_dh_p = tl.load(p_dh + o_bp, mask=m_bp, other=0.0)
+        if ADD_GY:
+            b_dh_p += tl.load(p_gy + o_rp, mask=m_bp, other=0.0).to(acc.dtype)
+        acc += tl.load(p_zh + o_rp, mask=m_bp, other=0.0).to(acc.dtype) * b_dh_p
+    tl.store(p_dh_prev + o_bp, acc, mask=m_bp & m_prev)
+    tl.store(p_dh0 + o_bp, acc, mask=m_bp & ~m_prev)

@@ -193,9 +193,11 @@ def _(info, in_dims, *args):
     return _loop_over_batch(torch.ops.lstm_fast.recurrence_backward, info, in_dims, args)
 
 
-# Backends whose saved tensors are gates [T, B, 4H] and cells [T, B, H] in acc_dtype, the
-# shapes the fake kernel below promises (triton keeps cells [T + 1, B, H])
-_GRAPH_OP_BACKENDS = ("cpp", "cuda", "numba", "reference")
+# Backends whose saved tensors are gates [T, B, 4H] and cells [T, B, H] ([N, *] packed) in
+# acc_dtype, the shapes the fake kernel below promises. triton enters through this opaque op,
+# not triton_op/wrap_triton: its step path launches one kernel per step from a Python loop,
+# which wrap_triton would unroll into T graph nodes, making T static.
+_GRAPH_OP_BACKENDS = ("cpp", "cuda", "numba", "reference", "triton")
 
 
 @torch.library.custom_op("lstm_fast::recurrence_forward", mutates_args=())
@@ -224,14 +226,14 @@ def _recurrence_forward_op(x: torch.Tensor, w_ih: _TensorOpt, b_ih: _TensorOpt, 
 
 @_recurrence_forward_op.register_fake
 def _(x, w_ih, b_ih, b_hh, h0, c0, w_hh, w_hr, batch_sizes, reverse, backend, projected, need_grad):
-    T, B = x.shape[:2]
-    G, P = w_hh.shape[0], h0.shape[1]
+    rows = x.shape[:1] if batch_sizes is not None else x.shape[:2]  # packed: [N, *] rows
+    B, G, P = h0.shape[0], w_hh.shape[0], h0.shape[1]
     if need_grad:
         acc = acc_dtype(x.dtype)
-        gates, cells = x.new_empty((T, B, G), dtype=acc), x.new_empty((T, B, G // 4), dtype=acc)
+        gates, cells = x.new_empty((*rows, G), dtype=acc), x.new_empty((*rows, G // 4), dtype=acc)
     else:
         gates, cells = x.new_empty(0), x.new_empty(0)
-    return x.new_empty((T, B, P)), h0.new_empty((B, P)), c0.new_empty((B, G // 4)), gates, cells
+    return x.new_empty((*rows, P)), h0.new_empty((B, P)), c0.new_empty((B, G // 4)), gates, cells
 
 
 def _recurrence_forward_setup(ctx, inputs, output):
@@ -254,7 +256,8 @@ _recurrence_forward_op.register_autograd(_recurrence_forward_backward, setup_con
 def _graph_op_backend(name, x, h0, w_hh, batch_sizes, reverse):
     """The backend that runs lstm_fast::recurrence_forward: the named one, or for "auto"
     the first of the automatic order that the op can describe."""
-    sizes = LayerSizes(x.shape[0], x.shape[1], w_hh.shape[0] // 4, h0.shape[-1], batch_sizes is not None, reverse)
+    T = len(batch_sizes) if batch_sizes is not None else x.shape[0]
+    sizes = LayerSizes(T, h0.shape[0], w_hh.shape[0] // 4, h0.shape[-1], batch_sizes is not None, reverse)
     if name not in ("auto", ""):
         if name not in _GRAPH_OP_BACKENDS:
             get_backend(name)  # an unknown name gets the registry's message
@@ -450,8 +453,8 @@ def _run(x, projection, state: LSTMState, weights: RecurrentWeights, layout: Seq
     recurrence = _with_function if use_function else _forward_without_grad
     if chosen.traceable or not compiling:
         return recurrence(*args)
-    # numba's and Triton's launchers are Python around foreign kernels, which dynamo
-    # cannot follow: under torch.compile the recurrence is an eager island
+    # a backend the op does not describe: Python around foreign kernels, which dynamo
+    # cannot follow, so under torch.compile the recurrence is an eager island
     return _call_outside_graph(recurrence, *args)
 
 

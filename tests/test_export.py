@@ -1,7 +1,8 @@
 """torch.export, torch.jit.trace and torch.jit.script of models holding lstm_fast
-modules, with every CPU backend: recorded with static and dynamic batch and
-sequence sizes, run on new sizes, differentiated (gradients equal to eager), saved,
-and loaded in a fresh process that only imports lstm_fast.
+modules, with every backend that runs on CPU tensors here (triton through the
+Triton interpreter, which conftest.py turns on): recorded with static and dynamic
+batch and sequence sizes, run on new sizes, differentiated (gradients equal to
+eager), saved, and loaded in a fresh process that only imports lstm_fast.
 
 Each backend's recurrence is recorded as the op lstm_fast::recurrence_forward, whose
 fake kernel gives the shapes and whose registered derivative runs the backend's
@@ -17,7 +18,8 @@ import torch
 import lstm_fast
 from helpers import TOL, assert_close, require
 
-CPU_BACKENDS = ["cpp", "numba", "reference"]
+# triton: the fresh processes inherit TRITON_INTERPRET=1 from conftest.py
+CPU_BACKENDS = ["cpp", "numba", "reference", "triton"]
 DTYPE = torch.float32
 LSTM_KWARGS = dict(input_size=5, hidden_size=6, num_layers=2, bidirectional=True, proj_size=3, batch_first=True)
 
@@ -75,6 +77,31 @@ def test_export_runs_and_differentiates(backend, dynamic):
     sizes = ((2, 7), (1, 1), (3, 4)) if dynamic else ((3, 4),)
     for B, T in sizes:
         _check_same(ep.module(), model, torch.randn(B, T, 5), f"{backend} export B={B} T={T}")
+
+
+@pytest.mark.parametrize("need_grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("packed,reverse", [(False, False), (False, True), (True, False), (True, True)],
+                         ids=["padded", "reverse", "packed", "packed_reverse"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_graph_op_fake_kernel_describes_the_backend(backend, packed, reverse, need_grad):
+    """The op's fake kernel gives exactly the shapes, strides and dtypes the backend returns,
+    the saved gates and cells included ([N, *] rows when packed): a recorded graph plans its
+    buffers from them. (opcheck's aot_dispatch tests trace the backward with fake tensors, which
+    only backends of torch ops could follow; compiled backward is covered above and in
+    test_torch_compile.py.)"""
+    T, B, H, I = 3, 3, 5, 4
+    require(backend, "cpu", DTYPE, T=T, B=B, H=H, packed=packed, reverse=reverse)
+    bs = torch.tensor([3, 2, 1]) if packed else None
+    g = torch.Generator().manual_seed(6)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_(need_grad)
+
+    x = r(6, I) if packed else r(T, B, I)
+    args = (x, r(4 * H, I), r(4 * H), r(4 * H), r(B, H), r(B, H), r(4 * H, H), None, bs, reverse, backend, True,
+            need_grad)
+    torch.library.opcheck(torch.ops.lstm_fast.recurrence_forward.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def _fresh_process(code):
@@ -156,11 +183,6 @@ def test_scripted_modules_take_unbatched_input_and_no_state():
             torch.testing.assert_close(a, b, **TOL[DTYPE])
     with pytest.raises(torch.jit.Error, match="input.size.-1. must be equal to input_size"):  # TorchScript's wrapper
         torch.jit.script(lstm)(torch.randn(4, 2, 7))
-
-
-def test_scripting_refuses_a_backend_the_op_does_not_describe():
-    with pytest.raises(RuntimeError, match="backend 'triton' cannot be scripted"):
-        torch.jit.script(lstm_fast.LSTM(5, 6, backend="triton"))
 
 
 def test_import_registers_the_ops_without_building():

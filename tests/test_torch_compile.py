@@ -4,14 +4,11 @@ modules, for every backend.
 torch.compile declines nn.LSTM and its subclasses unless
 torch._dynamo.config.allow_rnn is set, and runs them eagerly; lstm_fast.LSTM
 then runs wholly outside dynamo. LSTMCell, the functional API and LSTM under
-allow_rnn are traced: backends made of torch ops (cpp, cuda: custom ops with
-fake kernels) land in the graph, so fullgraph=True works; numba, Triton and the
-reference run as an eager island (a graph break). Results must equal
-torch.nn's, gradients included.
-
-torch.jit.trace and torch.export record a graph of torch ops only, so numba and
-Triton, whose kernels are not torch ops, decline them with that reason (a named
-backend raises, "auto" takes the next one).
+allow_rnn are traced: cpp and cuda land in the graph as their own custom ops,
+numba, triton and the reference as the op lstm_fast::recurrence_forward (a fake
+kernel, a registered derivative), so fullgraph=True works with every backend.
+Results must equal torch.nn's, gradients included. torch.jit.trace and
+torch.export record the same op.
 
 Most tests compile with the "aot_eager" backend: it runs dynamo and AOTAutograd
 (the tracing that meets our code: fake kernels, the autograd.Function) without
@@ -30,8 +27,8 @@ from helpers import BACKEND_NAMES, CellAsLSTM, check_against, device_of_tests, f
 from lstm_fast.function import _GRAPH_OP_BACKENDS as GRAPH_OP_BACKENDS
 
 DEVICE = device_of_tests()
-# Part of the GPU run too (-m gpu): there the cuda backend enters the graph and
-# triton runs as an eager island.
+# Part of the GPU run too (-m gpu): there cuda and triton run on CUDA tensors; here triton
+# runs in the Triton interpreter (conftest.py).
 pytestmark = pytest.mark.gpu
 DTYPE = torch.float32
 KWARGS = dict(input_size=5, hidden_size=6, proj_size=2, num_layers=2, bidirectional=True, batch_first=True)
@@ -86,8 +83,7 @@ def test_traced_cell_matches(backend, monkeypatch):
     torch.manual_seed(1)
     ref = torch.nn.LSTMCell(4, 6, device=DEVICE, dtype=DTYPE)
     ours = lstm_fast.LSTMCell.from_torch(ref, backend=backend)
-    # Backends of torch ops are traced; the others enter as the op lstm_fast::recurrence_forward,
-    # except triton (its own saved layout), which breaks the graph once.
+    # Backends of torch ops are traced; the others enter as the op lstm_fast::recurrence_forward.
     fullgraph = backend in GRAPH_OP_BACKENDS or get_backend(backend).traceable
     compiled = torch.compile(CellAsLSTM(ours), backend="aot_eager", fullgraph=fullgraph)
     check_against(CellAsLSTM(ref), compiled, _cell_build, DTYPE, f"{backend} traced cell")
@@ -135,7 +131,7 @@ def test_first_use_inside_a_fullgraph_compile():
     """The first lstm_fast call of a process may be inside torch.compile(fullgraph=True):
     backend objects exist from import and availability is a trace-time constant, so
     no import or lock lands in the trace (a fresh process, so nothing is cached).
-    The backend is named: on a GPU "auto" takes triton, an eager island."""
+    The backend is named: it must be one whose availability costs no kernel build."""
     backend = "cuda" if DEVICE.type == "cuda" else "cpp"
     require(backend, DEVICE, DTYPE, T=1, B=3, H=6)
     code = f"""
@@ -194,13 +190,24 @@ def _record(recorder, model, x):
 
 
 @pytest.mark.parametrize("recorder", ["jit.trace", "export"])
-def test_graph_recorders_refuse_triton(recorder):
+def test_graph_recorders_record_triton(recorder):
+    """triton is recorded as lstm_fast::recurrence_forward: new input values are computed,
+    not replayed, and the gradients through the recorded module equal eager ones."""
     require("triton", DEVICE, DTYPE, T=4, B=3, H=7)
+    torch.manual_seed(5)
     model = _Head("triton").to(DEVICE)
-    # its saved tensors have a layout of their own, which the recorded op does not describe;
-    # recorded without the op, the graph would replay the first call's output for any input
-    with pytest.raises(RuntimeError, match="backend 'triton' does not support this call: .*cannot record"):
-        _record(recorder, model, torch.randn(3, 4, 5, device=DEVICE))
+    graph = _record(recorder, model, torch.randn(3, 4, 5, device=DEVICE))
+    assert "recurrence_forward" in (str(graph.inlined_graph) if recorder == "jit.trace" else graph.code)
+    x = torch.randn(3, 4, 5, device=DEVICE)
+    results = []
+    for module in (graph, model):
+        leaf = x.clone().requires_grad_()
+        out = module(leaf)
+        params = dict(module.named_parameters())
+        grads = torch.autograd.grad((out * out).sum(), [leaf] + [params[n] for n, _ in model.named_parameters()])
+        results.append((out, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("recorder", ["jit.trace", "export"])

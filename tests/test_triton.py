@@ -22,9 +22,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-from helpers import TOL, assert_results_close, layer_inputs, run_layer, tf32
+from torch.nn.utils.rnn import pack_sequence
+
+import lstm_fast
+from helpers import TOL, assert_results_close, check_against, layer_inputs, run_layer, tf32
 from lstm_fast.backends import get_backend
-from lstm_fast.backends.base import LayerSizes
+from lstm_fast.backends.base import LayerSizes, LSTMState, RecurrentWeights, SequenceLayout
 from lstm_fast.function import lstm_layer, lstm_recurrence
 
 HAS_CUDA = torch.cuda.is_available()
@@ -107,6 +110,119 @@ def test_interpreter_inference(triton_backend, path, packed, reverse):
         ours = lstm_recurrence(*leaves.values(), batch_sizes=bs, reverse=reverse, backend="triton")
     for name, a, b in zip(("y", "h_n", "c_n"), ours, ref):
         torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+@pytest.mark.parametrize("path,proj", [("step", 0), ("step", 3), ("sequence", 0)],
+                         ids=["step", "step_proj", "sequence"])
+def test_interpreter_packed_module_matches_torch(triton_backend, path, proj):
+    """Each kernel path forced on PackedSequence input in its own layout: a bidirectional
+    lstm_fast.LSTM (forward and reverse directions, enforce_sorted=False, a projection on
+    the step path) against torch.nn.LSTM, outputs, states and every gradient."""
+    triton_backend.path = path
+    torch.manual_seed(3)
+    kwargs = dict(input_size=4, hidden_size=6, proj_size=proj, bidirectional=True)
+    ref = torch.nn.LSTM(**kwargs)
+    ours = lstm_fast.LSTM.from_torch(ref, backend="triton")
+    lengths = [2, 5, 1, 5, 3]  # unsorted, with ties and a length-1 sequence
+    P = proj or 6
+
+    def build():
+        leaves = {f"seq{i}": torch.randn(n, 4, requires_grad=True) for i, n in enumerate(lengths)}
+        leaves["h0"] = torch.randn(2, len(lengths), P, requires_grad=True)
+        leaves["c0"] = torch.randn(2, len(lengths), 6, requires_grad=True)
+        packed = pack_sequence([leaves[f"seq{i}"] for i in range(len(lengths))], enforce_sorted=False)
+        return packed, (leaves["h0"], leaves["c0"]), leaves
+
+    check_against(ref, ours, build, torch.float32, f"packed/{path}/proj={proj}")
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+@pytest.mark.parametrize("path", ["step", "sequence"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_packed_call_allocates_no_padded_batch(triton_backend, path, reverse):
+    """A packed call works on its N = sum(batch_sizes) rows only: no tensor of the padded
+    [T, B, *] batch's size is created in forward or backward (every ATen op's output is
+    watched; the kernels allocate nothing), and the saved gates and cells have N rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():  # the interpreter views buffers as bytes
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    triton_backend.path = path
+    T, B, H = 12, 8, 5
+    bs = torch.tensor([B] + [1] * (T - 1))  # one long sequence: N = 19 real tokens of T*B = 96
+    N = int(bs.sum())
+    leaves = layer_inputs(T, B, H, H, torch.float32, DEVICE, batch_sizes=bs)
+    with Largest():
+        y, h_n, c_n = lstm_recurrence(*leaves.values(), batch_sizes=bs, reverse=reverse, backend="triton")
+        torch.autograd.grad((y * y).sum() + h_n.sum() + c_n.sum(), list(leaves.values()))
+    # the largest per-step tensors of the call are gx and gates, [N, 4H]; a padded y or cells has T*B*H
+    assert Largest.numel < T * B * H, Largest.numel
+    state, weights = LSTMState(leaves["h0"], leaves["c0"]), RecurrentWeights(leaves["w_hh"])
+    with torch.no_grad():
+        y, _, _, (gates, cells) = triton_backend.forward(leaves["gx"], state, weights, SequenceLayout(bs, reverse),
+                                                         True)
+    assert y.shape == (N, H) and gates.shape == (N, 4 * H) and cells.shape == (N, H)
+
+
+MASK_CASES = [  # (id, P, packed, reverse, masks on: recurrent, zone_c, zone_h)
+    ("all", 5, False, False, (True, True, True)),
+    ("recurrent_reverse", 5, False, True, (True, False, False)),
+    ("zone_c_packed", 5, True, False, (False, True, False)),
+    ("zone_h_packed_reverse", 5, True, True, (False, False, True)),
+    ("proj_all_packed_reverse", 3, True, True, (True, True, True)),
+    ("proj_zone_h", 3, False, False, (False, False, True)),
+]
+# the sequence path refuses a projection outright, masks or not
+MASK_RUNS = [(p, *c) for p in ("step", "sequence") for c in MASK_CASES if p == "step" or c[1] == 5]
+
+
+@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+@pytest.mark.parametrize("path,name,P,packed,reverse,on", MASK_RUNS, ids=[f"{r[0]}-{r[1]}" for r in MASK_RUNS])
+def test_interpreter_masks_match_reference(triton_backend, monkeypatch, path, name, P, packed, reverse, on):
+    """Recurrent dropout and zoneout inside the step kernels (a masked call takes the step
+    path whichever is asked): outputs and every gradient against the reference's loop with
+    the same masks, packed and reverse, with a projection (zoneout of h after W_hr)."""
+    from lstm_fast.backends.base import StepMasks
+    from lstm_fast.function import lstm_projected
+
+    triton_backend.path = path
+    T, B, H, I = 4, 3, 5, 2
+    bs = torch.tensor([3, 2, 2, 1]) if packed else None
+    rows = (int(bs.sum()),) if packed else (T, B)
+    g = torch.Generator().manual_seed(8)
+    masks = StepMasks(
+        (torch.rand(B, P, generator=g) > 0.3).float() / 0.7 if on[0] else None,
+        torch.rand(*rows, H, generator=g) if on[1] else None,  # zoneout's eval form: any value in [0, 1]
+        (torch.rand(*rows, P, generator=g) > 0.5).float() if on[2] else None)
+    leaves = layer_inputs(T, B, H, P, torch.float32, DEVICE, I=I, batch_sizes=bs)
+    results = []
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("a masked triton call was handed to the reference backend")
+
+    for backend in ("triton", "reference"):
+        with monkeypatch.context() as m:
+            if backend == "triton":
+                reference = type(get_backend("reference"))
+                m.setattr(reference, "forward", not_here)
+                m.setattr(reference, "forward_projected", not_here)
+            y, h_n, c_n = lstm_projected(*(leaves[k] for k in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")),
+                                         leaves.get("w_hr"), batch_sizes=bs, reverse=reverse, backend=backend,
+                                         masks=masks)
+        ups = torch.Generator().manual_seed(9)
+        loss = sum((t * torch.randn(t.shape, generator=ups)).sum() for t in (y, h_n, c_n))
+        results.append((y, h_n, c_n, *torch.autograd.grad(loss, list(leaves.values()))))
+    for what, a, b in zip(["y", "h_n", "c_n", *(f"d_{k}" for k in leaves)], *results):
+        torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m, what=what: f"{name} {what}: {m}")
 
 
 def test_dispatch_and_limits(triton_backend):
@@ -348,11 +464,13 @@ def _step_beyond_int32():
     g = torch.Generator().manual_seed(3)
     gx[t] = torch.randn(B, G, generator=g).half()
     w = (torch.randn(G, P, generator=g) * 0.4).half()
-    y_ext = torch.randn(2, B, P, generator=g).half()  # slot 0: h_{t-1}; slot 1 receives h_t
-    cells = torch.randn(2, B, H, generator=g)  # slot 0: c_{t-1}; slot 1 receives c_t
+    y_ext = torch.randn(2, B, P, generator=g).half()  # rows 0..B-1: h_{t-1}; rows B..2B-1 receive h_t
+    cells = torch.randn(2, B, H, generator=g)  # the same for c_{t-1}, c_t
+    h0, c0 = torch.zeros(B, P).half(), torch.zeros(B, H)  # not read: every row continues (N_PREV = B)
     step_k.lstm_fwd_step_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]), triton_cdiv(H, m["BLOCK_H"]))](
-        gx, w, y_ext, y_ext, cells, cells, B, B, t, 0, 1, 0, 1,
-        H=H, P=P, B_BUCKET=step_k.bucket(B), SAVE=False, DOT_PRECISION="ieee")
+        gx, w, h0, y_ext, y_ext, c0, cells, cells, cells, h0, h0, h0, B, B, t * B, 0, B, 0, B,
+        H=H, P=P, B_BUCKET=step_k.bucket(B), SAVE=False, RMASK=False, ZONE_C=False, ZONE_H=False,
+        DOT_PRECISION="ieee")
     z = gx[t].double() + y_ext[0].double() @ w.double().T
     i, f, gg, o = torch.sigmoid(z[:, :H]), torch.sigmoid(z[:, H:2 * H]), torch.tanh(z[:, 2 * H:3 * H]), \
         torch.sigmoid(z[:, 3 * H:])

@@ -10,7 +10,7 @@ device (their torch ops work there), each kernel launch is recorded instead of
 run, and every recorded launch is compiled to a cubin for the target
 architecture with Triton's own compiler (ptxas ships with triton; no driver is
 needed). Covered: both paths (step, sequence), forward with and without saving,
-backward, projection, packed, reverse; float32 in tf32 and ieee, float16,
+backward, projection, packed, reverse, regulariser masks; float32 in tf32 and ieee, float16,
 bfloat16 (QUICK_CASES; --full: every combination). Each kernel specialisation
 is compiled with the first autotune config its pruning keeps; --all-configs
 compiles every kept one.
@@ -42,7 +42,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 
-from lstm_fast.backends.base import LSTMState, OutputGrads, RecurrentWeights, SequenceLayout
+from lstm_fast.backends.base import LSTMState, OutputGrads, RecurrentWeights, SequenceLayout, StepMasks
 from lstm_fast.backends.triton_gpu import TritonBackend
 
 _PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16",
@@ -67,10 +67,10 @@ def record_launches(cases):
     return seen
 
 
-# (dtype, fp32 precision, path, H, P, packed, reverse). H=48: the sequence path fits and
+# (dtype, fp32 precision, path, H, P, packed, reverse[, masked]). H=48: the sequence path fits and
 # 48 is no multiple of the blocks; H=96, P=40: step path with a projection; H=200: step
 # path only (beyond every sequence limit). The quick set gives each dtype both paths and
-# each of packed / reverse / projection at least once (30 compiles, under a minute).
+# each of packed / reverse / projection at least once, and the sequence kernels packed reverse.
 QUICK_CASES = [
     (torch.float32, "tf32", "sequence", 48, 48, True, False),
     (torch.float32, "tf32", "step", 96, 40, False, True),
@@ -82,15 +82,21 @@ QUICK_CASES = [
     (torch.bfloat16, None, "sequence", 48, 48, True, False),
     (torch.bfloat16, None, "step", 200, 200, False, True),
     (torch.float64, None, "step", 96, 40, True, False),  # float64: step path only
+    (torch.float32, "ieee", "sequence", 48, 48, True, True),  # packed reverse: rows joining from h0 / c0
+    # masked: recurrent dropout and both zoneouts (the step kernels, whatever the path)
+    (torch.float32, "tf32", "step", 96, 40, True, True, True),
+    (torch.float16, None, "sequence", 48, 48, False, False, True),
 ]
 FULL_CASES = [(dtype, prec, path, H, P, packed, reverse)
               for dtype, precs in ((torch.float32, ("tf32", "ieee", "tf32x3")), (torch.float16, (None,)),
                                    (torch.bfloat16, (None,)))
               for prec in precs
               for path, H, P in (("sequence", 48, 48), ("step", 48, 48), ("step", 96, 40), ("step", 200, 200))
-              for packed, reverse in ((False, False), (False, True), (True, False))] + [
+              for packed, reverse in ((False, False), (False, True), (True, False), (True, True))] + [
     (torch.float64, None, "step", H, P, packed, reverse)
-    for H, P in ((48, 48), (96, 40), (200, 200)) for packed, reverse in ((False, False), (False, True), (True, False))]
+    for H, P in ((48, 48), (96, 40), (200, 200)) for packed, reverse in ((False, False), (False, True), (True, False))
+] + [(dtype, prec, "step", H, P, True, True, True) for dtype, prec in ((torch.float32, "tf32"), (torch.float32, "ieee"),
+     (torch.float16, None), (torch.bfloat16, None), (torch.float64, None)) for H, P in ((48, 48), (96, 40))]
 
 
 def _drive_backend(cases):
@@ -98,19 +104,21 @@ def _drive_backend(cases):
     b = TritonBackend()
     T, B = 3, 5
     batch_sizes = torch.tensor([5, 3, 2])
-    for dtype, prec, path, H, P, packed, reverse in cases:
+    for dtype, prec, path, H, P, packed, reverse, *masked in cases:
         b.path, b.fp32_precision = path, prec
         bs = batch_sizes if packed else None
 
         def mk(*shape, dtype=dtype):
             return torch.empty(*shape, dtype=dtype, device=meta)
 
-        gx, h0, c0, w_hh = mk(T, B, 4 * H), mk(B, P), mk(B, H), mk(4 * H, P)
+        rows = (int(batch_sizes.sum()),) if packed else (T, B)  # packed: PackedSequence's [N, *] rows
+        gx, h0, c0, w_hh = mk(*rows, 4 * H), mk(B, P), mk(B, H), mk(4 * H, P)
         w_hr = mk(P, H) if P != H else None
         state, weights, layout = LSTMState(h0, c0), RecurrentWeights(w_hh, w_hr), SequenceLayout(bs, reverse)
-        y, h_n, c_n, saved = b.forward(gx, state, weights, layout, True)
-        b.forward(gx, state, weights, layout, False)
-        b.backward(saved, y, OutputGrads(mk(T, B, P), mk(B, P), mk(B, H)), state, weights, layout)
+        extra = {"masks": StepMasks(mk(B, P), mk(*rows, H), mk(*rows, P))} if masked and masked[0] else {}
+        y, h_n, c_n, saved = b.forward(gx, state, weights, layout, True, **extra)
+        b.forward(gx, state, weights, layout, False, **extra)
+        b.backward(saved, y, OutputGrads(mk(*rows, P), mk(B, P), mk(B, H)), state, weights, layout, **extra)
 
 
 def _signature(fn, named, config):

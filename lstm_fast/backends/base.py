@@ -129,7 +129,8 @@ class Backend:
 
     name = "?"
     # Whether torch.compile may trace into forward/backward: true when they are made of
-    # torch ops (ATen, or custom ops with fake kernels). Otherwise the call runs eagerly
+    # torch ops (ATen, or custom ops with fake kernels). Otherwise the call enters the graph
+    # as the op lstm_fast::recurrence_forward (function._GRAPH_OP_BACKENDS), or runs eagerly
     # as its own island (one graph break per layer-direction).
     traceable = False
     # Whether float16/bfloat16 calls run in float32: function._run widens the inputs
@@ -198,7 +199,8 @@ def graph_recorder() -> str | None:
     """The graph recorder tracing this call (torch.jit.trace or torch.export), or None.
 
     Their graphs hold torch ops only: a backend whose kernels are not torch ops
-    (numba, Triton) would be left out of the recording, so it must decline.
+    (numba, Triton) would be left out of the recording, so function._run records
+    such a call as the op lstm_fast::recurrence_forward.
     """
     if torch.jit.is_tracing():
         return "torch.jit.trace"
@@ -273,69 +275,6 @@ class PackedRows:
 
     def step_rows(self, t: int) -> slice:
         return slice(self.starts[t], self.starts[t] + self.sizes[t])
-
-
-class PaddedPacking(Backend):
-    """Base of a backend whose kernels step through a padded batch only: it implements
-    padded_forward / padded_backward (the contract's forward / backward for batch_sizes
-    None, or padded [T, B, *] tensors whose rows past batch_sizes[t] are inactive at
-    step t, never with reverse).
-
-    A packed call is scattered into a zero-padded [T, B, *] batch (for reverse, each
-    sequence reversed within its length, so the kernels always run forward with
-    shrinking batch_sizes), run, and gathered back: it costs the padding's work and
-    memory, which backends with packed loops of their own do not pay.
-    """
-
-    def padded_forward(self, gx, state, weights, layout, need_grad):
-        raise NotImplementedError
-
-    def padded_backward(self, saved, y, grads, state, weights, layout) -> RecurrenceGrads:
-        raise NotImplementedError
-
-    def padded_activations(self, saved, layout):
-        """activations() of padded_forward's saved tensors, in the padded layout."""
-        return saved
-
-    def activations(self, saved, layout):
-        if layout.batch_sizes is None:
-            return self.padded_activations(saved, layout)
-        gates, cells = self.padded_activations(saved, SequenceLayout(layout.batch_sizes, False))
-        T, B = gates.shape[:2]
-        index = _padded_index(layout, B, gates.device)[0]
-        return tuple(t.reshape(T * B, -1).index_select(0, index) for t in (gates, cells))
-
-    def forward(self, gx, state, weights, layout, need_grad):
-        if layout.batch_sizes is None:
-            return self.padded_forward(gx, state, weights, layout, need_grad)
-        index, T, B = _padded_index(layout, state.h.shape[0], gx.device)
-        y, h_n, c_n, saved = self.padded_forward(_scatter(gx, index, T, B), state, weights,
-                                                 SequenceLayout(layout.batch_sizes, False), need_grad)
-        return y.reshape(T * B, -1).index_select(0, index), h_n, c_n, saved
-
-    def backward(self, saved, y, grads, state, weights, layout):
-        if layout.batch_sizes is None:
-            return self.padded_backward(saved, y, grads, state, weights, layout)
-        index, T, B = _padded_index(layout, state.h.shape[0], y.device)
-        padded = OutputGrads(_scatter(grads.y, index, T, B), grads.h_n, grads.c_n)
-        r = self.padded_backward(saved, _scatter(y, index, T, B), padded, state, weights,
-                                 SequenceLayout(layout.batch_sizes, False))
-        return r._replace(gx=r.gx.reshape(T * B, -1).index_select(0, index))
-
-
-def _padded_index(layout, B, device):
-    """(index [N] of each packed row in the flattened [T*B] padded batch, T, B)."""
-    rows = PackedRows(layout.batch_sizes, False)
-    t, b = rows.token_steps()
-    if layout.reverse:  # step t of a sequence of length L goes to L - 1 - t
-        t = rows.lengths()[b] - 1 - t
-    return (t * B + b).to(device), rows.T, B
-
-
-def _scatter(rows, index, T, B):
-    out = rows.new_zeros(T * B, rows.shape[-1])
-    out[index] = rows
-    return out.view(T, B, -1)
 
 
 # Inference input projections are computed for at most this many gx elements at a time

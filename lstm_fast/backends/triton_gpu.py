@@ -6,6 +6,16 @@ Two kernel paths, same saved tensors, same results:
   sequence  one launch runs all T steps; each program keeps W_hh for its batch
             tile on chip, so it needs small H (SEQ_MAX_H: 64 in fp32, 128 in
             fp16/bf16) and no projection.
+Both read and write the call's own layout (backends/base.py): the per-step tensors
+(gx, y, saved gates and cells, their gradients) are rows, [T*B, *] padded or
+PackedSequence's [N, *] packed, and each step addresses its rows from its first
+row (t*B, or the cumulative batch_sizes) with its active row count, so a packed
+call computes and stores real tokens only. Rows that start at a step (all at the
+first; packed reverse, those whose sequence ends at that t) read h0 / c0, the
+others the previous step's rows; the reverse direction runs from the same rows.
+Regulariser masks (StepMasks: recurrent dropout on h_{t-1}, zoneout of c and h) run
+inside the step kernels, so a masked call takes the step path whatever `path` says
+(the sequence kernels carry no masks).
 `path` (attribute, or env LSTM_FAST_TRITON_PATH) = auto | step | sequence;
 auto takes sequence whenever it applies (one launch instead of 2T; to be
 confirmed by a GPU benchmark). A forced path that cannot serve a call
@@ -36,7 +46,7 @@ import os
 import torch
 
 from .. import _sources
-from .base import LayerSizes, PackedRows, PaddedPacking, RecurrenceGrads, acc_dtype, graph_recorder, weight_grads
+from .base import Backend, LayerSizes, PackedRows, RecurrenceGrads, acc_dtype, step_order, weight_grads
 
 PATHS = ("auto", "step", "sequence")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -73,8 +83,10 @@ def _torch_fp32_precision() -> str:
         return "ieee"
 
 
-class TritonBackend(PaddedPacking):
+class TritonBackend(Backend):
     name = "triton"
+    # recurrent dropout and zoneout run inside the step kernels; a masked call takes the step path
+    supports_masks = True
 
     def __init__(self):
         self.path = os.environ.get("LSTM_FAST_TRITON_PATH", "auto") or "auto"
@@ -128,6 +140,8 @@ class TritonBackend(PaddedPacking):
 
     def supports(self, device, dtype, sizes: LayerSizes):
         self._check_path()
+        # torch.jit.trace hands sizes as traced tensors; H and P are the weights' constant sizes
+        sizes = sizes._replace(H=int(sizes.H), P=int(sizes.P))
         device = torch.device(device)
         if self._interp():
             if device.type != "cpu":
@@ -138,9 +152,6 @@ class TritonBackend(PaddedPacking):
             return False, f"Triton kernels need CUDA tensors (got {device.type}; TRITON_INTERPRET=1 runs CPU tensors)"
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             return False, f"dtype {dtype} not supported (float32, float64, float16, bfloat16)"
-        recorder = graph_recorder()
-        if recorder:
-            return False, f"Triton kernels are not torch ops, so {recorder} cannot record them (cuda can)"
         # Activation offsets (rows of [T, B, ..] buffers) are int64 in every kernel, so T*B*4H may pass 2^31;
         # weight offsets are int32, hence this bound on W_hh.
         if 4 * sizes.H * sizes.P >= 2 ** 31:
@@ -165,166 +176,231 @@ class TritonBackend(PaddedPacking):
         return choice
 
     # ----------------------------------------------------------------- forward
-    def padded_activations(self, saved, layout):
-        gates, cells = saved  # cells [T + 1, B, H]: c0 in the first processed slot (see _forward)
-        return gates, (cells[:-1] if layout.reverse else cells[1:])
-
-    def padded_forward(self, gx, state, weights, layout, need_grad):
+    def forward(self, gx, state, weights, layout, need_grad, masks=None):
         with _on_device(gx.device):
-            return self._forward(gx, state, weights, layout, need_grad)
+            return self._forward(gx, state, weights, layout, need_grad, _Masks(masks, state.h))
 
-    def _forward(self, gx, state, weights, layout, need_grad):
+    def _forward(self, gx, state, weights, layout, need_grad, masks):
         (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = state, weights, layout
         step_k, seq_k = self._kernels()
-        T, B, G = gx.shape
-        H, P = G // 4, h0.shape[1]
+        rows_shape, G = gx.shape[:-1], gx.shape[-1]  # (T, B) padded, (N,) packed
+        B, P = h0.shape
+        H = G // 4
+        packed = batch_sizes is not None
+        T = len(batch_sizes) if packed else gx.shape[0]
         dtype, dev = gx.dtype, gx.device
         acc = acc_dtype(dtype)  # gates and cell states: float32, or float64 for float64 input
         w = w_hh.to(dtype).contiguous()
         prec = self.dot_precision(dtype)
-        packed = batch_sizes is not None
         sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
-        # y_ext[T+1]: h0 in slot h0_slot, y[t] in slot t+1 (t when reverse), so
-        # step t reads h_{t-1} from one slot of the same buffer. Packed rows
-        # that are inactive must read as y = 0 (and stay finite for backward).
-        alloc = torch.zeros if packed else torch.empty
-        y_ext = alloc(T + 1, B, P, dtype=dtype, device=dev)
-        h0_slot = T if reverse else 0
-        y_ext[h0_slot] = h0
-        y = y_ext[:T] if reverse else y_ext[1:]
-        gates = alloc(T, B, G, dtype=acc, device=dev) if need_grad else None
-        cells = None
-        if need_grad:  # cells_ext: same slot layout as y_ext
-            cells = alloc(T + 1, B, H, dtype=acc, device=dev)
-            cells[h0_slot] = c0
-        bs = batch_sizes.tolist() if packed else None
-        if T == 0 or B == 0:  # nothing to compute: no launch with an empty grid
-            return y, h0.clone(), c0.clone(), ((gates, cells) if need_grad else ())
+        # Per-step tensors in the call's own layout, addressed as [R, width] rows by the kernels.
+        y = torch.empty(*rows_shape, P, dtype=dtype, device=dev)
+        gates = torch.empty(*rows_shape, G, dtype=acc, device=dev) if need_grad else None
+        cells = torch.empty(*rows_shape, H, dtype=acc, device=dev) if need_grad else None
+        saved = (gates, cells) if need_grad else ()
+        if gx.numel() == 0 or B == 0:  # nothing to compute: no launch with an empty grid
+            return y, h0.clone(), c0.clone(), saved
 
-        if self.use_sequence(sizes, dtype):
+        if self.use_sequence(sizes, dtype) and not masks.on:
             h_n = torch.empty(B, H, dtype=h0.dtype, device=dev)
             c_n = torch.empty(B, H, dtype=acc, device=dev)
-            bs_dev = (batch_sizes.to(device=dev, dtype=torch.int32) if packed
-                      else torch.empty(1, dtype=torch.int32, device=dev))
-            dummy = y_ext
+            bs_dev, row0_dev = _step_tables(batch_sizes, dev)
             seq_k.lstm_fwd_seq_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]),)](
-                gx, w, y_ext, cells if need_grad else dummy, bs_dev, c0,
-                h_n, c_n, gates if need_grad else dummy,
-                T, B, H=H, HP=max(16, _next_pow2(H)), B_BUCKET=step_k.bucket(B),
+                gx, w, h0, c0, y, cells if need_grad else y, gates if need_grad else y, bs_dev, row0_dev,
+                h_n, c_n, T, B, H=H, HP=max(16, _next_pow2(H)), B_BUCKET=step_k.bucket(B),
                 REVERSE=bool(reverse), PACKED=packed, SAVE=need_grad, DOT_PRECISION=prec)
-            saved = (gates, cells) if need_grad else ()
             return y, h_n, c_n.to(c0.dtype), saved
 
-        # Step path. Without saving, the cell state ping-pongs between 2 slots.
-        if not need_grad:
-            cells = torch.empty(2, B, H, dtype=acc, device=dev)
-            cells[0] = c0
-        hpre = torch.empty(1, B, H, dtype=dtype, device=dev) if w_hr is not None else None
+        # Step path (and every masked call). Without saving, the cell state ping-pongs between two [B, H] slots.
+        plan = _Plan(T, B, batch_sizes, reverse)
+        gx2, y2 = gx.view(-1, G), y.view(-1, P)
+        c_ping = None if need_grad else torch.empty(2 * B, H, dtype=acc, device=dev)
+        c_buf = cells.view(-1, H) if need_grad else c_ping
+        hpre = torch.empty(B, H, dtype=dtype, device=dev) if w_hr is not None else None
         w_hr_t = w_hr.to(dtype).t() if w_hr is not None else None
-        gates_arg = gates if need_grad else cells
+        gates_arg = gates.view(-1, G) if need_grad else c_buf
+        c0_acc = c0.to(acc).contiguous()  # one row pointer serves c0 and the cell buffer: one dtype
         bb = step_k.bucket(B)
-        order = range(T - 1, -1, -1) if reverse else range(T)
-        for s, t in enumerate(order):
-            n = B if bs is None else bs[t]
-            if n == 0:
-                continue
-            h_in, h_out = (t + 1, t) if reverse else (t, t + 1)
-            c_in, c_out = (h_in, h_out) if need_grad else (s % 2, (s + 1) % 2)
+        zone_h_in_kernel = masks.zh is not None and hpre is None  # with W_hr, h zoneout follows the torch.mm
+        for s, (n, n_prev, r0, r_prev) in enumerate(plan.steps):
+            c_in, c_out = (r_prev, r0) if need_grad else ((s % 2) * B, ((s + 1) % 2) * B)
             step_k.lstm_fwd_step_kernel[lambda m, n=n: (triton_cdiv(n, m["BLOCK_B"]), triton_cdiv(H, m["BLOCK_H"]))](
-                gx, w, y_ext, y_ext if hpre is None else hpre, cells, gates_arg,
-                B, n, t, h_in, h_out if hpre is None else 0, c_in, c_out,
-                H=H, P=P, B_BUCKET=bb, SAVE=need_grad, DOT_PRECISION=prec)
+                gx2, w, h0, y2, y2 if hpre is None else hpre, c0_acc, c_buf, c_buf, gates_arg, *masks.args(h0),
+                n, n_prev, r0, r_prev, r0 if hpre is None else 0, c_in, c_out,
+                H=H, P=P, B_BUCKET=bb, SAVE=need_grad, RMASK=masks.rmask is not None, ZONE_C=masks.zc is not None,
+                ZONE_H=zone_h_in_kernel, DOT_PRECISION=prec)
             if hpre is not None:
-                torch.mm(hpre[0, :n], w_hr_t, out=y_ext[h_out, :n])
+                y_t = y2[r0:r0 + n]
+                torch.mm(hpre[:n], w_hr_t, out=y_t)
+                if masks.zh is not None:  # h_t = zh h_{t-1} + (1 - zh) W_hr h~_t
+                    h_prev = torch.cat([y2[r_prev:r_prev + n_prev], h0[n_prev:n]])
+                    y_t.add_(masks.zh[r0:r0 + n] * (h_prev - y_t))
 
-        # Final states: each row's last active step (all rows: the last step).
-        if packed:
-            lengths = PackedRows(batch_sizes, False).lengths(B).to(dev)
-            rows = torch.arange(B, device=dev)
-            h_n = y_ext[lengths, rows]
-            c_slot = lengths if need_grad else lengths % 2
-            c_n = cells[c_slot, rows]
-        else:
-            last = 0 if reverse else T
-            h_n = y_ext[last].clone()
-            c_n = cells[last if need_grad else T % 2].clone()
-        saved = (gates, cells) if need_grad else ()
+        # Final states: each row's at its last processed step; rows never active keep h0, c0.
+        last, active = plan.last_rows(dev)
+        h_n = torch.where(active[:, None], y2.index_select(0, last), h0)
+        if need_grad:
+            c_last = c_buf.index_select(0, last)
+        else:  # the slot written at each row's last step s: (s + 1) % 2
+            c_last = c_ping.index_select(0, plan.last_slots(dev) * B + torch.arange(B, device=dev))
+        c_n = torch.where(active[:, None], c_last, c0_acc)
         return y, h_n.to(h0.dtype), c_n.to(c0.dtype), saved
 
     # ---------------------------------------------------------------- backward
-    def padded_backward(self, saved, y, grads, state, weights, layout):
+    def backward(self, saved, y, grads, state, weights, layout, masks=None):
         with _on_device(y.device):
-            return self._backward(saved, y, grads, state, weights, layout)
+            return self._backward(saved, y, grads, state, weights, layout, _Masks(masks, state.h))
 
-    def _backward(self, saved, y, grads, state, weights, layout):
+    def _backward(self, saved, y, grads, state, weights, layout, masks):
         (grad_y, grad_hn, grad_cn), (h0, c0), (w_hh, w_hr), (batch_sizes, reverse) = grads, state, weights, layout
         step_k, seq_k = self._kernels()
-        gates, cells = saved  # cells: [T + 1, B, H], c0 in its first processed slot (see _forward)
-        T, B, G = gates.shape
-        H, P = G // 4, h0.shape[1]
+        gates, cells = saved  # [T, B, *] padded, [N, *] packed, as forward saved them
+        G = gates.shape[-1]
+        B, P = h0.shape
+        H = G // 4
+        packed = batch_sizes is not None
+        T = len(batch_sizes) if packed else gates.shape[0]
         dtype, dev = grad_y.dtype, grad_y.device
         acc = gates.dtype  # float32, or float64 for float64 input (as in forward)
         w = w_hh.to(y.dtype).contiguous()
         prec = self.dot_precision(y.dtype)
-        packed = batch_sizes is not None
         sizes = LayerSizes(T=T, B=B, H=H, P=P, packed=packed, reverse=reverse)
         grad_y = grad_y.to(y.dtype).contiguous()
-        d_gates = (torch.zeros if packed else torch.empty)(T, B, G, dtype=acc, device=dev)
-        d_r_all = None
+        d_gates = torch.empty_like(gates)  # every row is a real token: all written
+        # the gradient reaching each projected output y_t = W_hr h_pre (step path: the sequence path has no W_hr)
+        d_r_all = torch.empty(*y.shape, dtype=acc, device=dev) if w_hr is not None else None
+        dh_n, dc_n = grad_hn.to(acc).contiguous(), grad_cn.to(acc).contiguous()
 
-        if self.use_sequence(sizes, y.dtype):
+        if gates.numel() == 0 or B == 0:
+            dh0, dc0 = dh_n, dc_n
+        elif self.use_sequence(sizes, y.dtype) and not masks.on:
             dh0 = torch.empty(B, H, dtype=acc, device=dev)
             dc0 = torch.empty(B, H, dtype=acc, device=dev)
-            bs_dev = (batch_sizes.to(device=dev, dtype=torch.int32) if packed
-                      else torch.empty(1, dtype=torch.int32, device=dev))
-            if T > 0 and B > 0:
-                seq_k.lstm_bwd_seq_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]),)](
-                    gates, cells, w, grad_y, grad_hn.to(acc).contiguous(), grad_cn.to(acc).contiguous(),
-                    bs_dev, d_gates, dh0, dc0,
-                    T, B, H=H, HP=max(16, _next_pow2(H)), B_BUCKET=step_k.bucket(B),
-                    REVERSE=bool(reverse), PACKED=packed, DOT_PRECISION=prec)
-            else:
-                dh0, dc0 = grad_hn.to(acc), grad_cn.to(acc)
+            bs_dev, row0_dev = _step_tables(batch_sizes, dev)
+            seq_k.lstm_bwd_seq_kernel[lambda m: (triton_cdiv(B, m["BLOCK_B"]),)](
+                gates, cells, c0.to(acc).contiguous(), w, grad_y, dh_n, dc_n, bs_dev, row0_dev, d_gates, dh0, dc0,
+                T, B, H=H, HP=max(16, _next_pow2(H)), B_BUCKET=step_k.bucket(B),
+                REVERSE=bool(reverse), PACKED=packed, DOT_PRECISION=prec)
         else:
-            # Ping-pong gradient buffers. Rows inactive at a step were inactive
-            # at every later step too, so both copies still hold grad_hn/grad_cn.
-            dh = grad_hn.to(acc).unsqueeze(0).repeat(2, 1, 1)
-            dc = grad_cn.to(acc).unsqueeze(0).repeat(2, 1, 1)
+            plan = _Plan(T, B, batch_sizes, reverse)
+            g2, c2, gy2, dg2 = gates.view(-1, G), cells.view(-1, H), grad_y.view(-1, P), d_gates.view(-1, G)
+            # Ping-pong gradient buffers for rows that continue into the step before; a row whose
+            # h_{t-1} was h0 gets its gradient written to dh0 / dc0 (rows never active keep dh_n / dc_n).
+            # A row read at step s was written at step s + 1, or never (forward: its sequence ends at s),
+            # in which case both copies still hold dh_n / dc_n.
+            dh, dc = dh_n.repeat(2, 1, 1), dc_n.repeat(2, 1, 1)
+            dh0, dc0 = dh_n.clone(), dc_n.clone()
             if w_hr is not None:
-                d_r_all = torch.zeros(T, B, P, dtype=acc, device=dev)
+                dr2 = d_r_all.view(-1, P)
                 dh_proj = torch.empty(B, H, dtype=acc, device=dev)
                 w_hr_f = w_hr.to(acc)
-            bs = batch_sizes.tolist() if packed else None
+            c0_acc = c0.to(acc).contiguous()  # read beside the saved cells through one row pointer
             bb = step_k.bucket(B)
-            order = list(range(T - 1, -1, -1) if reverse else range(T))
             k = 0
-            for s in range(T - 1, -1, -1):
-                t = order[s]
-                n = B if bs is None else bs[t]
-                if n == 0:
-                    continue
-                c_t, c_prev = (t, t + 1) if reverse else (t + 1, t)
+            zone_h_in_kernel = masks.zh is not None and w_hr is None
+            for n, n_prev, r0, r_prev in reversed(plan.steps):
+                carry = None
                 if w_hr is not None:
-                    torch.add(dh[k, :n], grad_y[t, :n], out=d_r_all[t, :n])
-                    torch.mm(d_r_all[t, :n], w_hr_f, out=dh_proj[:n])
+                    d_r = dr2[r0:r0 + n]
+                    torch.add(dh[k, :n], gy2[r0:r0 + n], out=d_r)
+                    if masks.zh is not None:  # zh of it goes straight to h_{t-1}, the rest through W_hr
+                        carry = masks.zh[r0:r0 + n] * d_r
+                        d_r.sub_(carry)
+                    torch.mm(d_r, w_hr_f, out=dh_proj[:n])
                     p_dh, add_gy = dh_proj, False
                 else:
                     p_dh, add_gy = dh[k], True
                 step_k.lstm_bwd_step_kernel[lambda m, n=n: (triton_cdiv(n, m["BLOCK_B"]),
                                                          triton_cdiv(P, m["BLOCK_P"]))](
-                    gates, cells, w, p_dh, grad_y, dc[k], d_gates, dh[1 - k], dc[1 - k],
-                    B, n, t, c_t, c_prev,
-                    H=H, P=P, B_BUCKET=bb, ADD_GY=add_gy, DOT_PRECISION=prec)
+                    g2, c2, c0_acc, w, p_dh, gy2, dc[k], dg2, dh[1 - k], dc[1 - k], dh0, dc0, *masks.args(h0),
+                    n, n_prev, r0, r_prev,
+                    H=H, P=P, B_BUCKET=bb, ADD_GY=add_gy, RMASK=masks.rmask is not None,
+                    ZONE_C=masks.zc is not None, ZONE_H=zone_h_in_kernel, DOT_PRECISION=prec)
+                if carry is not None:
+                    dh[1 - k, :n_prev] += carry[:n_prev]
+                    dh0[n_prev:n] += carry[n_prev:]
                 k = 1 - k
-            dh0, dc0 = dh[k], dc[k]
 
         h_pre = None
-        if w_hr is not None:
-            c_all = cells[:T] if reverse else cells[1:]
-            h_pre = gates[..., 3 * H:] * torch.tanh(c_all)
-        d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre)
+        if w_hr is not None:  # h~_t = o tanh(c~_t); the saved cells are c_t, which zoneout moved from c~_t
+            c_tilde = cells if masks.zc is None else _cell_before_zoneout(gates, cells, c0, layout)
+            h_pre = gates[..., 3 * H:] * torch.tanh(c_tilde)
+        d_w_hh, d_w_hr = weight_grads(d_gates, y, h0, reverse, d_r_all, h_pre, batch_sizes, masks.rmask)
         return RecurrenceGrads(d_gates.to(dtype), dh0.to(h0.dtype), dc0.to(c0.dtype), d_w_hh.to(w_hh.dtype),
                                None if d_w_hr is None else d_w_hr.to(w_hr.dtype))
+
+
+class _Masks:
+    """A call's StepMasks (backends/base.py) as the step kernels take them: rmask [B, P], zc
+    [R, H] and zh [R, P] rows in the activation dtype, each None when off."""
+
+    def __init__(self, masks, h0):
+        rmask, zc, zh = masks if masks is not None else (None, None, None)
+        self.rmask, self.zc, self.zh = (None if t is None else t.to(h0.dtype).contiguous().view(-1, t.shape[-1])
+                                        for t in (rmask, zc, zh))
+        self.on = any(t is not None for t in (rmask, zc, zh))
+
+    def args(self, dummy):
+        """The kernels' (p_rmask, p_zc, p_zh); `dummy` where a mask is off (never read)."""
+        return tuple(dummy if t is None else t for t in (self.rmask, self.zc, self.zh))
+
+
+def _cell_before_zoneout(gates, cells, c0, layout):
+    """c~_t = f c_{t-1} + i g of every token, from the saved gates and the zoned cells c_t."""
+    H = cells.shape[-1]
+    if layout.batch_sizes is None:
+        first = c0.to(cells.dtype).unsqueeze(0)
+        c_prev = torch.cat([cells[1:], first]) if layout.reverse else torch.cat([first, cells[:-1]])
+    else:
+        index = PackedRows(layout.batch_sizes, layout.reverse).prev_index(cells.device)
+        c_prev = torch.cat([cells, c0.to(cells.dtype)]).index_select(0, index)
+    return gates[..., H:2 * H] * c_prev + gates[..., :H] * gates[..., 2 * H:3 * H]
+
+
+class _Plan:
+    """The step path's loop, as csrc's Plan: per processed step (t = 0 .. T-1, or T-1 .. 0
+    when reverse) its active rows n, how many of them (n_prev) continue from the previous
+    processed step's rows (the others start from h0 / c0), the first row r0 of its rows in
+    the per-step tensors and r_prev of the previous step's. Padded: row0[t] = t*B."""
+
+    def __init__(self, T, B, batch_sizes, reverse):
+        if batch_sizes is None:
+            self.rows = None
+            sizes, row0 = [B] * T, [t * B for t in range(T)]
+        else:
+            self.rows = PackedRows(batch_sizes, reverse)
+            sizes, row0 = self.rows.sizes, self.rows.starts
+        self.T, self.B, self.reverse = T, B, reverse
+        order = step_order(T, reverse)
+        self.steps = [(sizes[t], min(sizes[t], sizes[order[s - 1]]) if s else 0, row0[t],
+                       row0[order[s - 1]] if s else 0) for s, t in enumerate(order)]
+
+    def last_rows(self, device):
+        """(last [B] int64: each batch row's row at its last processed step (0 where none),
+        active [B] bool: the rows that take part at all)."""
+        b = torch.arange(self.B)
+        if self.rows is None:
+            last = b + (0 if self.reverse else (self.T - 1) * self.B)
+            return last.to(device), torch.ones(self.B, dtype=torch.bool, device=device)
+        n0 = self.rows.B  # batch_sizes[0]: rows beyond it never take part
+        last = torch.zeros(self.B, dtype=torch.int64)
+        last[:n0] = self.rows.last_index("cpu")
+        return last.to(device), (b < n0).to(device)
+
+    def last_slots(self, device):
+        """[B] int64: which of the two ping-pong slots holds each row's last c_t."""
+        if self.rows is None or self.reverse:  # every row's last step is the last processed one
+            return torch.full((self.B,), self.T % 2, dtype=torch.int64, device=device)
+        return (self.rows.lengths(self.B) % 2).to(device)
+
+
+def _step_tables(batch_sizes, device):
+    """The sequence kernels' packed tables: batch_sizes [T] int32 and each step's first row
+    [T] int64 on the device (one-element placeholders for a padded call)."""
+    if batch_sizes is None:
+        return (torch.empty(1, dtype=torch.int32, device=device), torch.empty(1, dtype=torch.int64, device=device))
+    rows = PackedRows(batch_sizes, False)
+    return batch_sizes.to(device=device, dtype=torch.int32), rows.starts_t.to(device)
 
 
 def _on_device(device):
