@@ -137,6 +137,10 @@ def test_numba_solo_fallback_rule(fake_os, monkeypatch):
     numba_threads.note_split(20 * ms, 12 * ms, 4 * ms)      # preempted 8 ms, waited 4 ms more
     assert numba_threads.solo_active() and numba_threads.chunk_count(16, 128, 128) == 1
     assert numba_threads._solo_pause == 2 * numba_threads.SOLO_MIN_S  # a failed retry would wait longer
+    monkeypatch.setattr(numba_threads, "_solo_until", 0.0)
+    monkeypatch.setattr(numba_threads, "SPLIT_MIN", 0)  # LSTM_FAST_NUMBA_SPLIT_MIN=0: always split, no fallback
+    numba_threads.note_split(20 * ms, 0, 20 * ms)
+    assert not numba_threads.solo_active() and numba_threads.chunk_count(1, 1, 1) == 2
 
 
 def test_numba_split_launch_reports_its_team_time(monkeypatch):
