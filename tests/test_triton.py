@@ -112,32 +112,32 @@ def test_interpreter_inference(triton_backend, path, packed, reverse):
         torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("path,proj", [("step", 0), ("step", 3), ("sequence", 0)],
                          ids=["step", "step_proj", "sequence"])
-def test_interpreter_packed_module_matches_torch(triton_backend, path, proj):
+def test_packed_module_matches_torch(triton_backend, path, proj):
     """Each kernel path forced on PackedSequence input in its own layout: a bidirectional
     lstm_fast.LSTM (forward and reverse directions, enforce_sorted=False, a projection on
     the step path) against torch.nn.LSTM, outputs, states and every gradient."""
     triton_backend.path = path
     torch.manual_seed(3)
     kwargs = dict(input_size=4, hidden_size=6, proj_size=proj, bidirectional=True)
-    ref = torch.nn.LSTM(**kwargs)
+    ref = torch.nn.LSTM(**kwargs).to(DEVICE)
     ours = lstm_fast.LSTM.from_torch(ref, backend="triton")
     lengths = [2, 5, 1, 5, 3]  # unsorted, with ties and a length-1 sequence
     P = proj or 6
 
     def build():
-        leaves = {f"seq{i}": torch.randn(n, 4, requires_grad=True) for i, n in enumerate(lengths)}
-        leaves["h0"] = torch.randn(2, len(lengths), P, requires_grad=True)
-        leaves["c0"] = torch.randn(2, len(lengths), 6, requires_grad=True)
+        leaves = {f"seq{i}": torch.randn(n, 4, device=DEVICE, requires_grad=True) for i, n in enumerate(lengths)}
+        leaves["h0"] = torch.randn(2, len(lengths), P, device=DEVICE, requires_grad=True)
+        leaves["c0"] = torch.randn(2, len(lengths), 6, device=DEVICE, requires_grad=True)
         packed = pack_sequence([leaves[f"seq{i}"] for i in range(len(lengths))], enforce_sorted=False)
         return packed, (leaves["h0"], leaves["c0"]), leaves
 
     check_against(ref, ours, build, torch.float32, f"packed/{path}/proj={proj}")
 
 
-@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("path", ["step", "sequence"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_packed_call_allocates_no_padded_batch(triton_backend, path, reverse):
@@ -185,9 +185,9 @@ MASK_CASES = [  # (id, P, packed, reverse, masks on: recurrent, zone_c, zone_h)
 MASK_RUNS = [(p, *c) for p in ("step", "sequence") for c in MASK_CASES if p == "step" or c[1] == 5]
 
 
-@pytest.mark.skipif(not INTERP, reason="interpreter tests run where there is no GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("path,name,P,packed,reverse,on", MASK_RUNS, ids=[f"{r[0]}-{r[1]}" for r in MASK_RUNS])
-def test_interpreter_masks_match_reference(triton_backend, monkeypatch, path, name, P, packed, reverse, on):
+def test_masks_match_reference(triton_backend, monkeypatch, path, name, P, packed, reverse, on):
     """Recurrent dropout and zoneout inside the step kernels (a masked call takes the step
     path whichever is asked): outputs and every gradient against the reference's loop with
     the same masks, packed and reverse, with a projection (zoneout of h after W_hr)."""
@@ -199,10 +199,10 @@ def test_interpreter_masks_match_reference(triton_backend, monkeypatch, path, na
     bs = torch.tensor([3, 2, 2, 1]) if packed else None
     rows = (int(bs.sum()),) if packed else (T, B)
     g = torch.Generator().manual_seed(8)
-    masks = StepMasks(
+    masks = StepMasks(*(None if t is None else t.to(DEVICE) for t in (
         (torch.rand(B, P, generator=g) > 0.3).float() / 0.7 if on[0] else None,
         torch.rand(*rows, H, generator=g) if on[1] else None,  # zoneout's eval form: any value in [0, 1]
-        (torch.rand(*rows, P, generator=g) > 0.5).float() if on[2] else None)
+        (torch.rand(*rows, P, generator=g) > 0.5).float() if on[2] else None)))
     leaves = layer_inputs(T, B, H, P, torch.float32, DEVICE, I=I, batch_sizes=bs)
     results = []
 
@@ -219,7 +219,7 @@ def test_interpreter_masks_match_reference(triton_backend, monkeypatch, path, na
                                          leaves.get("w_hr"), batch_sizes=bs, reverse=reverse, backend=backend,
                                          masks=masks)
         ups = torch.Generator().manual_seed(9)
-        loss = sum((t * torch.randn(t.shape, generator=ups)).sum() for t in (y, h_n, c_n))
+        loss = sum((t * torch.randn(t.shape, generator=ups).to(DEVICE)).sum() for t in (y, h_n, c_n))
         results.append((y, h_n, c_n, *torch.autograd.grad(loss, list(leaves.values()))))
     for what, a, b in zip(["y", "h_n", "c_n", *(f"d_{k}" for k in leaves)], *results):
         torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m, what=what: f"{name} {what}: {m}")
