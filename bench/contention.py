@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .cli import ROOT
 
 
 def parse_args(argv):
@@ -147,22 +147,23 @@ def main(argv=None):
     if args.child:
         _child(args)
         return 0
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[:3]
+    from . import machine
+
+    load = machine._loadavg()
     results = run(args)
     md = table(results, args)
     print(md)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip()
+        git = machine.git_state(ROOT)
+        commit = (git["commit"] or "?")[:10] + (" (uncommitted changes)" if git["dirty"] else "")
         meta = {"command": "python -m bench.contention " + " ".join(sys.argv[1:] if argv is None else argv),
-                "commit": commit, "load_before": load, "cpus": os.cpu_count()}
+                "git": git, "load_before": load, "cpus": os.cpu_count()}
         with open(os.path.join(args.out, "contention.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
         with open(os.path.join(args.out, "contention.md"), "w") as f:
             f.write(f"# Shared cores: training step in fresh processes\n\n`{meta['command']}` at commit "
-                    f"{commit}; load average before the run {' '.join(load)}; {meta['cpus']} CPUs.\n\n{md}\n")
+                    f"{commit}; load average before the run {load}; {meta['cpus']} CPUs.\n\n{md}\n")
     return 0
 
 

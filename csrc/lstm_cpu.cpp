@@ -860,8 +860,8 @@ Tensor bernoulli_mask(const Tensor& like, at::IntArrayRef size, double p, int64_
 
 }  // namespace lstm_fast
 
-// Whether the CPU loops run solo after a stalled split: Python runs the backward's
-// projection GEMMs on one torch thread meanwhile (lstm_fast/backends/compiled.py).
+// Whether the CPU loops run solo after a stalled split: LSTMRecurrence's backward then
+// runs on one torch thread (lstm_fast/function.py, CppBackend.loops_solo).
 TORCH_LIBRARY_FRAGMENT(lstm_fast, m) {
   m.def("cpu_loops_solo() -> bool", &lstm_fast::solo_active);
   m.def("bernoulli_mask(Tensor like, int[] size, float p, int seed) -> Tensor");
