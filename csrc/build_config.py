@@ -33,26 +33,33 @@ def find_cuda_home():
     return None
 
 
-def _host_has_avx2_fma():
+def _host_cpu_flags():
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return set()
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+        return set()
+
+
+# The AVX-512 subsets ATen's 512-bit Vectorized needs (torch's own AVX512 build uses the same four).
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
 
 
 def cxx_flags():
     """Host compiler flags. The extension is built for the CPU that builds it:
-    AVX2+FMA (ATen's Vectorized AVX2 path) only when this machine has them."""
+    AVX2+FMA, and AVX-512 on top, only when this machine has them (ATen's
+    Vectorized then uses that ISA; csrc/lstm_vec.h picks it)."""
     # No -std: torch.utils.cpp_extension adds the standard its headers need (C++20 for 2.14, C++17 before).
     flags = ["-O3"]
     if sys.platform.startswith("linux"):
         flags.append("-fopenmp")  # at::parallel_for is inline OpenMP; the runtime is torch's libgomp
-    if _host_has_avx2_fma() and os.environ.get("LSTM_FAST_NO_AVX2") != "1":
+    host = _host_cpu_flags()
+    if {"avx2", "fma"} <= host and os.environ.get("LSTM_FAST_NO_AVX2") != "1":
         flags += ["-mavx2", "-mfma"]
+        if set(AVX512_FLAGS) <= host and os.environ.get("LSTM_FAST_NO_AVX512") != "1":
+            flags += ["-m" + f for f in AVX512_FLAGS]
     return flags
 
 

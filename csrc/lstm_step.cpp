@@ -33,6 +33,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace lstm_fast {
 
@@ -45,10 +46,11 @@ using OptTensor = std::optional<Tensor>;
 // Hidden units per block: the pre-activations of a block stay on the stack.
 constexpr int64_t kUnitBlock = 64;
 // Rows up to which a step computes its products as dot products over the
-// weights' contiguous rows; above, two ATen GEMMs. One thread, median of 11,
-// us per step vs torch.nn.LSTMCell: B=8 H=512 dot 626-657 / GEMM 735-755
-// (torch 762-932); B=32 H=512 dot 2571-2581 / GEMM 2211-2389 (torch 2207-2433).
-constexpr int64_t kDotMaxRows = 8;
+// weights' contiguous rows (no packing, which a single step cannot amortise);
+// above, two ATen GEMMs. With kDotRows rows per pass the dot products beat
+// the GEMMs at B=64 H=512 too (LSTMCell loop, 2 threads: 71.5-74.6 against
+// 122 ms, AVX-512; bench/NOTES_latency.md#dot-rows).
+constexpr int64_t kDotMaxRows = 64;
 // Multiply-adds below which a step runs on one thread. A fork/join waits for a
 // preempted partner thread: on the shared 2-core machine (load 5) a split B=1
 // H=256 step (524288) took 7.8 ms, against 34 us on one thread
@@ -81,6 +83,12 @@ void check_step(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor&
   }
 }
 
+// The sum of a vector's lanes.
+template <typename T>
+inline T hsum(const Vectorized<T>& a) {
+  return at::vec::vec_reduce_all<T>([](const Vectorized<T>& p, const Vectorized<T>& q) { return p + q; }, a);
+}
+
 // Dot products of one vector v [K] with the rows j, j+H, j+2H, j+3H of a
 // weight (w points at row j; gate rows gs elements apart): out[q] += w_q . v.
 template <typename T>
@@ -109,11 +117,10 @@ inline void dot4(const T* w, int64_t gs, const T* v, int64_t K, T* out) {
     a2 = at::vec::fmadd(V::loadu(w + 2 * gs + k, n), v0, a2);
     a3 = at::vec::fmadd(V::loadu(w + 3 * gs + k, n), v0, a3);
   }
-  const auto sum = [](const V& a) { return at::vec::vec_reduce_all<T>([](V& p, V& q) { return p + q; }, a); };
-  out[0] += sum(a0 + b0);
-  out[1] += sum(a1 + b1);
-  out[2] += sum(a2 + b2);
-  out[3] += sum(a3 + b3);
+  out[0] += hsum(a0 + b0);
+  out[1] += hsum(a1 + b1);
+  out[2] += hsum(a2 + b2);
+  out[3] += hsum(a3 + b3);
 }
 
 // Raw pointers of one step. z: the pre-activations [B,4H] from the GEMM path,
@@ -125,44 +132,54 @@ struct StepData {
   int64_t B, I, H;
 };
 
-// Rows x0 and x1 (or x0 alone when x1 is null) against the same four gate rows:
-// each weight vector loaded serves both rows, so the loop issues 6 loads per 8
-// FMAs instead of 5 per 4.
-template <typename T>
-inline void dot4x2(const T* w, int64_t gs, const T* x0, const T* x1, int64_t K, T* out0, T* out1) {
+// acc[r][q] += (gate row q of one unit) . x_r over K, in vector lanes: R rows
+// share each weight vector loaded (4 + R loads per 4R FMAs). w points at the
+// unit's gate-0 row, gate rows gs apart; a K tail is read by count.
+template <typename T, int R>
+inline void dot_rows(const T* w, int64_t gs, const T* const* x, int64_t K, Vectorized<T> (&acc)[R][4]) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
-  if (!x1) {
-    dot4(w, gs, x0, K, out0);
-    return;
-  }
-  V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0)), b0(T(0)), b1(T(0)), b2(T(0)), b3(T(0));
   for (int64_t k = 0; k < K; k += L) {
-    const int64_t n = std::min<int64_t>(L, K - k);  // a full vector but at the tail
-    const V v0 = n == L ? V::loadu(x0 + k) : V::loadu(x0 + k, n), v1 = n == L ? V::loadu(x1 + k) : V::loadu(x1 + k, n);
-    const V w0 = n == L ? V::loadu(w + k) : V::loadu(w + k, n);
-    const V w1 = n == L ? V::loadu(w + gs + k) : V::loadu(w + gs + k, n);
-    const V w2 = n == L ? V::loadu(w + 2 * gs + k) : V::loadu(w + 2 * gs + k, n);
-    const V w3 = n == L ? V::loadu(w + 3 * gs + k) : V::loadu(w + 3 * gs + k, n);
-    a0 = at::vec::fmadd(w0, v0, a0);
-    a1 = at::vec::fmadd(w1, v0, a1);
-    a2 = at::vec::fmadd(w2, v0, a2);
-    a3 = at::vec::fmadd(w3, v0, a3);
-    b0 = at::vec::fmadd(w0, v1, b0);
-    b1 = at::vec::fmadd(w1, v1, b1);
-    b2 = at::vec::fmadd(w2, v1, b2);
-    b3 = at::vec::fmadd(w3, v1, b3);
+    const int64_t n = std::min<int64_t>(L, K - k);
+    V wq[4];
+    for (int q = 0; q < 4; ++q) wq[q] = n == L ? V::loadu(w + q * gs + k) : V::loadu(w + q * gs + k, n);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const V xv = n == L ? V::loadu(x[r] + k) : V::loadu(x[r] + k, n);
+      for (int q = 0; q < 4; ++q) acc[r][q] = at::vec::fmadd(wq[q], xv, acc[r][q]);
+    }
   }
-  const auto sum = [](const V& a) { return at::vec::vec_reduce_all<T>([](V& p, V& q) { return p + q; }, a); };
-  out0[0] += sum(a0);
-  out0[1] += sum(a1);
-  out0[2] += sum(a2);
-  out0[3] += sum(a3);
-  out1[0] += sum(b0);
-  out1[1] += sum(b1);
-  out1[2] += sum(b2);
-  out1[3] += sum(b3);
 }
+
+// Pre-activations of unit j for rows b .. b+R-1: out[r][q] += w_ih_q . x + w_hh_q . h.
+template <typename T, int R>
+inline void unit_rows(const StepData<T>& d, int64_t j, int64_t b, T (&out)[R][4]) {
+  using V = Vectorized<T>;
+  V acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = V(T(0));
+  const T* xs[R];
+  const T* hs[R];
+  for (int r = 0; r < R; ++r) {
+    xs[r] = d.x + (b + r) * d.I;
+    hs[r] = d.h + (b + r) * d.H;
+  }
+  dot_rows<T, R>(d.w_ih + j * d.I, d.H * d.I, xs, d.I, acc);
+  dot_rows<T, R>(d.w_hh + j * d.H, d.H * d.H, hs, d.H, acc);
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q)
+      out[r][q] += hsum(acc[r][q]);
+}
+
+// Rows per unit_rows call (4R accumulators). Chosen on the 2-core EPYC (Zen 4),
+// LSTMCell loop B=32 H=512, 2 threads, ms per 50 steps: AVX-512 R=2 52.9, R=4
+// 36.5-39.0, R=5 76.8, R=6 79.7 (spills); AVX2 R=2 59.9-65.5, R=3 46.4-49.2,
+// R=4 62.4 (bench/NOTES_latency.md#dot-rows).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kDotRows = 4;
+#else
+constexpr int kDotRows = 3;
+#endif
 
 // Units [j0, j1) of rows 0 .. d.B-1 (at most kDotMaxRows): pre-activations,
 // then the cell math in vectors. Unit by unit, its four gate rows of the
@@ -173,28 +190,48 @@ void step_rows(const StepData<T>& d, int64_t j0, int64_t j1) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const int64_t H = d.H, G = 4 * H, B = d.B;
-  // gate q of unit u0+u in row b at z[(b*4 + q)*kUnitBlock + u]
-  std::array<T, kDotMaxRows * 4 * kUnitBlock> z;
+  // gate q of unit u0+u in row b at z[(b*4 + q)*kUnitBlock + u]; kept per
+  // thread (up to 128 KiB of double: too large for a worker thread's stack)
+  thread_local std::vector<T> zbuf;
+  if (zbuf.size() < size_t(B * 4 * kUnitBlock)) zbuf.resize(B * 4 * kUnitBlock);
+  T* z = zbuf.data();
   for (int64_t u0 = j0; u0 < j1; u0 += kUnitBlock) {
     const int64_t nu = std::min(kUnitBlock, j1 - u0);
     for (int64_t u = 0; u < nu; ++u) {
       const int64_t j = u0 + u;
-      for (int64_t b = 0; b < B; b += 2) {
-        const bool pair = b + 1 < B;
+      T bias[4];
+      for (int q = 0; q < 4; ++q) bias[q] = (d.b_ih ? d.b_ih[q * H + j] : T(0)) + (d.b_hh ? d.b_hh[q * H + j] : T(0));
+      const auto put = [&](int64_t b, const T* acc) {
+        for (int q = 0; q < 4; ++q) z[(b * 4 + q) * kUnitBlock + u] = acc[q];
+      };
+      int64_t b = 0;
+      if (d.z) {
+        for (; b < B; ++b) {
+          T acc[4];
+          for (int q = 0; q < 4; ++q) acc[q] = bias[q] + d.z[b * G + q * H + j];
+          put(b, acc);
+        }
+      }
+      for (; b + kDotRows <= B; b += kDotRows) {
+        T acc[kDotRows][4];
+        for (int r = 0; r < kDotRows; ++r)
+          for (int q = 0; q < 4; ++q) acc[r][q] = bias[q];
+        unit_rows<T, kDotRows>(d, j, b, acc);
+        for (int r = 0; r < kDotRows; ++r) put(b + r, acc[r]);
+      }
+      for (; b + 2 <= B; b += 2) {
         T acc[2][4];
-        for (int r = 0; r < 2; ++r) {
-          for (int q = 0; q < 4; ++q) {
-            acc[r][q] = (d.b_ih ? d.b_ih[q * H + j] : T(0)) + (d.b_hh ? d.b_hh[q * H + j] : T(0));
-            if (d.z && (r == 0 || pair)) acc[r][q] += d.z[(b + r) * G + q * H + j];
-          }
-        }
-        if (!d.z) {
-          dot4x2(d.w_ih + j * d.I, H * d.I, d.x + b * d.I, pair ? d.x + (b + 1) * d.I : nullptr, d.I, acc[0], acc[1]);
-          dot4x2(d.w_hh + j * H, H * H, d.h + b * H, pair ? d.h + (b + 1) * H : nullptr, H, acc[0], acc[1]);
-        }
-        for (int r = 0; r < (pair ? 2 : 1); ++r) {
-          for (int q = 0; q < 4; ++q) z[((b + r) * 4 + q) * kUnitBlock + u] = acc[r][q];
-        }
+        for (int r = 0; r < 2; ++r)
+          for (int q = 0; q < 4; ++q) acc[r][q] = bias[q];
+        unit_rows<T, 2>(d, j, b, acc);
+        for (int r = 0; r < 2; ++r) put(b + r, acc[r]);
+      }
+      if (b < B) {  // one row: two FMA chains per gate (dot4)
+        T acc[4];
+        for (int q = 0; q < 4; ++q) acc[q] = bias[q];
+        dot4(d.w_ih + j * d.I, H * d.I, d.x + b * d.I, d.I, acc);
+        dot4(d.w_hh + j * H, H * H, d.h + b * H, H, acc);
+        put(b, acc);
       }
     }
     for (int64_t b = 0; b < B; ++b) {

@@ -3,15 +3,21 @@
 // Include it before any other ATen header: it picks the vector ISA.
 #pragma once
 
-// Use ATen's AVX2 Vectorized (and its Sleef exp/tanh) when the compiler was
-// told the target has AVX2+FMA (build_config.py adds -mavx2 -mfma only when the
-// building machine has them); otherwise Vectorized is ATen's portable version.
-#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
+// Use ATen's AVX-512 or AVX2 Vectorized (and its Sleef exp/tanh) when the
+// compiler was told the target has them (build_config.py adds the flags only
+// when the building machine has them); otherwise Vectorized is ATen's portable
+// version.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY AVX512
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
 #define CPU_CAPABILITY_AVX2
 #define CPU_CAPABILITY AVX2
 #endif
 
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>  // vec_reduce_all
 
 #include <type_traits>
 
