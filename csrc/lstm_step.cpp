@@ -167,8 +167,7 @@ inline void unit_rows(const StepData<T>& d, int64_t j, int64_t b, T (&out)[R][4]
   dot_rows<T, R>(d.w_ih + j * d.I, d.H * d.I, xs, d.I, acc);
   dot_rows<T, R>(d.w_hh + j * d.H, d.H * d.H, hs, d.H, acc);
   for (int r = 0; r < R; ++r)
-    for (int q = 0; q < 4; ++q)
-      out[r][q] += hsum(acc[r][q]);
+    for (int q = 0; q < 4; ++q) out[r][q] += hsum(acc[r][q]);
 }
 
 // Rows per unit_rows call (4R accumulators). Chosen on the 2-core EPYC (Zen 4),

@@ -16,8 +16,8 @@
 #define CPU_CAPABILITY AVX2
 #endif
 
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>  // vec_reduce_all
+#include <ATen/cpu/vec/vec.h>
 
 #include <type_traits>
 
