@@ -22,6 +22,9 @@ LSTM, inference: one call at T=1 with (h, c) carried, and one at T=100:
   torch / ours   the module; op = ours' ops called directly (lstm_cell at T=1,
                  lstm_forward_projected at T=100)
 numba: the same module calls with backend="numba", where its kernels are available.
+Recurrence per step, B=1, I=8 (input projection negligible): the marginal cost of a
+step, (time at T=1000 - time at T=100) / 900, and the rate at which W_hh's bytes
+(4H x H floats, read once per step at batch 1) pass through the kernel.
 """
 from __future__ import annotations
 
@@ -126,6 +129,20 @@ def lstm_inference(H, T, repeats, numba):
         return timed(fns, repeats, 200 if T == 1 else 20)
 
 
+def recurrence_per_step(H, repeats):
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(8, H)
+    ours = lstm_fast.LSTM.from_torch(ref)
+    xs = {T: torch.randn(T, 1, 8) for T in (100, 1000)}
+    fns = {f"{name} T{T}": (lambda m=m, x=x: m(x)) for name, m in (("torch", ref), ("ours", ours))
+           for T, x in xs.items()}
+    with torch.no_grad():
+        med = timed(fns, repeats, 2)
+    out = {name: (med[f"{name} T1000"] - med[f"{name} T100"]) / 900 for name in ("torch", "ours")}
+    out["GB/s"] = 16 * H * H / out["ours"] / 1e3
+    return out
+
+
 def _row(name, m, keys):
     cells = " | ".join(f"{m[k]:.1f}" if k in m else "-" for k in keys)
     speed = " | ".join(f"{m['torch'] / m[k]:.2f}x" if k in m else "-" for k in ("ours", "numba"))
@@ -161,6 +178,11 @@ def main(argv=None):
     for T in (1, 100):
         for H in hs:
             print(_row(f"T{T} H{H}", lstm_inference(H, T, args.repeats, numba), keys))
+    print("\nRecurrence per step, B=1, I=8, no_grad: us per step, and W_hh's bytes per second through ours\n\n"
+          "| H | W_hh KiB | torch | ours | ours GB/s |\n|---|---|---|---|---|")
+    for H in sorted({64, 128, 256} | set(hs)):
+        m = recurrence_per_step(H, args.repeats)
+        print(f"| {H} | {16 * H * H / 1024:g} | {m['torch']:.2f} | {m['ours']:.2f} | {m['GB/s']:.1f} |")
 
 
 if __name__ == "__main__":
