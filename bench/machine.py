@@ -15,14 +15,32 @@ TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.floa
 
 
 def cpu_model() -> str:
+    """The model name, with family and model numbers where the name alone is vague
+    (a VM's "AMD EPYC" may be any generation)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
+
+
+def vector_isas() -> str:
+    """The vector ISA of torch's CPU kernels and of lstm_fast's compiled ones."""
+    ours = "not built"
+    try:
+        from lstm_fast import _ops
+        if _ops.load()[0]:
+            ours = torch.ops.lstm_fast.cpu_vector_isa()
+    except Exception as exc:  # an older build without the op, or none
+        ours = f"unknown ({type(exc).__name__})"
+    return f"torch {torch.backends.cpu.get_cpu_capability()}, lstm_fast {ours}"
 
 
 def usable_cores() -> int:
@@ -103,6 +121,7 @@ def describe(device: str, root: str) -> dict:
         "device": device,
         "cpu_model": cpu_model(),
         "cpu_cores": usable_cores(),
+        "vector_isa": vector_isas(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

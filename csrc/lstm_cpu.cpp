@@ -858,12 +858,24 @@ Tensor bernoulli_mask(const Tensor& like, at::IntArrayRef size, double p, int64_
   return out;
 }
 
+// The vector instruction set the CPU kernels were compiled for (lstm_vec.h), for reports.
+std::string cpu_vector_isa() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#else
+  return "portable";
+#endif
+}
+
 }  // namespace lstm_fast
 
 // Whether the CPU loops run solo after a stalled split: LSTMRecurrence's backward then
 // runs on one torch thread (lstm_fast/function.py, CppBackend.loops_solo).
 TORCH_LIBRARY_FRAGMENT(lstm_fast, m) {
   m.def("cpu_loops_solo() -> bool", &lstm_fast::solo_active);
+  m.def("cpu_vector_isa() -> str", &lstm_fast::cpu_vector_isa);
   m.def("bernoulli_mask(Tensor like, int[] size, float p, int seed) -> Tensor");
 }
 
