@@ -96,10 +96,9 @@ def header_md(report) -> str:
         + (f", contended ({meta['contend']} spinning processes)" if meta.get("contend") else ""),
         "",
         f"- when: {info.get('timestamp')}, commit {commit}, command `{meta.get('command')}`",
-        f"- machine: {info.get('cpu_model')} ({info.get('cpu_cores')} cores, torch threads "
+        f"- machine: {info.get('cpu_model')}, {info.get('cpu_cores')} cores, torch threads "
         f"{info.get('torch_threads')}" + (f"; vector ISA: {info['vector_isa']}" if info.get("vector_isa") else "")
-        + ")" + (f", GPU {info['gpu_name']} ({info.get('gpu_sms')} SMs)"
-                                          if info.get("gpu_name") else ""),
+        + (f", GPU {info['gpu_name']} ({info.get('gpu_sms')} SMs)" if info.get("gpu_name") else ""),
         f"- software: Python {info.get('python')}, torch {info.get('torch')}"
         + (f", CUDA {info['torch_cuda']}, cuDNN {info['cudnn']}" if info.get("device") == "cuda" else "")
         + f", triton {info.get('triton')}, numba {info.get('numba')}, numpy {info.get('numpy')}",
