@@ -13,6 +13,10 @@ from lstm_fast import nn as lstm_nn
 from lstm_fast.backends.base import StepMasks
 from lstm_fast.function import lstm_projected
 
+# A mask op seen by autograd as part of the graph warns at backward (and would be
+# differentiated through in a later torch): the masks must stay outside the graph.
+pytestmark = pytest.mark.filterwarnings("error:.*autograd kernel was not registered:UserWarning")
+
 DEVICE = device_of_tests()
 
 CONFIGS = [
