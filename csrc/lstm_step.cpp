@@ -47,10 +47,11 @@ using OptTensor = std::optional<Tensor>;
 constexpr int64_t kUnitBlock = 64;
 // Rows up to which a step computes its products as dot products over the
 // weights' contiguous rows (no packing, which a single step cannot amortise);
-// above, two ATen GEMMs. With kDotRows rows per pass the dot products beat
-// the GEMMs at B=64 H=512 too (LSTMCell loop, 2 threads: 71.5-74.6 against
-// 122 ms, AVX-512; bench/NOTES_latency.md#dot-rows).
-constexpr int64_t kDotMaxRows = 64;
+// above, two ATen GEMMs. LSTMCell loops, 2 threads, AVX-512, speedup over
+// torch.nn.LSTMCell with dots / with GEMMs: B=128 H=256 1.40x / 0.92x, B=512
+// H=256 1.13x / 0.91x, B=2048 H=256 (dots in 1024-row chunks) 0.86x / 0.95x
+// (bench/NOTES_latency.md#dot-rows).
+constexpr int64_t kDotMaxRows = 512;
 // Multiply-adds below which a step runs on one thread. A fork/join waits for a
 // preempted partner thread: on the shared 2-core machine (load 5) a split B=1
 // H=256 step (524288) took 7.8 ms, against 34 us on one thread
@@ -190,7 +191,7 @@ void step_rows(const StepData<T>& d, int64_t j0, int64_t j1) {
   constexpr int64_t L = V::size();
   const int64_t H = d.H, G = 4 * H, B = d.B;
   // gate q of unit u0+u in row b at z[(b*4 + q)*kUnitBlock + u]; kept per
-  // thread (up to 128 KiB of double: too large for a worker thread's stack)
+  // thread (up to 1 MiB of double: too large for a worker thread's stack)
   thread_local std::vector<T> zbuf;
   if (zbuf.size() < size_t(B * 4 * kUnitBlock)) zbuf.resize(B * 4 * kUnitBlock);
   T* z = zbuf.data();

@@ -14,10 +14,10 @@ from lstm_fast.backends import get_backend
 pytestmark = pytest.mark.skipif(not get_backend("cpp").is_available()[0], reason="the extension is not built")
 
 DTYPES = (torch.float64, torch.float32)
-# B up to 64 (kDotMaxRows): the dot-product kernels; 1 takes the one-row kernel, 3
+# B up to 512 (kDotMaxRows): the dot-product kernels; 1 takes the one-row kernel, 3
 # and 7 the multi-row passes and their leftovers (AVX-512: 4+2+1, AVX2: 3+3+1);
-# 70: the GEMM path
-SIZES = ((1, 5, 7), (3, 17, 70), (7, 33, 20), (70, 9, 17))
+# 520: the GEMM path (more than kDotMaxRows)
+SIZES = ((1, 5, 7), (3, 17, 70), (7, 33, 20), (70, 9, 17), (520, 6, 9))
 
 
 def _close(got, want, dtype):
