@@ -1,8 +1,13 @@
 """The thread count of the CPU time loops: torch's count, within the affinity mask and the cgroup quota."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from lstm_fast import _threads
+from lstm_fast.backends import get_backend
 
 
 @pytest.fixture
@@ -164,3 +169,55 @@ def test_numba_split_launch_reports_its_team_time(monkeypatch):
         pytest.skip("this machine gives the process a single CPU: no split launch")
     wall, cpu, stalled = seen[0]
     assert wall > 0 and 0 < cpu and stalled >= 0
+
+
+CHUNKS_CODE = r"""
+import torch, lstm_fast
+from torch.nn.utils.rnn import pack_padded_sequence
+torch.set_num_threads(2)
+torch.manual_seed(0)
+dt = torch.float64
+cases = [dict(), dict(proj_size=5, num_layers=2), dict(bidirectional=True), dict(packed=True)]
+for kw in cases:
+    packed = kw.pop("packed", False)
+    ref = torch.nn.LSTM(6, 9, dtype=dt, **kw)
+    ours = lstm_fast.LSTM.from_torch(ref, backend="cpp")
+    x = torch.randn(7, 4, 6, dtype=dt, requires_grad=True)
+    outs = []
+    for m in (ref, ours):
+        y, (h, c) = m(pack_padded_sequence(x, [7, 5, 5, 2]) if packed else x)
+        y = y.data if packed else y
+        leaves = [x, *m.parameters()]
+        grads = torch.autograd.grad((y.sum() + h.square().sum() + c.sum()), leaves)
+        outs.append((y, h, c, *grads))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+# the regularisers: the reference backend with the same masks
+for kw in (dict(zoneout=(0.2, 0.3)), dict(recurrent_dropout=0.3), dict(zoneout=0.2, proj_size=4)):
+    outs = []
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(1)
+        m = lstm_fast.LSTM(6, 9, dtype=dt, backend=backend, **kw)
+        torch.manual_seed(2)
+        x = torch.randn(7, 4, 6, dtype=dt, requires_grad=True)
+        y, (h, c) = m(x)
+        outs.append((y, h, c, *torch.autograd.grad(y.sum() + c.sum(), [x, *m.parameters()])))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("team", ("two threads", "one thread granted of two"))
+def test_cpp_split_loops_match_torch(team):
+    """The split time loops (every call split: LSTM_FAST_CPU_SPLIT_MIN=0) against torch.nn.LSTM
+    and, with masks, the reference backend, forward and every gradient. With OMP_THREAD_LIMIT=1
+    the parallel region gets one thread where two were asked for: the loop must split by the
+    team it got."""
+    if not get_backend("cpp").is_available()[0]:
+        pytest.skip("the extension is not built")
+    env = dict(os.environ, LSTM_FAST_CPU_SPLIT_MIN="0")
+    if team == "one thread granted of two":
+        env["OMP_THREAD_LIMIT"] = "1"
+    done = subprocess.run([sys.executable, "-c", CHUNKS_CODE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
