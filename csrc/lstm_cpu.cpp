@@ -230,8 +230,8 @@ inline void micro_kernel(const T* a, int64_t lda, const Slab<T>& s, int64_t p0, 
   }
 }
 
-// MR rows over all panels: NP panels at a time (about 12 accumulators, 16
-// vector registers in AVX2), leftovers one panel at a time.
+// MR rows over all panels: NP panels at a time (at most 14 accumulators, within
+// AVX2's 16 vector registers), leftovers one panel at a time.
 template <typename T, int MR>
 void rows_block(const T* a, int64_t lda, const Slab<T>& s, T* c, int64_t ldc) {
   constexpr int NP = MR == 1 ? 4 : MR == 2 ? 3 : MR == 3 ? 2 : 1;
@@ -240,25 +240,42 @@ void rows_block(const T* a, int64_t lda, const Slab<T>& s, T* c, int64_t ldc) {
   for (; p < s.np; ++p) micro_kernel<T, MR, 1>(a, lda, s, p, c, ldc);
 }
 
+// Rows per register block of slab_gemm: 6 x 2 vectors (12 accumulators) in
+// AVX2's 16 registers, 8 x 2 in AVX-512's 32. 8 rows ran training at T=100 B=32
+// H=256 in 60.8-61.9 ms against 64.7-66.4 with 6, inference at B=8 H=128 in
+// 1.16-1.19 against 1.27-1.31 ms (bench/NOTES_cpp.md#per-step-product).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kBlockRows = 8;
+#else
+constexpr int kBlockRows = 6;
+#endif
+
 // c[n, S.M] = a[n, K] @ S. a: n rows at stride lda; c: n rows at stride ldc,
-// not aliasing a. 6-row blocks (6 x 16 floats: 12 accumulators), panel-outer
-// so one panel stays in L1 across the blocks; then the 1-5 leftover rows.
+// not aliasing a. kBlockRows-row blocks, panel-outer so one panel stays in L1
+// across the blocks; then the leftover rows.
 template <typename T>
 void slab_gemm(int64_t n, const T* a, int64_t lda, const Slab<T>& s, T* c, int64_t ldc) {
   if (s.M == 0 || n == 0) return;
-  const int64_t n6 = n / 6 * 6;
-  if (n6 > 0) {
+  constexpr int MR = kBlockRows;
+  const int64_t nb = n / MR * MR;
+  if (nb > 0) {
     for (int64_t p = 0; p < s.np; ++p)
-      for (int64_t r = 0; r < n6; r += 6) micro_kernel<T, 6, 1>(a + r * lda, lda, s, p, c + r * ldc, ldc);
+      for (int64_t r = 0; r < nb; r += MR) micro_kernel<T, MR, 1>(a + r * lda, lda, s, p, c + r * ldc, ldc);
   }
-  const T* ar = a + n6 * lda;
-  T* cr = c + n6 * ldc;
-  switch (n - n6) {
+  const T* ar = a + nb * lda;
+  T* cr = c + nb * ldc;
+  switch (n - nb) {
     case 1: rows_block<T, 1>(ar, lda, s, cr, ldc); break;
     case 2: rows_block<T, 2>(ar, lda, s, cr, ldc); break;
     case 3: rows_block<T, 3>(ar, lda, s, cr, ldc); break;
     case 4: rows_block<T, 4>(ar, lda, s, cr, ldc); break;
     case 5: rows_block<T, 5>(ar, lda, s, cr, ldc); break;
+    case 6:
+      if constexpr (MR > 6) rows_block<T, 6>(ar, lda, s, cr, ldc);
+      break;
+    case 7:
+      if constexpr (MR > 7) rows_block<T, 7>(ar, lda, s, cr, ldc);
+      break;
     default: break;
   }
 }
