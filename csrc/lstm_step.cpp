@@ -43,7 +43,8 @@ namespace {
 
 using OptTensor = std::optional<Tensor>;
 
-// Hidden units per block: the pre-activations of a block stay on the stack.
+// Hidden units per block: the pre-activations of a block wait in a per-thread
+// buffer ([B, 4, kUnitBlock]) for the cell math.
 constexpr int64_t kUnitBlock = 64;
 // Rows up to which a step computes its products as dot products over the
 // weights' contiguous rows (no packing, which a single step cannot amortise);
