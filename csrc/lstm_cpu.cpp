@@ -902,3 +902,7 @@ TORCH_LIBRARY_IMPL(lstm_fast, CPU, m) {
   m.impl("lstm_backward", &lstm_fast::backward_op<lstm_fast::lstm_backward_cpu>);
   m.impl("bernoulli_mask", &lstm_fast::bernoulli_mask);
 }
+
+// A mask is no function of `like` (only its dtype and device): autograd passes the op
+// through, so its output never joins a graph, whatever the caller hands it.
+TORCH_LIBRARY_IMPL(lstm_fast, Autograd, m) { m.impl("bernoulli_mask", torch::CppFunction::makeFallthrough()); }

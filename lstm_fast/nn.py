@@ -59,8 +59,7 @@ def _bernoulli(p, shape, like):
     if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64) \
             and not torch.compiler.is_compiling() and _ops.loaded():
         seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64))
-        # like only names dtype and device: detached, the mask is no node of the graph
-        return torch.ops.lstm_fast.bernoulli_mask(like.detach(), list(shape), float(p), seed)
+        return torch.ops.lstm_fast.bernoulli_mask(like, list(shape), float(p), seed)
     return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(p)
 
 
