@@ -143,7 +143,8 @@ def table(results, args):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     if args.child:
         _child(args)
         return 0
@@ -157,7 +158,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         git = machine.git_state(ROOT)
         commit = (git["commit"] or "?")[:10] + (" (uncommitted changes)" if git["dirty"] else "")
-        meta = {"command": "python -m bench.contention " + " ".join(sys.argv[1:] if argv is None else argv),
+        meta = {"command": "python -m bench.contention " + " ".join(argv),
                 "git": git, "load_before": load, "cpus": os.cpu_count()}
         with open(os.path.join(args.out, "contention.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)

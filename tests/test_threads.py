@@ -171,7 +171,7 @@ def test_numba_split_launch_reports_its_team_time(monkeypatch):
     assert wall > 0 and 0 < cpu and stalled >= 0
 
 
-CHUNKS_CODE = r"""
+SPLIT_LOOPS_CODE = r"""
 import torch, lstm_fast
 from torch.nn.utils.rnn import pack_padded_sequence
 torch.set_num_threads(2)
@@ -221,5 +221,6 @@ def test_cpp_split_loops_match_torch(team):
     env = dict(os.environ, LSTM_FAST_CPU_SPLIT_MIN="0")
     if team == "one thread granted of two":
         env["OMP_THREAD_LIMIT"] = "1"
-    done = subprocess.run([sys.executable, "-c", CHUNKS_CODE], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", SPLIT_LOOPS_CODE], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
