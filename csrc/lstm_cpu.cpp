@@ -1,8 +1,9 @@
 // CPU implementation: the whole time loop in C++, inside one OpenMP parallel
-// region. Each thread owns a range of hidden units: per step it computes all
-// four gates of its units (a product with its slab of W_hh, packed once per
-// call) and their activations and state update, then one barrier publishes
-// h_t. Backward mirrors it; the weight gradients are GEMMs over all T afterwards.
+// region. Each thread owns a range of batch rows (from 4 rows a thread) or of
+// hidden units (below): per step it computes all four gates of its part (a
+// product with its slab of W_hh, packed once per call) and their activations
+// and state update; split by units, one barrier per step publishes h_t. Backward
+// mirrors it; the weight gradients are GEMMs over all T afterwards.
 
 #include "lstm_vec.h"  // first: it picks the vector ISA for ATen
 
@@ -21,6 +22,7 @@
 #include <unistd.h>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -31,6 +33,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -404,10 +407,85 @@ int os_thread_limit() {
   return limit;
 }
 
-int loop_threads(int64_t B, int64_t H, int64_t P) {
+// How a time loop's threads share it. By hidden units, every thread works on every
+// row and a barrier per step publishes h_t. By batch rows, each thread runs the whole
+// recurrence of its own rows and the threads meet once, at the end: no per-step
+// barrier, at the price of every thread streaming all of W_hh. Rows won at every
+// batch from 4 on the 2-core EPYC, units at 1-2 rows a thread (bench/NOTES_cpp.md#rows-split).
+struct LoopSplit {
+  int threads = 1;
+  bool by_rows = false;
+  // by rows: work[b] = steps taken by rows 0..b-1 (a packed batch's first rows take
+  // part in more steps), so the threads get contiguous rows of about equal work
+  std::vector<int64_t> work;
+};
+
+// Rows a thread needs for the rows split to pay; LSTM_FAST_CPU_SPLIT_BY=rows or
+// units forces one kind (tests cover both at any batch).
+constexpr int64_t kRowsPerThread = 4;
+
+LoopSplit loop_split(const Plan& p) {
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), os_thread_limit());
-  if (nt <= 1 || omp_in_parallel() || B * 4 * H * P < split_min()) return 1;
-  return solo_active() ? 1 : (int)nt;
+  if (nt <= 1 || omp_in_parallel() || p.B * 4 * p.H * p.P < split_min() || solo_active()) return {};
+  static const std::string forced = [] {
+    const char* env = std::getenv("LSTM_FAST_CPU_SPLIT_BY");
+    return std::string(env ? env : "");
+  }();
+  LoopSplit split;
+  split.threads = (int)nt;
+  split.by_rows = forced.empty() ? p.B >= kRowsPerThread * nt : forced == "rows";
+  if (split.by_rows) {
+    std::vector<int64_t> rows_active(p.B + 1, 0);  // steps with exactly a rows active
+    for (const int64_t a : p.active) ++rows_active[a];
+    split.work.assign(p.B + 1, 0);
+    int64_t steps = p.T;  // steps in which row b takes part: those with more than b rows
+    for (int64_t b = 0; b < p.B; ++b) {
+      steps -= rows_active[b];
+      split.work[b + 1] = split.work[b] + steps;
+    }
+  }
+  return split;
+}
+
+// The part of a time loop that thread k of a team of nt owns: hidden units [j0, j1)
+// and state columns [p0, p1), of batch rows [b0, b1). team: the threads a step's
+// barrier waits for (1 when split by rows).
+struct ThreadShare {
+  int team = 1;
+  int64_t j0 = 0, j1 = 0, p0 = 0, p1 = 0, b0 = 0, b1 = 0;
+  // this thread's rows of a step whose rows 0..active-1 take part
+  std::pair<int64_t, int64_t> rows(int64_t active) const { return {std::min(b0, active), std::min(b1, active)}; }
+};
+
+// Shares by the team OpenMP granted, which may be smaller than split.threads.
+template <typename T>
+ThreadShare thread_share(const LoopSplit& split, int64_t B, int64_t H, int64_t P) {
+  const int nt = omp_get_num_threads(), k = omp_get_thread_num();
+  ThreadShare my;
+  if (split.by_rows) {
+    // the first row at which the work done reaches part k of the total
+    auto bound = [&](int part) {
+      const int64_t target = split.work[B] * part / nt;
+      return int64_t(std::lower_bound(split.work.begin(), split.work.end(), target) - split.work.begin());
+    };
+    my.j1 = H;
+    my.p1 = P;
+    my.b0 = k == 0 ? 0 : bound(k);
+    my.b1 = k == nt - 1 ? B : bound(k + 1);
+  } else {
+    my.team = nt;
+    std::tie(my.j0, my.j1) = split_range<T>(H, k, nt);
+    std::tie(my.p0, my.p1) = split_range<T>(P, k, nt);
+    my.b1 = B;
+  }
+  return my;
+}
+
+// Split by rows, the threads meet only when their rows are done: one done early
+// sleeps at the futex barrier rather than spinning at OpenMP's, so the loop's clock
+// sees the wait of a thread whose partner was preempted.
+inline void meet_at_end(const LoopSplit& split, StepBarrier& barrier) {
+  if (split.by_rows) barrier.arrive_and_wait(omp_get_num_threads());
 }
 
 // While the solo fallback is on, an op's ATen calls (the weight-gradient GEMMs) run
@@ -489,7 +567,7 @@ template <typename T>
 struct ForwardData {
   // Per-step tensors are read as [rows, width] (Plan: padded or packed).
   // gx [rows,4H], or nullptr when x is given: then x [rows,I] @ w_ih^T [4H,I] +
-  // bias ([4H] or nullptr) is computed by each thread for its own gate columns
+  // bias ([4H] or nullptr) is computed by each thread for its own rows and gate columns
   const T* gx = nullptr;
   const T *x = nullptr, *w_ih = nullptr, *bias = nullptr;
   int64_t I = 0;
@@ -506,20 +584,20 @@ struct ForwardData {
   T* hm = nullptr;
 };
 
-// Forward time loop. Each thread owns hidden units [j0, j1) (and, with a
-// projection, output columns [p0, p1)); one barrier per step publishes h_t.
+// Forward time loop. Each thread owns batch rows, or hidden units [j0, j1) (and,
+// with a projection, output columns [p0, p1)) with one barrier per step (ThreadShare).
 template <typename T>
 void forward_loop(const Plan& p, const ForwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
-  const int nt_req = loop_threads(B, H, P);
+  const LoopSplit split = loop_split(p);
   StepBarrier barrier;
-  LoopClock clock(nt_req);
-#pragma omp parallel num_threads(nt_req)
+  LoopClock clock(split.threads);
+#pragma omp parallel num_threads(split.threads)
   {
     const LoopClock::Share share(clock);
-    const int nt = omp_get_num_threads(), k = omp_get_thread_num();
-    const auto [j0, j1] = split_range<T>(H, k, nt);
-    const auto [p0, p1] = split_range<T>(P, k, nt);
+    const ThreadShare my = thread_share<T>(split, B, H, P);
+    const int nt = my.team;  // for the per-step barriers
+    const int64_t j0 = my.j0, j1 = my.j1, p0 = my.p0, p1 = my.p1;
     const int64_t nj = j1 - j0, M = 4 * nj;
     // Slab column q*nj + jj is W_hh row q*H + j0 + jj: the four gates of this
     // thread's units side by side, so z comes out in [i | f | g | o] blocks.
@@ -531,7 +609,8 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
     // column order, bias added, for one block of steps at a time (kBlockElements).
     std::unique_ptr<T[]> gxc;
     Slab<T> s_ih;
-    const int64_t block = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, B * G));
+    // by rows, a thread projects its own rows step by step
+    const int64_t block = split.by_rows ? 1 : std::max<int64_t>(1, kBlockElements / std::max<int64_t>(1, B * G));
     int64_t gx_lo = 0;  // the first row gxc holds
     if (d.x && M > 0) {
       pack_slab(s_ih, 2, d.I, M, 1, [&](int64_t m) { return d.w_ih + ((m / nj) * H + j0 + m % nj) * d.I; });
@@ -541,8 +620,10 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
       // consecutive steps are consecutive time indices, so their rows are one range
       int64_t lo = p.N, hi = 0;
       for (int64_t s = s0; s < std::min(p.T, s0 + block); ++s) {
-        lo = std::min(lo, p.row0[p.order[s]]);
-        hi = std::max(hi, p.row0[p.order[s]] + p.active[s]);
+        const auto [n0, n1] = my.rows(p.active[s]);
+        if (n1 == n0) continue;
+        lo = std::min(lo, p.row0[p.order[s]] + n0);
+        hi = std::max(hi, p.row0[p.order[s]] + n1);
       }
       gx_lo = lo;
       const int64_t rows = std::max<int64_t>(0, hi - lo);
@@ -562,17 +643,19 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
       }
     };
     for (int64_t s = 0; s < p.T; ++s) {
-      const int64_t t = p.order[s], n = p.active[s], r0 = p.row0[t];
+      const int64_t t = p.order[s], r0 = p.row0[t];
       if (gxc && s % block == 0) project(s);
-      if (n == 0) continue;
+      // this thread's rows [n0, n1) of the step's active rows
+      const auto [n0, n1] = my.rows(p.active[s]);
+      if (n1 == n0) continue;
       // h_{t-1}: the previous step's output, and h0 for rows starting at this step
-      const int64_t with_prev = p.rows_with_prev(s);
+      const int64_t with_prev = p.rows_with_prev(s), wp = std::clamp(with_prev, n0, n1);
       const T* yprev = with_prev > 0 ? d.y + p.row0[p.order[s - 1]] * P : nullptr;
       if (d.rmask) {  // masked h_{t-1} of every row (h0's for rows starting here)
-        slab_gemm<T>(n, d.hm + (s % 2) * B * P, P, s_hh, z.data(), M);
+        slab_gemm<T>(n1 - n0, d.hm + (s % 2) * B * P + n0 * P, P, s_hh, z.data(), M);
       } else {
-        if (with_prev > 0) slab_gemm<T>(with_prev, yprev, P, s_hh, z.data(), M);
-        if (n > with_prev) slab_gemm<T>(n - with_prev, d.h0 + with_prev * P, P, s_hh, z.data() + with_prev * M, M);
+        slab_gemm<T>(wp - n0, yprev + n0 * P, P, s_hh, z.data(), M);
+        slab_gemm<T>(n1 - wp, d.h0 + wp * P, P, s_hh, z.data() + (wp - n0) * M, M);
       }
       T* hout = d.w_hr ? d.hpre : d.y + r0 * P;
       // input projection rows of this step: row stride, gate stride
@@ -581,19 +664,19 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
       T* cellt = d.cells ? d.cells + r0 * H + j0 : nullptr;
       T* gt = d.gates ? d.gates + r0 * G + j0 : nullptr;
       const T* zct = d.zc ? d.zc + r0 * H + j0 : nullptr;
-      for (int64_t b = 0; b < n && nj > 0; ++b) {
-        forward_row<T>(z.data() + b * M, nj, gxt + b * g_row, g_gate, d.c + b * H + j0, hout + b * H + j0,
+      for (int64_t b = n0; b < n1 && nj > 0; ++b) {
+        forward_row<T>(z.data() + (b - n0) * M, nj, gxt + b * g_row, g_gate, d.c + b * H + j0, hout + b * H + j0,
                        cellt ? cellt + b * H : nullptr, gt ? gt + b * G : nullptr, H, nj, zct ? zct + b * H : nullptr);
       }
       if (d.w_hr) {
         barrier.arrive_and_wait(nt);
-        slab_gemm<T>(n, d.hpre, H, s_hr, d.y + r0 * P + p0, P);
+        slab_gemm<T>(n1 - n0, d.hpre + n0 * H, H, s_hr, d.y + (r0 + n0) * P + p0, P);
       }
       if (d.zh || d.rmask) {
         // this thread's state columns of y_t: hidden zoneout, then the masked copy for step s + 1
         const int64_t e0 = d.w_hr ? p0 : j0, e1 = d.w_hr ? p1 : j1;
         T* next = d.rmask ? d.hm + ((s + 1) % 2) * B * P : nullptr;
-        for (int64_t b = 0; b < n; ++b) {
+        for (int64_t b = n0; b < n1; ++b) {
           T* yb = d.y + (r0 + b) * P;
           if (d.zh) {
             const T* zhb = d.zh + (r0 + b) * P;
@@ -607,6 +690,7 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
       }
       barrier.arrive_and_wait(nt);
     }
+    meet_at_end(split, barrier);
   }
   clock.finish();
 }
@@ -629,30 +713,31 @@ struct BackwardData {
   T* carry = nullptr;
 };
 
-// Backward time loop, processing order reversed. Each thread owns hidden units
-// [j0, j1) for the gate derivatives and columns [p0, p1) of dh_{t-1} =
+// Backward time loop, processing order reversed. Each thread owns batch rows, or
+// hidden units [j0, j1) for the gate derivatives and columns [p0, p1) of dh_{t-1} =
 // dgates @ W_hh; without a projection the two ranges coincide (P = H), so a
 // thread reads next step only the dh columns it wrote: one barrier per step
 // (all of dgates before the product).
 template <typename T>
 void backward_loop(const Plan& p, const BackwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
-  const int nt_req = loop_threads(B, H, P);
+  const LoopSplit split = loop_split(p);
   StepBarrier barrier;
-  LoopClock clock(nt_req);
-#pragma omp parallel num_threads(nt_req)
+  LoopClock clock(split.threads);
+#pragma omp parallel num_threads(split.threads)
   {
     const LoopClock::Share share(clock);
-    const int nt = omp_get_num_threads(), k = omp_get_thread_num();
-    const auto [j0, j1] = split_range<T>(H, k, nt);
-    const auto [p0, p1] = split_range<T>(P, k, nt);
+    const ThreadShare my = thread_share<T>(split, B, H, P);
+    const int nt = my.team;
+    const int64_t j0 = my.j0, j1 = my.j1, p0 = my.p0, p1 = my.p1;
     const int64_t nj = j1 - j0;
     Slab<T> s_hh, s_hr;
     pack_slab(s_hh, 0, G, p1 - p0, P, [&](int64_t m) { return d.w_hh + p0 + m; });
     if (d.w_hr) pack_slab(s_hr, 1, P, nj, H, [&](int64_t m) { return d.w_hr + j0 + m; });
     for (int64_t s = p.T - 1; s >= 0; --s) {
-      const int64_t t = p.order[s], n = p.active[s], r0 = p.row0[t];
-      if (n == 0) continue;
+      const int64_t t = p.order[s], r0 = p.row0[t];
+      const auto [n0, n1] = my.rows(p.active[s]);
+      if (n1 == n0) continue;
       // c_{t-1}: the previous step's cells, and c0 for rows starting at this step
       const int64_t with_prev = p.rows_with_prev(s);
       const T* cprev = s == 0 ? d.c0 : d.cells + p.row0[p.order[s - 1]] * H;
@@ -662,18 +747,18 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
       if (d.w_hr) {
         // d_r = dh + grad_y reaches y_t = W_hr h_pre; then back through W_hr.
         T* drt = d.d_r + r0 * P;
-        for (int64_t b = 0; b < n; ++b)
+        for (int64_t b = n0; b < n1; ++b)
           for (int64_t e = p0; e < p1; ++e) drt[b * P + e] = d.dh[b * P + e] + gyt[b * P + e];
         if (d.zh) {  // h_t = zh h_{t-1} + (1 - zh) W_hr h_pre
           const T* zht = d.zh + r0 * P;
-          for (int64_t b = 0; b < n; ++b)
+          for (int64_t b = n0; b < n1; ++b)
             for (int64_t e = p0; e < p1; ++e) {
               d.carry[b * P + e] = zht[b * P + e] * drt[b * P + e];
               drt[b * P + e] -= d.carry[b * P + e];
             }
         }
         barrier.arrive_and_wait(nt);
-        slab_gemm<T>(n, drt, P, s_hr, d.dhbuf + j0, H);
+        slab_gemm<T>(n1 - n0, drt + n0 * P, P, s_hr, d.dhbuf + n0 * H + j0, H);
         dh_in = d.dhbuf;
         gy_in = nullptr;
       }
@@ -684,7 +769,7 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
       // hidden zoneout inside backward_row only without a projection (P = H: the same columns)
       const T* zct = d.zc ? d.zc + r0 * H + j0 : nullptr;
       const T* zht = d.zh && !d.w_hr ? d.zh + r0 * P + j0 : nullptr;
-      for (int64_t b = 0; b < n && nj > 0; ++b) {
+      for (int64_t b = n0; b < n1 && nj > 0; ++b) {
         const T* cp = (b < with_prev ? cprev : d.c0) + b * H + j0;
         backward_row<T>(gt + b * G, H, ct + b * H, cp, dh_in + b * H + j0, gy_in ? gy_in + b * P + j0 : nullptr,
                         d.dc + b * H + j0, dgt + b * G + j0, hpt ? hpt + b * H : nullptr, nj,
@@ -693,9 +778,9 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
       barrier.arrive_and_wait(nt);
       // dh_{t-1}[:, p0:p1] = dgates @ W_hh[:, p0:p1]; with a projection the next
       // step's d_r reads only these columns before its barrier.
-      slab_gemm<T>(n, dgt, G, s_hh, d.dh + p0, P);
+      slab_gemm<T>(n1 - n0, dgt + n0 * G, G, s_hh, d.dh + n0 * P + p0, P);
       if (d.rmask || d.zh) {  // h_{t-1} entered masked; zoneout's direct path adds to it
-        for (int64_t b = 0; b < n; ++b)
+        for (int64_t b = n0; b < n1; ++b)
           for (int64_t e = p0; e < p1; ++e) {
             T v = d.dh[b * P + e];
             if (d.rmask) v *= d.rmask[b * P + e];
@@ -704,6 +789,7 @@ void backward_loop(const Plan& p, const BackwardData<T>& d) {
           }
       }
     }
+    meet_at_end(split, barrier);
   }
   clock.finish();
 }

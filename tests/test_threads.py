@@ -178,16 +178,20 @@ torch.set_num_threads(2)
 torch.manual_seed(0)
 dt = torch.float64
 # batches of 14 and 15 rows: the 6- and 7-row leftovers of 8-row register blocks (AVX-512)
-cases = [dict(), dict(proj_size=5, num_layers=2), dict(bidirectional=True), dict(packed=True), dict(batch=15),
-         dict(batch=14, proj_size=5)]
+# packed lengths: the rows split gives threads rows of about equal work, not equal count
+cases = [dict(), dict(proj_size=5, num_layers=2), dict(bidirectional=True), dict(packed=[7, 5, 5, 2]),
+         dict(packed=[7, 7, 6, 3, 2, 1, 1], bidirectional=True, proj_size=4), dict(batch=15),
+         dict(batch=14, proj_size=5), dict(batch=2), dict(batch=3, bidirectional=True)]
 for kw in cases:
-    packed, batch = kw.pop("packed", False), kw.pop("batch", 4)
+    lengths = kw.pop("packed", None)
+    batch = len(lengths) if lengths else kw.pop("batch", 4)
     ref = torch.nn.LSTM(6, 9, dtype=dt, **kw)
     ours = lstm_fast.LSTM.from_torch(ref, backend="cpp")
     x = torch.randn(7, batch, 6, dtype=dt, requires_grad=True)
     outs = []
     for m in (ref, ours):
-        y, (h, c) = m(pack_padded_sequence(x, [7, 5, 5, 2]) if packed else x)
+        packed = lengths is not None
+        y, (h, c) = m(pack_padded_sequence(x, lengths) if packed else x)
         y = y.data if packed else y
         leaves = [x, *m.parameters()]
         grads = torch.autograd.grad((y.sum() + h.square().sum() + c.sum()), leaves)
@@ -210,15 +214,16 @@ print("ok")
 """
 
 
+@pytest.mark.parametrize("split_by", ("rows", "units"))
 @pytest.mark.parametrize("team", ("two threads", "one thread granted of two"))
-def test_cpp_split_loops_match_torch(team):
-    """The split time loops (every call split: LSTM_FAST_CPU_SPLIT_MIN=0) against torch.nn.LSTM
-    and, with masks, the reference backend, forward and every gradient. With OMP_THREAD_LIMIT=1
-    the parallel region gets one thread where two were asked for: the loop must split by the
-    team it got."""
+def test_cpp_split_loops_match_torch(team, split_by):
+    """The split time loops (every call split: LSTM_FAST_CPU_SPLIT_MIN=0), by batch rows and by
+    hidden units, against torch.nn.LSTM and, with masks, the reference backend, forward and
+    every gradient. With OMP_THREAD_LIMIT=1 the parallel region gets one thread where two were
+    asked for: the loop must split by the team it got."""
     if not get_backend("cpp").is_available()[0]:
         pytest.skip("the extension is not built")
-    env = dict(os.environ, LSTM_FAST_CPU_SPLIT_MIN="0")
+    env = dict(os.environ, LSTM_FAST_CPU_SPLIT_MIN="0", LSTM_FAST_CPU_SPLIT_BY=split_by)
     if team == "one thread granted of two":
         env["OMP_THREAD_LIMIT"] = "1"
     done = subprocess.run([sys.executable, "-c", SPLIT_LOOPS_CODE], env=env, capture_output=True, text=True,
