@@ -1,6 +1,6 @@
 // CPU implementation: the whole time loop in C++, inside one OpenMP parallel
-// region. Each thread owns a range of batch rows (from 4 rows a thread) or of
-// hidden units (below): per step it computes all four gates of its part (a
+// region. Each thread owns a range of batch rows (from 4 rows a thread, W_hh up
+// to 1 MiB) or of hidden units (otherwise): per step it computes all four gates of its part (a
 // product with its slab of W_hh, packed once per call) and their activations
 // and state update; split by units, one barrier per step publishes h_t. Backward
 // mirrors it; the weight gradients are GEMMs over all T afterwards.
@@ -420,11 +420,12 @@ struct LoopSplit {
   std::vector<int64_t> work;
 };
 
-// Rows a thread needs for the rows split to pay; LSTM_FAST_CPU_SPLIT_BY=rows or
-// units forces one kind (tests cover both at any batch).
-constexpr int64_t kRowsPerThread = 4;
+// When the rows split pays: from 4 rows a thread, and while all of W_hh fits one
+// core's L2 (1 MiB on the EPYC; H=512 lost up to 0.95x, H=1024 0.59x at 4 and 16
+// MiB). LSTM_FAST_CPU_SPLIT_BY=rows or units forces one kind (tests cover both).
+constexpr int64_t kRowsPerThread = 4, kRowsMaxWeightBytes = int64_t(1) << 20;
 
-LoopSplit loop_split(const Plan& p) {
+LoopSplit loop_split(const Plan& p, int64_t elem_bytes) {
   const int64_t nt = std::min<int64_t>(at::get_num_threads(), os_thread_limit());
   if (nt <= 1 || omp_in_parallel() || p.B * 4 * p.H * p.P < split_min() || solo_active()) return {};
   static const std::string forced = [] {
@@ -433,7 +434,8 @@ LoopSplit loop_split(const Plan& p) {
   }();
   LoopSplit split;
   split.threads = (int)nt;
-  split.by_rows = forced.empty() ? p.B >= kRowsPerThread * nt : forced == "rows";
+  const bool pays = p.B >= kRowsPerThread * nt && 4 * p.H * p.P * elem_bytes <= kRowsMaxWeightBytes;
+  split.by_rows = forced.empty() ? pays : forced == "rows";
   if (split.by_rows) {
     std::vector<int64_t> rows_active(p.B + 1, 0);  // steps with exactly a rows active
     for (const int64_t a : p.active) ++rows_active[a];
@@ -589,7 +591,7 @@ struct ForwardData {
 template <typename T>
 void forward_loop(const Plan& p, const ForwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
-  const LoopSplit split = loop_split(p);
+  const LoopSplit split = loop_split(p, sizeof(T));
   StepBarrier barrier;
   LoopClock clock(split.threads);
 #pragma omp parallel num_threads(split.threads)
@@ -721,7 +723,7 @@ struct BackwardData {
 template <typename T>
 void backward_loop(const Plan& p, const BackwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
-  const LoopSplit split = loop_split(p);
+  const LoopSplit split = loop_split(p, sizeof(T));
   StepBarrier barrier;
   LoopClock clock(split.threads);
 #pragma omp parallel num_threads(split.threads)
