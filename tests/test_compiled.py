@@ -33,8 +33,9 @@ def op_inputs(T, B, H, P, dtype, device="cpu", I=None, bias=True, seed=0, batch_
     return {k: v.detach() for k, v in leaves.items()}
 
 
-# Above the cpp backend's split threshold (B*4H*P >= 8192, csrc/lstm_cpu.cpp):
-# the time loop runs split over hidden units across threads, one barrier per step.
+# Above the cpp backend's split threshold (B*4H*P >= 8192, csrc/lstm_cpu.cpp): the
+# time loop runs split over threads, by hidden units with one barrier per step below
+# 4 rows a thread, by batch rows (cut by work when packed) from there.
 # (T, B, H, P, batch_sizes, reverse)
 SPLIT_CASES = [
     (7, 6, 40, 40, None, False),
@@ -45,6 +46,9 @@ SPLIT_CASES = [
     (7, 6, 40, 24, (6, 5, 5, 3, 2, 1, 1), True),    # projection, packed, reverse
     (6, 5, 33, 33, (5, 5, 4, 3, 1, 1), False),      # uneven split with a vector tail
     (6, 6, 33, 17, None, True),                     # projection, reverse
+    (5, 8, 40, 40, None, False),                    # by rows
+    (7, 9, 40, 40, (9, 9, 8, 6, 4, 2, 1), True),    # by rows, packed, reverse
+    (6, 12, 33, 17, (12, 11, 11, 7, 3, 1), False),  # by rows, projection, packed
 ]
 
 

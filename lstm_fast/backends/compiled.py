@@ -52,8 +52,9 @@ class _CompiledBackend(Backend):
 
 
 class CppBackend(_CompiledBackend):
-    """C++ time loop on CPU: per step, each thread computes the gates of its hidden units
-    (packed W_hh slab, register-blocked kernel) and their state update; one barrier per step.
+    """C++ time loop on CPU: per step, each thread computes the gates of its batch rows (from
+    4 rows a thread while W_hh fits 1 MiB) or else of its hidden units, with one barrier per
+    step (packed W_hh slab, register-blocked kernel), and their state update.
 
     float16/bfloat16 run in float32 (widens_16bit): the C++ loop has no 16-bit
     arithmetic, and float32 accumulation is what the GPU backends use too. torch's own
