@@ -377,6 +377,8 @@ int64_t split_min() {
 // (bench/NOTES_cpp.md#preempted-threads).
 constexpr int64_t kSoloMinNs = 250'000'000, kSoloMaxNs = 4'000'000'000;
 std::atomic<int64_t> g_solo_until_ns{0}, g_solo_pause_ns{kSoloMinNs};
+// the team of the split call that stalled last: what a long loop may still use while solo
+std::atomic<int> g_stalled_team{1};
 bool solo_active() { return split_min() > 0 && now_ns() < g_solo_until_ns.load(std::memory_order_relaxed); }
 
 // CPUs the OS gives the process: min(its affinity mask, the cgroup's CFS quota
@@ -425,17 +427,33 @@ struct LoopSplit {
 // MiB). LSTM_FAST_CPU_SPLIT_BY=rows or units forces one kind (tests cover both).
 constexpr int64_t kRowsPerThread = 4, kRowsMaxWeightBytes = int64_t(1) << 20;
 
-LoopSplit loop_split(const Plan& p, int64_t elem_bytes) {
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), os_thread_limit());
-  if (nt <= 1 || omp_in_parallel() || p.B * 4 * p.H * p.P < split_min() || solo_active()) return {};
+// While solo, a loop of at least this many multiply-adds still splits by rows: it
+// pays once the loop outlasts the milliseconds a preempted or sleeping thread takes
+// to join. Under two spinners, T=100 B=16 I=H=128 (0.21 G in its forward) ran 26-40
+// ms a step so against 24-34 solo; B=32 I=H=256 (1.7 G) 119-154 against 148-205.
+// 2^29 sits between them (bench/NOTES_cpp.md#rows-split).
+constexpr int64_t kSoloRowsWork = int64_t(1) << 29;
+
+// The split of a loop with input size I projected inside it (0 for gx given).
+// solo_guarded: the caller runs under SoloTorchThreads (the backward), whose one
+// torch thread is not the user's choice.
+LoopSplit loop_split(const Plan& p, int64_t elem_bytes, int64_t I, bool solo_guarded) {
+  if (omp_in_parallel() || p.B * 4 * p.H * p.P < split_min()) return {};
+  const bool solo = solo_active();
+  const int64_t stalled = g_stalled_team.load(std::memory_order_relaxed);
+  int64_t nt = solo && solo_guarded ? stalled : at::get_num_threads();
+  nt = std::min<int64_t>(solo ? std::min(nt, stalled) : nt, os_thread_limit());
+  if (nt <= 1) return {};
   static const std::string forced = [] {
     const char* env = std::getenv("LSTM_FAST_CPU_SPLIT_BY");
     return std::string(env ? env : "");
   }();
+  const bool pays = p.B >= kRowsPerThread * nt && 4 * p.H * p.P * elem_bytes <= kRowsMaxWeightBytes;
+  const bool rows = forced.empty() ? pays : forced == "rows";
+  if (solo && !(rows && p.N * 4 * p.H * (p.P + I) >= kSoloRowsWork)) return {};
   LoopSplit split;
   split.threads = (int)nt;
-  const bool pays = p.B >= kRowsPerThread * nt && 4 * p.H * p.P * elem_bytes <= kRowsMaxWeightBytes;
-  split.by_rows = forced.empty() ? pays : forced == "rows";
+  split.by_rows = rows;
   if (split.by_rows) {
     std::vector<int64_t> rows_active(p.B + 1, 0);  // steps with exactly a rows active
     for (const int64_t a : p.active) ++rows_active[a];
@@ -521,6 +539,7 @@ void note_split(int nt, int64_t cpu, int64_t wall) {
   const int64_t lost = nt * wall - cpu;
   if (2 * cpu < nt * wall && lost > kStallMinNs) {
     const int64_t pause = g_solo_pause_ns.load(std::memory_order_relaxed);
+    g_stalled_team.store(nt, std::memory_order_relaxed);
     g_solo_until_ns.store(now_ns() + pause, std::memory_order_relaxed);
     g_solo_pause_ns.store(std::min(2 * pause, kSoloMaxNs), std::memory_order_relaxed);
   } else {
@@ -591,7 +610,7 @@ struct ForwardData {
 template <typename T>
 void forward_loop(const Plan& p, const ForwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
-  const LoopSplit split = loop_split(p, sizeof(T));
+  const LoopSplit split = loop_split(p, sizeof(T), d.x ? d.I : 0, false);
   StepBarrier barrier;
   LoopClock clock(split.threads);
 #pragma omp parallel num_threads(split.threads)
@@ -723,7 +742,7 @@ struct BackwardData {
 template <typename T>
 void backward_loop(const Plan& p, const BackwardData<T>& d) {
   const int64_t B = p.B, H = p.H, P = p.P, G = 4 * H;
-  const LoopSplit split = loop_split(p, sizeof(T));
+  const LoopSplit split = loop_split(p, sizeof(T), 0, true);
   StepBarrier barrier;
   LoopClock clock(split.threads);
 #pragma omp parallel num_threads(split.threads)
@@ -963,6 +982,23 @@ Tensor bernoulli_mask(const Tensor& like, at::IntArrayRef size, double p, int64_
   return out;
 }
 
+// For tests and tools: the split a float32 loop over a padded batch of these sizes
+// would get now (threads, by rows), and note_split() fed a call's times, as a split
+// call does after its loop.
+std::tuple<int64_t, bool> cpu_loop_split(int64_t T, int64_t B, int64_t H, int64_t P, int64_t I, bool backward) {
+  Plan p;
+  p.T = T;
+  p.B = B;
+  p.H = H;
+  p.P = P;
+  p.N = T * B;
+  p.active.assign(T, B);
+  const LoopSplit split = loop_split(p, sizeof(float), I, backward);
+  return {split.threads, split.by_rows};
+}
+
+void cpu_note_split(int64_t threads, int64_t cpu_ns, int64_t wall_ns) { note_split((int)threads, cpu_ns, wall_ns); }
+
 // The vector instruction set the CPU kernels were compiled for (lstm_vec.h), for reports.
 std::string cpu_vector_isa() {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -980,6 +1016,8 @@ std::string cpu_vector_isa() {
 // runs on one torch thread (lstm_fast/function.py, CppBackend.loops_solo).
 TORCH_LIBRARY_FRAGMENT(lstm_fast, m) {
   m.def("cpu_loops_solo() -> bool", &lstm_fast::solo_active);
+  m.def("cpu_loop_split(int T, int B, int H, int P, int I, bool backward) -> (int, bool)", &lstm_fast::cpu_loop_split);
+  m.def("cpu_note_split(int threads, int cpu_ns, int wall_ns) -> ()", &lstm_fast::cpu_note_split);
   m.def("cpu_vector_isa() -> str", &lstm_fast::cpu_vector_isa);
   m.def("bernoulli_mask(Tensor like, int[] size, float p, int seed) -> Tensor");
 }

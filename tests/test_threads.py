@@ -229,3 +229,53 @@ def test_cpp_split_loops_match_torch(team, split_by):
     done = subprocess.run([sys.executable, "-c", SPLIT_LOOPS_CODE], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+CPP_SPLIT_CHOICE_CODE = r"""
+import torch, lstm_fast
+split, note = torch.ops.lstm_fast.cpu_loop_split, torch.ops.lstm_fast.cpu_note_split
+torch.set_num_threads(2)
+# quiet: by rows from 4 rows a thread while W_hh (4H x P float32) fits 1 MiB, else by units
+assert tuple(split(100, 16, 128, 128, 128, False)) == (2, True)
+assert tuple(split(100, 4, 128, 128, 128, False)) == (2, False)
+assert tuple(split(100, 16, 1024, 1024, 0, False)) == (2, False)
+assert tuple(split(100, 1, 8, 8, 8, False)) == (1, False)  # below the split threshold
+# a split call whose threads got no CPU for 10 ms sends the process solo; five in a row
+# push the retry 4 s away, time enough for the checks below
+for _ in range(5):
+    note(2, 0, 10_000_000)
+assert torch.ops.lstm_fast.cpu_loops_solo()
+assert tuple(split(100, 16, 128, 128, 128, False)) == (1, False)  # a short loop runs solo
+assert tuple(split(100, 32, 256, 256, 256, False)) == (2, True)   # a long one still by rows
+torch.set_num_threads(1)
+assert tuple(split(100, 32, 256, 256, 0, True)) == (2, True)  # the backward's one thread is the solo guard's
+assert tuple(split(100, 32, 256, 256, 256, False)) == (1, False)  # the forward's is the user's
+torch.set_num_threads(2)
+# the long loop split by rows while solo, against torch.nn.LSTM (float64: W_hh is 512 KiB)
+torch.manual_seed(0)
+ref = torch.nn.LSTM(128, 128, dtype=torch.float64)
+ours = lstm_fast.LSTM.from_torch(ref, backend="cpp")
+x = torch.randn(300, 32, 128, dtype=torch.float64, requires_grad=True)
+outs = []
+for m in (ref, ours):
+    y, (h, c) = m(x)
+    outs.append((y, h, c, *torch.autograd.grad(y.sum() + c.sum(), [x, *m.parameters()])))
+assert torch.ops.lstm_fast.cpu_loops_solo()
+for a, b in zip(*outs):
+    torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+print("ok")
+"""
+
+
+def test_cpp_split_choice_quiet_and_solo():
+    """How a cpp loop splits: by rows or units when quiet; after a stalled call, solo for short
+    loops and by rows over the stalled team for long ones, the backward's one-thread guard
+    notwithstanding; and such a call's results (fresh process: the solo state is the process's)."""
+    if not get_backend("cpp").is_available()[0]:
+        pytest.skip("the extension is not built")
+    if _threads.os_thread_limit() < 2:
+        pytest.skip("this machine gives the process a single CPU: no split")
+    env = {k: v for k, v in os.environ.items() if k not in ("LSTM_FAST_CPU_SPLIT_MIN", "LSTM_FAST_CPU_SPLIT_BY")}
+    done = subprocess.run([sys.executable, "-c", CPP_SPLIT_CHOICE_CODE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
