@@ -1,9 +1,9 @@
 // CPU implementation: the whole time loop in C++, inside one OpenMP parallel
 // region. Each thread owns a range of batch rows (from 4 rows a thread, W_hh up
-// to 1 MiB) or of hidden units (otherwise): per step it computes all four gates of its part (a
-// product with its slab of W_hh, packed once per call) and their activations
-// and state update; split by units, one barrier per step publishes h_t. Backward
-// mirrors it; the weight gradients are GEMMs over all T afterwards.
+// to 1 MiB) or else of hidden units: per step it computes all four gates of its
+// part (a product with its slab of W_hh, packed once per call) and their
+// activations and state update; split by units, one barrier per step publishes
+// h_t. Backward mirrors it; the weight gradients are GEMMs over all T afterwards.
 
 #include "lstm_vec.h"  // first: it picks the vector ISA for ATen
 
@@ -412,8 +412,8 @@ int os_thread_limit() {
 // How a time loop's threads share it. By hidden units, every thread works on every
 // row and a barrier per step publishes h_t. By batch rows, each thread runs the whole
 // recurrence of its own rows and the threads meet once, at the end: no per-step
-// barrier, at the price of every thread streaming all of W_hh. Rows won at every
-// batch from 4 on the 2-core EPYC, units at 1-2 rows a thread (bench/NOTES_cpp.md#rows-split).
+// barrier, at the price of every thread streaming all of W_hh. On the 2-core EPYC rows
+// won from 4 rows a thread, units at 2 (bench/NOTES_cpp.md#rows-split).
 struct LoopSplit {
   int threads = 1;
   bool by_rows = false;
@@ -440,7 +440,11 @@ constexpr int64_t kSoloRowsWork = int64_t(1) << 29;
 LoopSplit loop_split(const Plan& p, int64_t elem_bytes, int64_t I, bool solo_guarded) {
   if (omp_in_parallel() || p.B * 4 * p.H * p.P < split_min()) return {};
   const bool solo = solo_active();
-  const int64_t stalled = g_stalled_team.load(std::memory_order_relaxed);
+  int64_t stalled = g_stalled_team.load(std::memory_order_relaxed);
+  if (!solo_guarded && at::get_num_threads() < stalled) {  // the user asked for fewer since
+    stalled = at::get_num_threads();
+    g_stalled_team.store((int)stalled, std::memory_order_relaxed);
+  }
   int64_t nt = solo && solo_guarded ? stalled : at::get_num_threads();
   nt = std::min<int64_t>(solo ? std::min(nt, stalled) : nt, os_thread_limit());
   if (nt <= 1) return {};
@@ -675,8 +679,8 @@ void forward_loop(const Plan& p, const ForwardData<T>& d) {
       if (d.rmask) {  // masked h_{t-1} of every row (h0's for rows starting here)
         slab_gemm<T>(n1 - n0, d.hm + (s % 2) * B * P + n0 * P, P, s_hh, z.data(), M);
       } else {
-        slab_gemm<T>(wp - n0, yprev + n0 * P, P, s_hh, z.data(), M);
-        slab_gemm<T>(n1 - wp, d.h0 + wp * P, P, s_hh, z.data() + (wp - n0) * M, M);
+        if (wp > n0) slab_gemm<T>(wp - n0, yprev + n0 * P, P, s_hh, z.data(), M);
+        if (n1 > wp) slab_gemm<T>(n1 - wp, d.h0 + wp * P, P, s_hh, z.data() + (wp - n0) * M, M);
       }
       T* hout = d.w_hr ? d.hpre : d.y + r0 * P;
       // input projection rows of this step: row stride, gate stride
