@@ -990,6 +990,12 @@ Tensor bernoulli_mask(const Tensor& like, at::IntArrayRef size, double p, int64_
 // would get now (threads, by rows), and note_split() fed a call's times, as a split
 // call does after its loop.
 std::tuple<int64_t, bool> cpu_loop_split(int64_t T, int64_t B, int64_t H, int64_t P, int64_t I, bool backward) {
+  TORCH_CHECK(T >= 0 && B >= 0 && H > 0 && P > 0 && I >= 0, "lstm_fast cpu_loop_split: sizes must be T, B, I >= 0 and ",
+              "H, P > 0, got T=", T, " B=", B, " H=", H, " P=", P, " I=", I);
+  // a query: T steps and B rows of bookkeeping, and the work count in range
+  TORCH_CHECK(T <= (int64_t(1) << 20) && B <= (int64_t(1) << 24) &&
+                  double(T) * double(B) * 4.0 * double(H) * double(P + I) < 0x1p62,
+              "lstm_fast cpu_loop_split: at most 2^20 steps, 2^24 rows and T*B*4H*(P+I) below 2^62");
   Plan p;
   p.T = T;
   p.B = B;
@@ -1001,7 +1007,12 @@ std::tuple<int64_t, bool> cpu_loop_split(int64_t T, int64_t B, int64_t H, int64_
   return {split.threads, split.by_rows};
 }
 
-void cpu_note_split(int64_t threads, int64_t cpu_ns, int64_t wall_ns) { note_split((int)threads, cpu_ns, wall_ns); }
+void cpu_note_split(int64_t threads, int64_t cpu_ns, int64_t wall_ns) {
+  TORCH_CHECK(threads >= 1 && threads <= 4096 && cpu_ns >= 0 && wall_ns >= 0,
+              "lstm_fast cpu_note_split: threads must be in 1..4096 and the times >= 0, got threads=", threads,
+              " cpu_ns=", cpu_ns, " wall_ns=", wall_ns);
+  note_split((int)threads, cpu_ns, wall_ns);
+}
 
 // The vector instruction set the CPU kernels were compiled for (lstm_vec.h), for reports.
 std::string cpu_vector_isa() {

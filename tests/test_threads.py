@@ -279,3 +279,19 @@ def test_cpp_split_choice_quiet_and_solo():
     done = subprocess.run([sys.executable, "-c", CPP_SPLIT_CHOICE_CODE], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("op, args, message", [
+    ("cpu_loop_split", (-1, 4, 8, 8, 8, False), "sizes must be"),
+    ("cpu_loop_split", (10, 4, 0, 8, 8, False), "sizes must be"),
+    ("cpu_loop_split", (1 << 21, 4, 8, 8, 8, False), "at most 2\\^20 steps"),
+    ("cpu_loop_split", (1, 1 << 40, 1, 1, 0, False), "at most 2\\^20 steps"),
+    ("cpu_note_split", (0, 1, 1), "threads must be"),
+    ("cpu_note_split", (2, -1, 5), "threads must be"),
+])
+def test_cpp_split_ops_reject_bad_input(op, args, message):
+    """The split ops for tests and tools raise a clear error on bad sizes or times."""
+    if not get_backend("cpp").is_available()[0]:
+        pytest.skip("the extension is not built")
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.lstm_fast, op)(*args)
