@@ -28,6 +28,10 @@ TOL = {
     torch.bfloat16: dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-5),
 }
 
+# Tests of the compiled extension's cpp backend itself (its ops, its thread rules).
+_CPP_OK, _CPP_WHY = get_backend("cpp").is_available()
+needs_cpp = pytest.mark.skipif(not _CPP_OK, reason=f"cpp backend unavailable: {_CPP_WHY}")
+
 # Backends whose kernels run in the Triton interpreter here: each launch costs Python
 # time per program, so the costliest checks take their cheaper form for them.
 INTERPRETED = {"triton"} if os.environ.get("TRITON_INTERPRET") == "1" else set()

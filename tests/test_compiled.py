@@ -15,12 +15,10 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_results_close, layer_inputs, run_layer
+from helpers import assert_results_close, layer_inputs, needs_cpp, run_layer
 from lstm_fast.backends import get_backend
 
-CPP_OK, CPP_WHY = get_backend("cpp").is_available()
 CUDA_OK, CUDA_WHY = get_backend("cuda").is_available()
-needs_cpp = pytest.mark.skipif(not CPP_OK, reason=f"cpp backend unavailable: {CPP_WHY}")
 # Skipped only where no GPU is visible: with one, an unusable cuda backend (say a
 # CPU-only build of the extension) makes these tests fail with its reason, not pass
 # by skipping.

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
+from helpers import needs_cpp
 from lstm_fast import _threads
-from lstm_fast.backends import get_backend
 
 
 @pytest.fixture
@@ -171,6 +171,12 @@ def test_numba_split_launch_reports_its_team_time(monkeypatch):
     assert wall > 0 and 0 < cpu and stalled >= 0
 
 
+def _run_fresh(code, env):
+    """code in a fresh Python process (the thread and solo state are the process's); it must print ok."""
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 SPLIT_LOOPS_CODE = r"""
 import torch, lstm_fast
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -214,6 +220,7 @@ print("ok")
 """
 
 
+@needs_cpp
 @pytest.mark.parametrize("split_by", ("rows", "units"))
 @pytest.mark.parametrize("team", ("two threads", "one thread granted of two"))
 def test_cpp_split_loops_match_torch(team, split_by):
@@ -221,14 +228,10 @@ def test_cpp_split_loops_match_torch(team, split_by):
     hidden units, against torch.nn.LSTM and, with masks, the reference backend, forward and
     every gradient. With OMP_THREAD_LIMIT=1 the parallel region gets one thread where two were
     asked for: the loop must split by the team it got."""
-    if not get_backend("cpp").is_available()[0]:
-        pytest.skip("the extension is not built")
     env = dict(os.environ, LSTM_FAST_CPU_SPLIT_MIN="0", LSTM_FAST_CPU_SPLIT_BY=split_by)
     if team == "one thread granted of two":
         env["OMP_THREAD_LIMIT"] = "1"
-    done = subprocess.run([sys.executable, "-c", SPLIT_LOOPS_CODE], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    _run_fresh(SPLIT_LOOPS_CODE, env)
 
 
 CPP_SPLIT_CHOICE_CODE = r"""
@@ -267,20 +270,18 @@ print("ok")
 """
 
 
+@needs_cpp
 def test_cpp_split_choice_quiet_and_solo():
     """How a cpp loop splits: by rows or units when quiet; after a stalled call, solo for short
     loops and by rows over the stalled team for long ones, the backward's one-thread guard
     notwithstanding; and such a call's results (fresh process: the solo state is the process's)."""
-    if not get_backend("cpp").is_available()[0]:
-        pytest.skip("the extension is not built")
     if _threads.os_thread_limit() < 2:
         pytest.skip("this machine gives the process a single CPU: no split")
     env = {k: v for k, v in os.environ.items() if k not in ("LSTM_FAST_CPU_SPLIT_MIN", "LSTM_FAST_CPU_SPLIT_BY")}
-    done = subprocess.run([sys.executable, "-c", CPP_SPLIT_CHOICE_CODE], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    _run_fresh(CPP_SPLIT_CHOICE_CODE, env)
 
 
+@needs_cpp
 @pytest.mark.parametrize("op, args, message", [
     ("cpu_loop_split", (-1, 4, 8, 8, 8, False), "sizes must be"),
     ("cpu_loop_split", (10, 4, 0, 8, 8, False), "sizes must be"),
@@ -291,7 +292,5 @@ def test_cpp_split_choice_quiet_and_solo():
 ])
 def test_cpp_split_ops_reject_bad_input(op, args, message):
     """The split ops for tests and tools raise a clear error on bad sizes or times."""
-    if not get_backend("cpp").is_available()[0]:
-        pytest.skip("the extension is not built")
     with pytest.raises(RuntimeError, match=message):
         getattr(torch.ops.lstm_fast, op)(*args)
