@@ -440,12 +440,13 @@ constexpr int64_t kSoloRowsWork = int64_t(1) << 29;
 LoopSplit loop_split(const Plan& p, int64_t elem_bytes, int64_t I, bool solo_guarded) {
   if (omp_in_parallel() || p.B * 4 * p.H * p.P < split_min()) return {};
   const bool solo = solo_active();
+  const int64_t torch_threads = at::get_num_threads();
   int64_t stalled = g_stalled_team.load(std::memory_order_relaxed);
-  if (!solo_guarded && at::get_num_threads() < stalled) {  // the user asked for fewer since
-    stalled = at::get_num_threads();
+  if (!solo_guarded && torch_threads < stalled) {  // the user asked for fewer since
+    stalled = torch_threads;
     g_stalled_team.store((int)stalled, std::memory_order_relaxed);
   }
-  int64_t nt = solo && solo_guarded ? stalled : at::get_num_threads();
+  int64_t nt = solo && solo_guarded ? stalled : torch_threads;
   nt = std::min<int64_t>(solo ? std::min(nt, stalled) : nt, os_thread_limit());
   if (nt <= 1) return {};
   static const std::string forced = [] {
